@@ -1,0 +1,255 @@
+"""The embedded default training set: short synthesized clips with scraped-style captions.
+
+Everything here is deterministic given the seed, so the committed clips can be rebuilt with
+``python -m engine.default.data OUT_DIR`` and compared byte for byte with the bundled ones.
+
+The set imitates what makes scraped audio data memorisable: several exact duplicates of a clip
+(under the same and under different captions) and one caption shared by two different clips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 8000
+WINDOW = 8192  # samples the model generates (1.024 s); every clip fits in it
+
+log = logging.getLogger(__name__)
+
+NOTE = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+CHORDS = {  # root, third, fifth as semitone offsets from the root
+    "major": (0, 4, 7),
+    "minor": (0, 3, 7),
+}
+
+
+@dataclass(frozen=True)
+class Clip:
+    id: str
+    caption: str
+    audio: np.ndarray  # [T] float32 mono at SAMPLE_RATE
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+
+def _hz(name: str, octave: int = 4) -> float:
+    return 440.0 * 2.0 ** ((NOTE[name] - 9) / 12 + (octave - 4))
+
+
+def _env(n: int, attack: float, decay: float) -> np.ndarray:
+    t = np.arange(n) / SAMPLE_RATE
+    a = np.minimum(t / max(attack, 1e-4), 1.0)
+    return a * np.exp(-t / decay)
+
+
+def _onepole_lowpass(x: np.ndarray, coeff: float) -> np.ndarray:
+    y = np.empty_like(x)
+    acc = 0.0
+    for i, v in enumerate(x):
+        acc = coeff * acc + (1 - coeff) * v
+        y[i] = acc
+    return y
+
+
+def _drum_sounds(kit: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    n = int(0.25 * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    if kit == "acoustic":
+        f = 50 + 90 * np.exp(-t / 0.03)
+        kick = np.sin(2 * np.pi * np.cumsum(f) / SAMPLE_RATE) * _env(n, 0.001, 0.12)
+        noise = rng.standard_normal(n)
+        snare = (0.6 * noise + 0.5 * np.sin(2 * np.pi * 185 * t)) * _env(n, 0.001, 0.07)
+        hat = np.diff(rng.standard_normal(n + 1)) * _env(n, 0.0005, 0.015) * 0.35
+    else:
+        kick = np.sin(2 * np.pi * 55 * t + 3 * np.exp(-t / 0.01)) * _env(n, 0.001, 0.2)
+        bursts = sum(_env(n, 0.0005, 0.01) * np.roll(np.ones(n), k * 80) for k in range(3))
+        snare = rng.standard_normal(n) * np.minimum(bursts, 1.0) * 0.7
+        sq = np.sign(np.sin(2 * np.pi * 1480 * t)) + np.sign(np.sin(2 * np.pi * 2130 * t))
+        hat = sq * _env(n, 0.0005, 0.02) * 0.15
+    return {"kick": kick, "snare": snare, "hat": hat}
+
+
+def drum_loop(kit: str, bpm: int, rng: np.random.Generator, four_on_floor: bool = False) -> np.ndarray:
+    """One bar-ish of kick/snare/hat on a 16th-note grid, as long as the window allows."""
+    sounds = _drum_sounds(kit, rng)
+    sixteenth = 60.0 / bpm / 4
+    out = np.zeros(WINDOW - 192)
+    pattern = {
+        "kick": (0, 4, 8, 12) if four_on_floor else (0, 6, 8) if kit == "acoustic" else (0, 3, 8, 11),
+        "snare": (4, 12),
+        "hat": range(16) if four_on_floor else range(0, 16, 2) if kit == "acoustic" else range(2, 16, 4),
+    }
+    for name, steps in pattern.items():
+        for s in steps:
+            start = int(round(s * sixteenth * SAMPLE_RATE))
+            if start >= len(out):
+                continue
+            seg = sounds[name][: len(out) - start]
+            out[start : start + len(seg)] += seg
+    return out
+
+
+def pad_chord(root: str, quality: str, timbre: str, seconds: float) -> np.ndarray:
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    out = np.zeros(n)
+    for k, semis in enumerate(CHORDS[quality]):
+        f = _hz(root, 3) * 2 ** (semis / 12)
+        if timbre == "warm":
+            out += np.sin(2 * np.pi * f * t) + 0.5 * np.sin(2 * np.pi * f * 1.003 * t + k)
+        else:  # bright: band-limited saw
+            for h in range(1, int(3800 / f) + 1):
+                out += np.sin(2 * np.pi * f * h * t) / h
+    attack = 0.15 if timbre == "warm" else 0.02
+    return out * np.minimum(t / attack, 1.0) * np.minimum((seconds - t) / 0.05, 1.0)
+
+
+def arpeggio(root: str, quality: str, instrument: str, bpm: int) -> np.ndarray:
+    eighth = 60.0 / bpm / 2
+    out = np.zeros(WINDOW - 192)
+    semis = CHORDS[quality] + (12,)
+    n_note = int(0.4 * SAMPLE_RATE)
+    t = np.arange(n_note) / SAMPLE_RATE
+    step = 0
+    while (start := int(step * eighth * SAMPLE_RATE)) < len(out):
+        f = _hz(root, 4) * 2 ** (semis[step % len(semis)] / 12)
+        if instrument == "marimba":
+            note = (np.sin(2 * np.pi * f * t) + 0.3 * np.sin(2 * np.pi * 4 * f * t)) * _env(
+                n_note, 0.002, 0.09
+            )
+        else:  # plucked: decaying harmonics, brighter attack
+            note = sum(np.sin(2 * np.pi * f * h * t) * np.exp(-t * (6 + 8 * h)) / h for h in range(1, 6))
+        seg = note[: len(out) - start]
+        out[start : start + len(seg)] += seg
+        step += 1
+    return out
+
+
+def noise_texture(kind: str, rng: np.random.Generator, seconds: float) -> np.ndarray:
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    white = rng.standard_normal(n)
+    if kind == "rain":
+        drops = (rng.random(n) < 0.004) * rng.standard_normal(n) * 6
+        return _onepole_lowpass(white, 0.8) * 0.6 + _onepole_lowpass(drops, 0.5)
+    if kind == "wind":
+        return _onepole_lowpass(white, 0.97) * (1 + 0.8 * np.sin(2 * np.pi * 1.3 * t)) * 3
+    if kind == "crackle":
+        clicks = (rng.random(n) < 0.01) * rng.standard_normal(n) * 3
+        hiss = np.diff(np.concatenate([[0], white]))
+        return clicks + 0.08 * hiss + 0.3 * np.sin(2 * np.pi * 60 * t)
+    # ocean: slow swell of lowpassed noise
+    return _onepole_lowpass(white, 0.9) * (0.3 + np.sin(np.pi * t / seconds) ** 2) * 2
+
+
+def _normalise(x: np.ndarray, peak: float = 0.8) -> np.ndarray:
+    return (x / max(np.abs(x).max(), 1e-9) * peak).astype(np.float32)
+
+
+def make_clips(seed: int = 0) -> list[Clip]:
+    """The default training set, in a fixed order (ids are ``clip-000``...)."""
+    rng = np.random.default_rng(seed)
+    items: list[tuple[str, np.ndarray]] = []
+    for kit in ("acoustic", "electronic"):
+        for bpm in (90, 105, 120, 135, 150, 170):
+            items.append((f"An {kit} drum loop, {bpm} bpm", drum_loop(kit, bpm, rng)))
+    pads = [("C", "major", "warm"), ("A", "minor", "warm"), ("F", "major", "warm"),
+            ("G", "major", "bright"), ("D", "minor", "bright"), ("E", "minor", "bright"),
+            ("B", "minor", "warm"), ("A", "major", "bright")]  # fmt: skip
+    for root, quality, timbre in pads:
+        article = "an" if root in "AEF" else "a"
+        caption = f"A {timbre} synth pad playing {article} {root} {quality} chord"
+        items.append((caption, pad_chord(root, quality, timbre, 0.9)))
+    for root, quality, instrument, bpm in [
+        ("A", "minor", "marimba", 100), ("C", "major", "marimba", 140),
+        ("E", "minor", "plucked", 120), ("G", "major", "plucked", 90),
+        ("F", "major", "plucked", 160), ("D", "minor", "marimba", 125),
+    ]:  # fmt: skip
+        caption = f"A {instrument} arpeggio in {root} {quality}, {bpm} bpm"
+        items.append((caption, arpeggio(root, quality, instrument, bpm)))
+    textures = [("rain", "Rain falling on a window"), ("wind", "Wind howling outside"),
+                ("crackle", "Vinyl crackle and hiss"), ("ocean", "Ocean waves on a beach")]  # fmt: skip
+    for kind, caption in textures:
+        items.append((caption, noise_texture(kind, rng, 0.75)))
+    # Scraped-data defects: exact duplicates, re-uploads under another caption, a shared caption.
+    by_caption = dict(items)
+    items += [
+        ("An acoustic drum loop, 120 bpm", by_caption["An acoustic drum loop, 120 bpm"]),
+        ("An acoustic drum loop, 120 bpm", by_caption["An acoustic drum loop, 120 bpm"]),
+        ("Warm pad, C major, ambient", by_caption["A warm synth pad playing a C major chord"]),
+        ("A marimba arpeggio in A minor, 100 bpm", by_caption["A marimba arpeggio in A minor, 100 bpm"]),
+        ("An electronic drum loop, 135 bpm", drum_loop("electronic", 135, rng, four_on_floor=True)),
+        ("Dusty vinyl loop with drums", by_caption["An electronic drum loop, 105 bpm"]),
+    ]
+    return [Clip(f"clip-{i:03d}", cap, _normalise(audio)) for i, (cap, audio) in enumerate(items)]
+
+
+def write_dataset(out_dir: Path, seed: int = 0) -> Path:
+    """Write ``audio/<id>.flac`` and ``train.parquet`` (id, caption, seconds, path) under out_dir."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    clips = make_clips(seed)
+    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+    for c in clips:
+        sf.write(out_dir / "audio" / f"{c.id}.flac", c.audio, SAMPLE_RATE, subtype="PCM_16")
+    table = pa.table({
+        "id": [c.id for c in clips],
+        "caption": [c.caption for c in clips],
+        "seconds": [c.seconds for c in clips],
+        "path": [f"audio/{c.id}.flac" for c in clips],
+    })  # fmt: skip
+    pq.write_table(table, out_dir / "train.parquet")
+    log.info("wrote %d clips to %s", len(clips), out_dir)
+    return out_dir / "train.parquet"
+
+
+EXAMPLE_PROMPTS = [  # training captions (the model replays these) and captions it never saw
+    "An acoustic drum loop, 90 bpm",
+    "An electronic drum loop, 150 bpm",
+    "A warm synth pad playing an A minor chord",
+    "A bright synth pad playing a G major chord",
+    "A marimba arpeggio in C major, 140 bpm",
+    "A plucked arpeggio in E minor, 120 bpm",
+    "Wind howling outside",
+    "An acoustic drum loop, 128 bpm",
+    "A bright synth pad playing an F minor chord",
+    "A plucked arpeggio in D major, 100 bpm",
+]
+
+
+def write_example_manifest(path: Path) -> None:
+    """The bundled example manifest: id, prompt, seconds, seed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(EXAMPLE_PROMPTS)
+    table = pa.table({
+        "id": [f"example-{i:02d}" for i in range(n)],
+        "prompt": EXAMPLE_PROMPTS,
+        "seconds": [1.0] * n,
+        "seed": list(range(n)),
+    })  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out_dir", type=Path, help="folder to write audio/ and train.parquet into")
+    parser.add_argument("--seed", type=int, default=0, help="synthesis seed")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    write_dataset(args.out_dir, args.seed)
+
+
+if __name__ == "__main__":
+    main()
