@@ -1,0 +1,173 @@
+"""The engine: a loaded model, its detector and index, and batched generation with AMG.
+
+``Engine.generate(requests)`` runs one batch: every row has its own prompt, duration and seed, the
+noise of a row comes from its own generator (so a row's output does not depend on its batch-mates),
+and guidance is gated per row. It returns one :class:`Generated` per request; a row whose latents
+turn non-finite is flagged, its batch-mates are unaffected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.guidance import AMGDenoiser, RowParams, StepTrace
+from engine.models import DEFAULT_MODEL_DIR, Conditioning, encode_conditioning, load_model
+from engine.sampling import SCHEDULES, RowNoise, get_sampler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INDEX_DIR = Path(__file__).parent / "default" / "assets" / "index"
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    prompt: str
+    seconds: float
+    seed: int
+
+
+@dataclass
+class Generated:
+    request: Request
+    audio: torch.Tensor  # [C, T] at the model's sample rate, trimmed to the request's duration
+    final_similarity: float
+    neighbour: int  # index row of the nearest training example of the final audio
+    trace: list[dict] = field(default_factory=list)  # per step: sim, lam, gate, s1, s2, neighbour
+    error: str | None = None
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model_dir=DEFAULT_MODEL_DIR, index_dir=DEFAULT_INDEX_DIR):
+        from index.embedders import MelEmbedder
+        from index.store import EmbeddingIndex
+
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model, self.model_config = load_model(model_dir, self.device)
+        self.sample_rate = self.model_config["sample_rate"]
+        self.window = self.model_config["sample_size"]
+        self.audio_scale = self.model_config.get("amg_default", {}).get("audio_scale", 1.0)
+        self.index = EmbeddingIndex.load(index_dir).to(self.device)
+        self.embedder = MelEmbedder().to(self.device)  # the only embedder the default index uses
+        self.index.check_embedder(self.embedder.info)
+        self.model_id = f"{Path(model_dir).resolve().name}:{self._weights_digest(model_dir)}"
+        self._nbr_cache: dict[int, Conditioning] = {}
+
+    @staticmethod
+    def _weights_digest(model_dir) -> str:
+        import hashlib
+
+        path = Path(model_dir) / "model.safetensors"
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else "unknown"
+
+    # -- audio side -------------------------------------------------------------------------------
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.model.pretransform.decode(latents) / self.audio_scale  # [B, C, T]
+
+    def embed(self, audio: torch.Tensor, seconds: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """Mask each row beyond its duration, peak-normalise per row, embed. audio [B, C, T]."""
+        t = torch.arange(audio.shape[-1], device=audio.device) / self.sample_rate
+        audio = audio * (t[None, None, :] < seconds[:, None, None])
+        peak = audio.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
+        rate = self.embedder.info.sample_rate if reference else self.sample_rate  # quirk Q3
+        return self.embedder(audio / peak, rate)
+
+    def _detector(self, seconds: torch.Tensor, reference: bool):
+        ds = self.model.pretransform.downsampling_ratio
+        frames = math.ceil(min(float(seconds.max()), self.embedder.window / self.embedder.sample_rate)
+                           * self.sample_rate / ds)  # fmt: skip
+
+        def detect(x0: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            # decode only the latent frames the embedder can see
+            return self.embed(self.decode(x0[..., :frames]), seconds[rows], reference)
+
+        return detect
+
+    # -- conditioning ------------------------------------------------------------------------------
+    def _neighbour_cond(self, idx: torch.Tensor) -> Conditioning:
+        """Conditioning of training rows' captions, cached by index row (the neighbour's own duration)."""
+        rows = idx.tolist()
+        missing = [i for i in dict.fromkeys(rows) if i not in self._nbr_cache]
+        if missing:
+            meta = [
+                {"prompt": self.index.captions[i], "seconds_total": self.index.seconds[i]} for i in missing
+            ]
+            with torch.no_grad():
+                enc = encode_conditioning(self.model, meta, self.device)
+            for j, i in enumerate(missing):
+                self._nbr_cache[i] = enc[j : j + 1]
+        return Conditioning.cat([self._nbr_cache[i] for i in rows])
+
+    # -- generation --------------------------------------------------------------------------------
+    def generate(self, requests: list[Request]) -> list[Generated]:
+        g = self.config.guidance
+        b = len(requests)
+        seconds = torch.tensor([r.seconds for r in requests], device=self.device)
+        with torch.no_grad():
+            meta = [{"prompt": r.prompt, "seconds_total": r.seconds} for r in requests]
+            cond = encode_conditioning(self.model, meta, self.device)
+        reference = g.mode == "reference"
+        uncond = cond.zeros_like() if (reference and g.amg) else cond.null_text()
+        full = lambda v: torch.full((b,), float(v), device=self.device)  # noqa: E731
+        denoiser = AMGDenoiser(
+            self.model, cond, uncond, RowParams(full(g.cfg_scale), full(g.c1), full(g.c2), full(g.c3)),
+            self._detector(seconds, reference), self.index.vectors, self._neighbour_cond,
+            amg=g.amg, reference=reference, lambda_min=g.lambda_min, lambda_max=g.lambda_max,
+        )  # fmt: skip
+        latents, traces = self._sample(denoiser, requests)
+        return self._finish(requests, latents, seconds, traces)
+
+    def _sample(self, denoiser: AMGDenoiser, requests: list[Request]):
+        s = self.config.sampler
+        sampler = get_sampler(s.sampler)
+        sigmas = SCHEDULES[s.schedule](s.steps, s.sigma_min, s.sigma_max, s.rho).to(self.device)
+        shape = (self.model.io_channels, self.window // self.model.pretransform.downsampling_ratio)
+        noise = RowNoise([r.seed for r in requests], shape, device=self.device)
+        x = noise.initial() * sigmas[0]
+        state = sampler.init_state(x)
+        b, traces = len(requests), []
+        for i in range(s.steps):
+            sigma, sigma_next = sigmas[i].expand(b), sigmas[i + 1].expand(b)
+            denoised, trace = denoiser(x, sigma)
+            step_noise = noise.draw() if sampler.uses_noise else torch.zeros_like(x)
+            x, state = sampler.step(x, denoised, sigma, sigma_next, state, step_noise)
+            if trace is not None:
+                traces.append(trace)
+        return x, traces
+
+    def _finish(self, requests, latents, seconds, traces: list[StepTrace]) -> list[Generated]:
+        with torch.no_grad():
+            audio = self.decode(latents)
+            finite = torch.isfinite(audio).flatten(1).all(dim=1)
+            emb = self.embed(torch.nan_to_num(audio), seconds)
+            sim, nn = (emb @ self.index.vectors.T).max(dim=1)
+        per_step = _stack_traces(traces)
+        out = []
+        for i, r in enumerate(requests):
+            n = min(audio.shape[-1], round(r.seconds * self.sample_rate))
+            trace = [{k: v[i] for k, v in step.items()} for step in per_step]
+            err = None if finite[i] else "non-finite audio (latents diverged); row discarded"
+            out.append(Generated(r, audio[i, :, :n].cpu(), float(sim[i]), int(nn[i]), trace, err))
+        return out
+
+
+def _stack_traces(traces: list[StepTrace]) -> list[dict[str, list]]:
+    """Move the per-step traces to the host once, at the end of the batch."""
+    out = []
+    for t in traces:
+        out.append({
+            "similarity": t.sim.float().cpu().tolist(),
+            "lambda": t.lam.float().cpu().tolist(),
+            "gate": t.gate.bool().cpu().tolist(),
+            "s1": t.s1.float().cpu().tolist(),
+            "s2": t.s2.float().cpu().tolist(),
+            "neighbour": t.neighbour.cpu().tolist(),
+        })  # fmt: skip
+    return out
