@@ -1,0 +1,423 @@
+"""The Triton kernels equal their torch twins and a float64 reference (Liger-Kernel / FlagGems style).
+
+conftest.py sets TRITON_INTERPRET=1, so ``torch.ops.amg.*`` runs the Triton kernel code on CPU. On a GPU
+machine, ``TRITON_INTERPRET=0 pytest tests/test_kernels.py`` runs the same tests on the compiled kernels
+with CUDA tensors. Each parity test calls three things on the same inputs: the kernel (the custom op),
+the twin (``*_ref``) and a float64 reference written here from the equations. Outputs are allocated with
+``torch.empty`` under ``torch.use_deterministic_algorithms``, which fills them with NaN / int64 max, so
+an element the kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from triton.runtime.jit import JITFunction
+
+from kernels import amg_combine, amg_combine_ref, merge_shards, nn_search, nn_search_ref
+from kernels._dispatch import is_interpreted, use_triton
+
+_INTERPRETED = is_interpreted(importlib.import_module("kernels.guidance")._amg_combine_kernel)
+if not _INTERPRETED and not torch.cuda.is_available():
+    pytest.skip(
+        "the Triton kernels need TRITON_INTERPRET=1 (conftest sets it) or a GPU", allow_module_level=True
+    )
+DEVICE = "cpu" if _INTERPRETED else "cuda"  # where torch.ops.amg.* runs the Triton kernel
+ROOT = Path(__file__).resolve().parents[1]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# |sim| <= 1. The kernel, the twin and the float64 reference all see the *same* (already rounded)
+# fp16/bf16 inputs, upcast exactly to fp32/fp64, so input rounding cancels out of every comparison and
+# only fp32 arithmetic differs: a dot over D <= 769 terms of unit vectors, summed in different orders,
+# with the query normalised before (twin) or after (kernel) the dot. Its error is ~sqrt(D) * 2^-24 ~ 2e-6
+# for random data (worst case D * 2^-24 = 4.6e-5, not approached). Hence one value for every dtype.
+NN_ATOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+
+# D is computed in fp32 then rounded once to the input dtype. Kernel vs reference: half an ulp of the
+# output dtype; kernel vs twin: both round fp32 values that differ in the last bits, so a value next to
+# a rounding boundary may land one ulp apart. One ulp relative = 2^-23 / 2^-10 / 2^-7.
+COMBINE_RTOL = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+# fp32 arithmetic error, relative to the magnitude of the terms of D (cancellation in x0_c - x0_u etc.):
+# ~8 roundings of 2^-24 each (3 differences, 3 products, 3 sums, the per-row coefficients) = 4.8e-7.
+COMBINE_COMPUTE_RTOL = 1e-6
+
+
+def _gen(*key: object) -> torch.Generator:
+    """A generator seeded from the test parameters: fresh data per case, reproducible per case."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+@pytest.fixture
+def poisoned_empty():
+    """torch.empty / empty_like return NaN (floats) and int64 max (ints) while the test runs."""
+    prev = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: cuBLAS would raise on a GPU
+    assert torch.empty(4, device=DEVICE).isnan().all(), "poisoning is off: torch.utils.deterministic changed"
+    yield
+    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+
+
+# ----------------------------------------------------------------------------------------- nn_search
+
+
+def _unit_rows(n: int, d: int, g: torch.Generator) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+def _scores64(xq: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+    """[B, N] float64 cosine scores of the rounded inputs, the reference for sim and idx."""
+    q = xq.double()
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return q @ xb.double().T
+
+
+def _assert_search_matches(sim, idx, scores: torch.Tensor, atol: float) -> None:
+    """faiss-style tie-aware check against exact scores [B, N]."""
+    assert sim.dtype == torch.float32 and idx.dtype == torch.int64
+    assert sim.shape == idx.shape == scores.shape[:1]
+    best = scores.max(dim=1)
+    torch.testing.assert_close(sim.double(), best.values, atol=atol, rtol=0)
+    assert ((idx >= 0) & (idx < scores.shape[1])).all(), idx
+    picked = scores.gather(1, idx[:, None]).squeeze(1)
+    assert (picked >= best.values - 2 * atol).all(), "returned index is not a maximum within tolerance"
+    top2 = scores.topk(min(2, scores.shape[1]), dim=1).values
+    gap = top2[:, 0] - top2[:, 1] if scores.shape[1] > 1 else torch.full_like(top2[:, 0], torch.inf)
+    clear = gap > 2 * atol  # no near-tie: the argmax is unambiguous and must match exactly
+    assert torch.equal(idx[clear], best.indices[clear])
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [17, 64, 769])
+@pytest.mark.parametrize("N", [1, 37, 300])
+@pytest.mark.parametrize("B", [1, 3])
+def test_nn_search_matches_twin_and_float64(B, N, D, dtype):
+    g = _gen("nn", B, N, D, dtype)
+    xq = (3 * torch.randn(B, D, generator=g)).to(DEVICE, dtype)  # queries need not be unit-norm
+    xb = _unit_rows(N, D, g).to(DEVICE, dtype)
+    scores = _scores64(xq, xb)
+    for sim, idx in (torch.ops.amg.nn_search(xq, xb), nn_search_ref(xq, xb)):
+        _assert_search_matches(sim, idx, scores, NN_ATOL[dtype])
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nn_search_non_contiguous(dtype):
+    B, N, D = 3, 150, 96
+    g = _gen("nn-strided", dtype)
+    xq = torch.randn(D, B, generator=g).to(DEVICE, dtype).T  # transposed: strides (1, B)
+    xb = torch.nn.functional.pad(_unit_rows(2 * N, D, g), (0, 5)).to(DEVICE, dtype)[
+        ::2, :D
+    ]  # row stride 2(D+5)
+    assert not xq.is_contiguous() and not xb.is_contiguous()
+    scores = _scores64(xq, xb)
+    for sim, idx in (torch.ops.amg.nn_search(xq, xb), nn_search_ref(xq, xb)):
+        _assert_search_matches(sim, idx, scores, NN_ATOL[dtype])
+
+
+def _tied_problem(dtype: torch.dtype):
+    """Dyadic data whose dot products are exact in any order: ties are exact, the lowest index must win."""
+    N, D = 300, 40
+    g = _gen("ties", dtype)
+    xb = (torch.randint(-1, 2, (N, D), generator=g) * 0.25).to(dtype)  # not unit-norm: any row set works
+    xq = torch.zeros(4, D)
+    for row in range(4):
+        xq[row, torch.randperm(D, generator=g)[:16]] = 1.0  # 16 ones: norm 4, normalised entries 0.25
+    best_row = xb[int((xq[0] @ xb.T.float()).argmax())].clone()
+    for i in (290, 250, 131, 7):  # copies of query 0's best row: tiles 0, 1 (split 0) and 2 (split 1)
+        xb[i] = best_row
+    return xq.to(DEVICE, dtype), xb.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nn_search_ties_go_to_lowest_index(dtype):
+    xq, xb = _tied_problem(dtype)
+    scores = _scores64(xq, xb)
+    expected = scores.argmax(dim=1)  # torch.argmax: first maximal index
+    assert expected[0] <= 7
+    for sim, idx in (torch.ops.amg.nn_search(xq, xb), nn_search_ref(xq, xb)):
+        assert torch.equal(idx, expected)
+        assert torch.equal(sim.double(), scores.max(dim=1).values)
+    # Sharded, merged in reverse order so the lowest-index shard comes last: ties still go low.
+    cuts = [0, 100, 101, 300]
+    shards = [(*torch.ops.amg.nn_search(xq, xb[a:b]), a) for a, b in zip(cuts, cuts[1:], strict=False)]
+    sim, idx = merge_shards(shards[::-1])
+    assert torch.equal(idx, expected)
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_merge_shards_equals_unsharded(dtype):
+    B, N, D = 3, 300, 64
+    g = _gen("shards", dtype)
+    xq = torch.randn(B, D, generator=g).to(DEVICE, dtype)
+    xb = _unit_rows(N, D, g).to(DEVICE, dtype)
+    xb[200] = xb[17]  # a cross-shard duplicate (shards 0 and 2), the best match of query 1
+    xq[1] = xb[17]
+    scores = _scores64(xq, xb)
+    cuts = [0, 100, 101, 300]  # unequal shards, one of a single row
+    for search in (torch.ops.amg.nn_search, nn_search_ref):
+        shards = [(*search(xq, xb[a:b]), a) for a, b in zip(cuts, cuts[1:], strict=False)]
+        sim, idx = merge_shards(shards)
+        _assert_search_matches(sim, idx, scores, NN_ATOL[dtype])
+        whole_sim, whole_idx = search(xq, xb)
+        torch.testing.assert_close(sim, whole_sim, atol=NN_ATOL[dtype], rtol=0)
+        assert idx[1] in (17, 200)  # exact-tie order is test_nn_search_ties_go_to_lowest_index's job
+    with pytest.raises(ValueError, match="no shards"):
+        merge_shards([])
+
+
+# --------------------------------------------------------------------------------------- amg_combine
+
+
+def _latent(B: int, C: int, T: int, layout: str, k: int, g: torch.Generator, dtype) -> torch.Tensor:
+    """[B, C, T] with a different memory layout per input k when layout == 'strided'."""
+    r = lambda *size: torch.randn(*size, generator=g).to(DEVICE, dtype)  # before slicing: .to() densifies
+    if layout == "contiguous":
+        return r(B, C, T)
+    make = [
+        lambda: r(B, T, C).transpose(1, 2),  # channels-last
+        lambda: r(B, C, 2 * T)[..., ::2],  # sliced time
+        lambda: r(C, B, T).permute(1, 0, 2),  # batch inside
+        lambda: r(B, C + 3, T)[:, 1 : C + 1],  # channel window
+    ][k]
+    x = make()
+    assert not x.is_contiguous() or min(B, C, T) == 1
+    return x
+
+
+def _rows(B: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Per-row scalars covering open and closed gates, sim == lam, and both clamps active or not."""
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(B, generator=g)
+    lam = u(0.3, 0.6)
+    sim = lam + torch.tensor([0.2, -0.1, 0.0]).repeat(B)[:B]  # open, closed, equal (closed), ...
+    rows = dict(
+        sim=sim,
+        lam=lam,
+        alpha_bar=u(0.0, 1.0),
+        cfg_scale=u(1.0, 8.0),
+        c1=u(0.0, 20.0),
+        c2=u(0.0, 20.0),
+        c3=u(0.0, 1000.0),
+    )
+    return {k: v.to(DEVICE) for k, v in rows.items()}
+
+
+def _combine64(lat, r):
+    """Float64 reference straight from the reference equation (§1.3 step 12), m as a 0/1 mask."""
+    u, c, n, gr = (x.double() for x in lat)
+    r = {k: v.double() for k, v in r.items()}
+    s0 = r["cfg_scale"]
+    s1 = torch.minimum((r["c1"] * r["sim"]).clamp(min=0), s0 - 1)
+    s2 = torch.minimum((r["c2"] * r["sim"]).clamp(min=0), s0 - s1 - 1)
+    gate = r["sim"] > r["lam"]
+    m = gate.double()  # [B]
+    col = lambda v: v[:, None, None]  # [B] -> [B, 1, 1]
+    g_coef = r["c3"] * torch.sqrt(1 - r["alpha_bar"])
+    n = torch.where(col(gate), n, 0.0)  # closed rows of x0_n / grad may be garbage: select them away
+    gr = torch.where(col(gate), gr, 0.0)
+    a, b, e = col(s0 - m * s1), col(m * s2), col(m * g_coef)
+    D = u + a * (c - u) - b * (n - u) - e * gr
+    # Sum of |terms|; s0 - s1 is rounded relative to |s0| + |s1|, not to its (cancelled) value.
+    mag = u.abs() + col(s0.abs() + m * s1) * (c.abs() + u.abs()) + b * (n.abs() + u.abs()) + (e * gr).abs()
+    return D, s1, s2, gate, mag
+
+
+def _assert_combine_matches(out, ref, dtype) -> None:
+    D, s1, s2, gate = out
+    D64, s1_64, s2_64, gate64, mag = ref
+    assert D.dtype == dtype and D.shape == D64.shape and D.is_contiguous()
+    assert s1.dtype == s2.dtype == torch.float32 and gate.dtype == torch.bool
+    assert torch.equal(gate, gate64)
+    torch.testing.assert_close(s1.double(), s1_64, rtol=1e-6, atol=1e-6)  # one fp32 rounding each
+    torch.testing.assert_close(s2.double(), s2_64, rtol=1e-6, atol=1e-6)
+    err = (D.double() - D64).abs()
+    bound = COMBINE_RTOL[dtype] * D64.abs() + COMBINE_COMPUTE_RTOL * mag + 1e-30
+    worst = (err - bound).max()
+    assert torch.isfinite(err).all() and worst <= 0, f"D off by {err.max().item():.3g} (excess {worst:.3g})"
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("shape", [(1, 3, 77), (3, 3, 77), (3, 4, 300)], ids=str)  # 4x300: 2 tiles
+def test_amg_combine_matches_twin_and_float64(shape, layout, dtype):
+    g = _gen("combine", shape, layout, dtype)
+    lat = [_latent(*shape, layout, k, g, dtype) for k in range(4)]
+    lat[3].mul_(1e-3)  # dissimilarity gradients are small (c3 ~ 1000); in place keeps the layout
+    r = _rows(shape[0], g)
+    ref = _combine64(lat, r)
+    for fn in (torch.ops.amg.amg_combine, amg_combine_ref):
+        _assert_combine_matches(fn(*lat, **r), ref, dtype)
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_closed_gate_ignores_garbage_in_x0_n_and_grad(dtype):
+    B, C, T = 3, 3, 77
+    g = _gen("garbage", dtype)
+    lat = [torch.randn(B, C, T, generator=g).to(DEVICE, dtype) for _ in range(4)]
+    r = _rows(B, g)  # row 0 open, rows 1 (below) and 2 (sim == lam) closed
+    lat[2][1:] = torch.nan  # the engine skipped these rows' neighbour branch...
+    lat[3][1] = torch.inf  # ...and their gradient
+    lat[3][2] = torch.nan
+    ref = _combine64(lat, r)
+    s0 = r["cfg_scale"].double()[1:, None, None]
+    u, c = lat[0][1:].double(), lat[1][1:].double()
+    cfg_only = u + s0 * (c - u)  # plain CFG
+    for fn in (torch.ops.amg.amg_combine, amg_combine_ref):
+        D, s1, s2, gate = fn(*lat, **r)
+        assert gate.tolist() == [True, False, False]
+        assert torch.isfinite(D).all()
+        tol = COMBINE_RTOL[dtype] * cfg_only.abs() + COMBINE_COMPUTE_RTOL * ref[4][1:]
+        assert ((D[1:].double() - cfg_only).abs() <= tol).all()
+        _assert_combine_matches((D, s1, s2, gate), ref, dtype)
+
+
+@pytest.mark.parametrize("fn", [torch.ops.amg.amg_combine, amg_combine_ref], ids=["kernel", "twin"])
+def test_amg_combine_clamps_hold(fn):
+    B = 64
+    g = _gen("clamps")
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(B, generator=g)
+    r = dict(
+        sim=u(-0.5, 1.0),
+        lam=u(0.0, 1.0),
+        alpha_bar=u(0, 1),
+        cfg_scale=u(1.0, 10.0),
+        c1=u(0, 30),
+        c2=u(0, 30),
+        c3=u(0, 10),
+    )
+    r = {k: v.to(DEVICE) for k, v in r.items()}
+    lat = [torch.randn(B, 1, 5, generator=g, device=DEVICE) for _ in range(4)]
+    _, s1, s2, gate = fn(*lat, **r)
+    s0 = r["cfg_scale"]
+    assert (s1 >= 0).all() and (s2 >= 0).all()
+    assert (s1 <= s0 - 1).all() and (s2 <= s0 - s1 - 1).all()
+    assert (s1[r["sim"] <= 0] == 0).all()  # negative similarity never guides
+    assert torch.equal(gate, r["sim"] > r["lam"])
+    assert (s1 == s0 - 1).any() and (s1 < s0 - 1).any()  # both sides of each clamp are exercised
+    assert ((s2 == s0 - s1 - 1) & (s2 > 0)).any() and (s2 < s0 - s1 - 1).any()
+
+
+# ------------------------------------------------------------------------------- dispatch and compile
+
+
+def test_public_functions_run_the_kernel_on_cpu_under_the_interpreter(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("dispatched to the torch twin")
+
+    monkeypatch.setattr(importlib.import_module("kernels.nn_search"), "nn_search_ref", boom)
+    monkeypatch.setattr(importlib.import_module("kernels.guidance"), "amg_combine_ref", boom)
+    nn_search(torch.randn(2, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE))
+    lat = [torch.randn(2, 2, 3, device=DEVICE) for _ in range(4)]
+    amg_combine(*lat, **_rows(2, _gen("dispatch")))
+
+
+def test_dispatch_rule():
+    def f(x):
+        return x
+
+    compiled_kernel = JITFunction(f)  # what @triton.jit builds without TRITON_INTERPRET
+    op = torch.ops.amg.nn_search
+    cpu, meta = torch.empty(2), torch.empty(2, device="meta")
+    assert not use_triton(op, compiled_kernel, cpu)  # CPU without the interpreter: twin
+    assert not use_triton(op, compiled_kernel, meta)
+    assert not use_triton(None, compiled_kernel, cpu)  # registration failed: twin
+    if DEVICE == "cuda":
+        gpu = torch.empty(2, device="cuda")
+        assert use_triton(op, compiled_kernel, gpu, gpu)
+        assert not use_triton(op, compiled_kernel, gpu, cpu)  # mixed devices: the twin raises the error
+    else:
+        interpreted_kernel = importlib.import_module("kernels.nn_search")._nn_search_kernel
+        assert use_triton(op, interpreted_kernel, cpu, cpu)
+        assert not use_triton(op, interpreted_kernel, cpu, meta)
+
+
+def test_bad_inputs_raise_value_errors_that_name_the_fix():
+    with pytest.raises(ValueError, match="same D"):
+        nn_search(torch.randn(2, 8), torch.randn(5, 9))
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        nn_search(torch.randn(2, 8).double(), torch.randn(5, 8))
+    lat = [torch.randn(2, 2, 3) for _ in range(4)]
+    r = _rows(2, _gen("bad"))
+    r["lam"] = torch.tensor(0.5)
+    with pytest.raises(ValueError, match="lam .* torch.full"):
+        amg_combine(*lat, **r)
+    with pytest.raises(ValueError, match="grad"):
+        amg_combine(*lat[:3], lat[3].half(), **_rows(2, _gen("bad")))
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager():
+    """One AMG detector-to-combine step through both ops, compiled with fullgraph, equals eager."""
+
+    def step(e_t, xb, x0_u, x0_c, x0_n, grad, lam, alpha_bar, cfg_scale, c1, c2, c3):
+        sim, idx = nn_search(e_t, xb)  # [B], [B]
+        D, s1, s2, gate = amg_combine(x0_u, x0_c, x0_n, grad, sim, lam, alpha_bar, cfg_scale, c1, c2, c3)
+        return D * 0.5 + 1, idx, s1 + s2, gate
+
+    B, C, T = 3, 4, 40
+    g = _gen("compile")
+    xb = _unit_rows(50, 32, g).to(DEVICE)
+    e_t = xb[:B] + 0.1 * torch.randn(B, 32, generator=g).to(DEVICE)  # near-duplicates: gates open
+    lat = [torch.randn(B, C, T, generator=g).to(DEVICE) for _ in range(4)]
+    r = _rows(B, g)
+    args = (e_t, xb, *lat, r["lam"], r["alpha_bar"], r["cfg_scale"], r["c1"], r["c2"], r["c3"])
+    eager = step(*args)
+    compiled = torch.compile(step, fullgraph=True)(*args)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+_WITHOUT_INTERPRETER = """
+import sys, torch, kernels
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
+
+nn_mod = sys.modules["kernels.nn_search"]
+assert type(nn_mod._nn_search_kernel).__name__ == "JITFunction"
+xq, xb = torch.randn(3, 16), torch.randn(20, 16)
+for got, want in zip(kernels.nn_search(xq, xb), kernels.nn_search_ref(xq, xb)):  # CPU: the twin
+    assert torch.equal(got, want)
+nn_mod._sm_count = lambda index: 132  # fake CUDA tensors: no device to ask
+
+def step(xq, xb, u, r):
+    sim, idx = torch.ops.amg.nn_search(xq, xb)
+    return torch.ops.amg.amg_combine(u, u, u, u, sim, r, r, r, r, r, r)
+
+with FakeTensorMode():
+    half = dict(device="cuda", dtype=torch.float16)
+    args = (torch.empty(3, 512, **half), torch.empty(1000, 512, **half),
+            torch.empty(3, 64, 100, device="cuda").transpose(1, 2), torch.empty(3, device="cuda"))
+# Functionalization is where triton_op decomposes for torch.compile (AOTDispatcher does the same).
+print(make_fx(dispatch_functionalize(step), tracing_mode="fake")(*args).code)
+"""
+
+
+def test_without_the_interpreter_the_ops_are_traceable_triton_ops():
+    """The production set-up, in a fresh process: compiled JITFunctions, triton_op registration.
+
+    CPU inputs must go to the twin; with (fake) CUDA inputs both ops must decompose into their Triton
+    kernels, which is what torch.compile traces on a GPU. Nothing here needs a GPU.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_INTERPRETER],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("triton_kernel_wrapper_functional(") == 2, run.stdout
