@@ -74,10 +74,16 @@ class SamplerConfig:
     sigma_min: float = 0.3
     sigma_max: float = 500.0
     rho: float = 1.0
+    # SDE samplers' noise: "gaussian" (i.i.d. per row and step, cheap) or "brownian" (k-diffusion's
+    # Brownian tree, as stable-audio-tools samples; reproduces generate_diffusion_cond row by row).
+    noise: Literal["gaussian", "brownian"] = "gaussian"
 
     def __post_init__(self) -> None:
         from engine.sampling import SAMPLERS, SCHEDULES
 
+        _check(
+            self.noise in ("gaussian", "brownian"), f"noise={self.noise!r}: choose 'gaussian' or 'brownian'"
+        )
         _check(self.sampler in SAMPLERS, f"sampler={self.sampler!r}: choose one of {sorted(SAMPLERS)}")
         _check(self.schedule in SCHEDULES, f"schedule={self.schedule!r}: choose one of {sorted(SCHEDULES)}")
         _check(

@@ -18,7 +18,7 @@ import torch
 from engine.config import EngineConfig
 from engine.guidance import AMGDenoiser, RowParams, StepTrace
 from engine.models import DEFAULT_MODEL_DIR, Conditioning, encode_conditioning, load_model
-from engine.sampling import SCHEDULES, RowNoise, get_sampler
+from engine.sampling import SCHEDULES, BrownianRowNoise, RowNoise, get_sampler
 
 log = logging.getLogger(__name__)
 
@@ -129,18 +129,25 @@ class Engine:
         sampler = get_sampler(s.sampler)
         sigmas = SCHEDULES[s.schedule](s.steps, s.sigma_min, s.sigma_max, s.rho).to(self.device)
         shape = (self.model.io_channels, self.window // self.model.pretransform.downsampling_ratio)
-        noise = RowNoise([r.seed for r in requests], shape, device=self.device)
-        x = noise.initial() * sigmas[0]
+        rows = RowNoise([r.seed for r in requests], shape, device=self.device)
+        x = rows.initial() * sigmas[0]
+        draw = self._noise_source(rows, x, sigmas) if sampler.uses_noise else None
         state = sampler.init_state(x)
         b, traces = len(requests), []
         for i in range(s.steps):
             sigma, sigma_next = sigmas[i].expand(b), sigmas[i + 1].expand(b)
             denoised, trace = denoiser(x, sigma)
-            step_noise = noise.draw() if sampler.uses_noise else torch.zeros_like(x)
+            last = i == s.steps - 1  # the final step (to sigma = 0) uses no noise
+            step_noise = torch.zeros_like(x) if draw is None or last else draw(sigmas[i], sigmas[i + 1])
             x, state = sampler.step(x, denoised, sigma, sigma_next, state, step_noise)
             if trace is not None:
                 traces.append(trace)
         return x, traces
+
+    def _noise_source(self, rows: RowNoise, x: torch.Tensor, sigmas: torch.Tensor):
+        if self.config.sampler.noise == "brownian":
+            return BrownianRowNoise(rows, x, sigmas[-2], sigmas[0])  # tree over [sigma_min, sigma_max]
+        return lambda sigma, sigma_next: rows.draw()
 
     def _finish(self, requests, latents, seconds, traces: list[StepTrace]) -> list[Generated]:
         with torch.no_grad():

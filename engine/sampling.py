@@ -33,6 +33,7 @@ __all__ = [
     "SAMPLERS",
     "SCHEDULES",
     "EulerState",
+    "BrownianRowNoise",
     "RowNoise",
     "Sampler",
     "ThreeStepState",
@@ -344,6 +345,26 @@ class RowNoise:
         rows = [torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self._generators]
         self._draws += 1
         return torch.stack(rows).to(device=self.device, dtype=self.dtype)
+
+
+class BrownianRowNoise:
+    """k-diffusion's Brownian-tree noise (the default of its SDE samplers), one tree per row.
+
+    ``noise(sigma, sigma_next) -> [B, *shape]``: the normalised Brownian increment over
+    [sigma_next, sigma], as ``k_diffusion.sampling.BrownianTreeNoiseSampler`` returns it. Row ``i``'s
+    tree is seeded with the next ``randint(0, 2**63 - 1)`` of generator ``seeds[i]`` after its initial
+    latent draw, which is exactly what stable-audio-tools' ``generate_diffusion_cond`` does with the
+    global generator after ``torch.manual_seed(seed)``: a single row reproduces its output.
+    """
+
+    def __init__(self, rows: RowNoise, x: Tensor, sigma_min: float, sigma_max: float) -> None:
+        from k_diffusion.sampling import BrownianTreeNoiseSampler
+
+        seeds = [int(torch.randint(0, 2**63 - 1, [], generator=g)) for g in rows._generators]
+        self._sampler = BrownianTreeNoiseSampler(x, sigma_min, sigma_max, seed=seeds)
+
+    def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        return self._sampler(sigma, sigma_next)
 
 
 # ----------------------------------------------------------------------------------------------
