@@ -102,6 +102,7 @@ class EngineConfig:
     sampler: SamplerConfig = SamplerConfig()
     batch_size: int = 16
     device: str = "cpu"
+    compile: bool = False  # torch.compile the batched model call and the sampler step
 
     def __post_init__(self) -> None:
         _check(
@@ -113,6 +114,7 @@ class EngineConfig:
         """Identity of everything that changes outputs (device excluded): keys resumable results."""
         d = asdict(self)
         d.pop("device")
+        d.pop("compile")
         d.pop("batch_size")  # outputs are batch-invariant by design
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from engine.compile import compiled_branches, maybe_compile
 from engine.config import EngineConfig
 from engine.guidance import AMGDenoiser, RowParams, StepTrace
 from engine.models import DEFAULT_MODEL_DIR, Conditioning, encode_conditioning, load_model
@@ -59,6 +60,8 @@ class Engine:
         self.index.check_embedder(self.embedder.info)
         self.model_id = f"{Path(model_dir).resolve().name}:{self._weights_digest(model_dir)}"
         self._nbr_cache: dict[int, Conditioning] = {}
+        self._branches = compiled_branches(self.model, config.compile)
+        self._steps: dict[str, object] = {}  # sampler name -> (compiled) step function
 
     @staticmethod
     def _weights_digest(model_dir) -> str:
@@ -120,6 +123,7 @@ class Engine:
             self.model, cond, uncond, RowParams(full(g.cfg_scale), full(g.c1), full(g.c2), full(g.c3)),
             self._detector(seconds, reference), self.index.vectors, self._neighbour_cond,
             amg=g.amg, reference=reference, lambda_min=g.lambda_min, lambda_max=g.lambda_max,
+            branches=self._branches,
         )  # fmt: skip
         latents, traces = self._sample(denoiser, requests)
         return self._finish(requests, latents, seconds, traces)
@@ -132,6 +136,9 @@ class Engine:
         rows = RowNoise([r.seed for r in requests], shape, device=self.device)
         x = rows.initial() * sigmas[0]
         draw = self._noise_source(rows, x, sigmas) if sampler.uses_noise else None
+        if s.sampler not in self._steps:
+            self._steps[s.sampler] = maybe_compile(sampler.step, self.config.compile)
+        step = self._steps[s.sampler]
         state = sampler.init_state(x)
         b, traces = len(requests), []
         for i in range(s.steps):
@@ -139,7 +146,7 @@ class Engine:
             denoised, trace = denoiser(x, sigma)
             last = i == s.steps - 1  # the final step (to sigma = 0) uses no noise
             step_noise = torch.zeros_like(x) if draw is None or last else draw(sigmas[i], sigmas[i + 1])
-            x, state = sampler.step(x, denoised, sigma, sigma_next, state, step_noise)
+            x, state = step(x, denoised, sigma, sigma_next, state, step_noise)
             if trace is not None:
                 traces.append(trace)
         return x, traces

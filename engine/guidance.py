@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.compile import cfg_branches
 from engine.models import Conditioning, v_denoise
 
 
@@ -78,11 +79,10 @@ class AMGDenoiser:
     lambda_min: float = 0.4
     lambda_max: float = 0.5
 
+    branches: Callable | None = None  # (x, sigma, cond, uncond) -> (x0_c, x0_u), maybe compiled
+
     def _branches(self, x, sigma, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
-        both = v_denoise(
-            self.model, torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([cond, uncond])
-        )
-        return both.chunk(2)  # x0_c, x0_u
+        return cfg_branches(self.model, x, sigma, cond, uncond)
 
     def _probe(self, x0_c, x0_u, cfg_scale) -> torch.Tensor:
         if self.reference:
@@ -92,7 +92,7 @@ class AMGDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor):
         s0 = self.params.cfg_scale
         with torch.no_grad():
-            x0_c, x0_u = self._branches(x, sigma, self.cond, self.uncond)
+            x0_c, x0_u = (self.branches or self._branches)(x, sigma, self.cond, self.uncond)
         if not self.amg:
             return x0_u + s0[:, None, None] * (x0_c - x0_u), None
         rows = torch.arange(x.shape[0], device=x.device)

@@ -62,11 +62,10 @@ def assets(tmp_path_factory):
     return root
 
 
-def _engine(assets, **guidance) -> Engine:
+def _engine(assets, compile: bool = False, **guidance) -> Engine:
     g = GuidanceConfig(cfg_scale=3.0, c1=1.0, c2=1.0, c3=50.0, lambda_min=0.0, lambda_max=0.2)
-    cfg = EngineConfig(
-        replace(g, **guidance), SamplerConfig(sampler="dpmpp-3m-sde", steps=6, sigma_min=0.05, sigma_max=20.0)
-    )
+    s = SamplerConfig(sampler="dpmpp-3m-sde", steps=6, sigma_min=0.05, sigma_max=20.0)
+    cfg = EngineConfig(replace(g, **guidance), s, compile=compile)
     return Engine(cfg, assets / "model", assets / "index")
 
 
@@ -200,3 +199,13 @@ def test_no_amg_equals_stable_audio_tools_generate(assets, sampler):
     # Same float32 maths up to where CFG is combined (v space there, x0 space here: equal for a
     # fixed sigma, different rounding): 1e-5 relative to the latent scale.
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager(assets):
+    """fullgraph=True: the batched model call and the sampler step compile with no graph break."""
+    reqs = _requests(3)
+    eager, eager_traces = _latents(_engine(assets), reqs)
+    compiled, traces = _latents(_engine(assets, compile=True), reqs)
+    assert [t.gate.tolist() for t in traces] == [t.gate.tolist() for t in eager_traces]
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())
