@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 MODES = ("reference", "corrected")
+STRATEGIES = ("amg", "transition")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -40,6 +41,10 @@ class GuidanceConfig:
 
     amg: bool = True
     mode: Literal["reference", "corrected"] = "corrected"
+    # "amg": Anti-Memorization Guidance (above). "transition": Jain et al. (CVPR 2025) — guidance
+    # scale ``scale_before`` until a transition point detected online from ‖x0_c − x0_u‖, then cfg_scale.
+    strategy: Literal["amg", "transition"] = "amg"
+    scale_before: float = 1.0
     cfg_scale: float = 7.0
     c1: float = 6.0  # despecification
     c2: float = 6.0  # caption deduplication
@@ -49,7 +54,8 @@ class GuidanceConfig:
 
     def __post_init__(self) -> None:
         _check(self.mode in MODES, f"mode={self.mode!r}: choose one of {MODES}")
-        for name in ("cfg_scale", "c1", "c2", "c3", "lambda_min", "lambda_max"):
+        _check(self.strategy in STRATEGIES, f"strategy={self.strategy!r}: choose one of {STRATEGIES}")
+        for name in ("cfg_scale", "c1", "c2", "c3", "lambda_min", "lambda_max", "scale_before"):
             _finite(name, getattr(self, name))
         _check(
             self.cfg_scale >= 1,

@@ -17,7 +17,7 @@ import torch
 
 from engine.compile import compiled_branches, maybe_compile
 from engine.config import EngineConfig
-from engine.guidance import AMGDenoiser, RowParams, StepTrace
+from engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser
 from engine.models import DEFAULT_MODEL_DIR, Conditioning, encode_conditioning, load_model
 from engine.sampling import SCHEDULES, BrownianRowNoise, RowNoise, get_sampler
 
@@ -119,14 +119,19 @@ class Engine:
         reference = g.mode == "reference"
         uncond = cond.zeros_like() if (reference and g.amg) else cond.null_text()
         full = lambda v: torch.full((b,), float(v), device=self.device)  # noqa: E731
+        if g.amg and g.strategy == "transition":
+            s0 = full(g.cfg_scale)
+            denoiser = TransitionDenoiser(
+                self.model, cond, cond.null_text(), s0, g.scale_before, self._branches
+            )
+            return self._finish(requests, *self._sample(denoiser, requests), seconds)
         denoiser = AMGDenoiser(
             self.model, cond, uncond, RowParams(full(g.cfg_scale), full(g.c1), full(g.c2), full(g.c3)),
             self._detector(seconds, reference), self.index.vectors, self._neighbour_cond,
             amg=g.amg, reference=reference, lambda_min=g.lambda_min, lambda_max=g.lambda_max,
             branches=self._branches,
         )  # fmt: skip
-        latents, traces = self._sample(denoiser, requests)
-        return self._finish(requests, latents, seconds, traces)
+        return self._finish(requests, *self._sample(denoiser, requests), seconds)
 
     def _sample(self, denoiser: AMGDenoiser, requests: list[Request]):
         s = self.config.sampler
@@ -156,7 +161,7 @@ class Engine:
             return BrownianRowNoise(rows, x, sigmas[-2], sigmas[0])  # tree over [sigma_min, sigma_max]
         return lambda sigma, sigma_next: rows.draw()
 
-    def _finish(self, requests, latents, seconds, traces: list[StepTrace]) -> list[Generated]:
+    def _finish(self, requests, latents, traces: list[StepTrace], seconds) -> list[Generated]:
         with torch.no_grad():
             audio = self.decode(latents)
             finite = torch.isfinite(audio).flatten(1).all(dim=1)

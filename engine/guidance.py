@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -139,3 +140,43 @@ class AMGDenoiser:
             sim = (emb.float() * self.index_vectors[nn]).sum(dim=1)
             (g,) = torch.autograd.grad(sim.sum(), x)
         return g
+
+
+@dataclass
+class TransitionDenoiser:
+    """Guidance switched on at a transition point detected online (Jain et al., CVPR 2025).
+
+    "CFG inside the attraction basin may cause memorization": before the transition point (TP) a row
+    is sampled with scale ``scale_before`` (1 = conditional only, no CFG; < 0 = opposite guidance),
+    from the TP on with the normal CFG scale. The TP is detected per row from d_j = ‖x0_c − x0_u‖
+    (computed anyway, so it costs nothing): the first step j ≥ 2 with d_j > d_{j−1} < d_{j−2}, the
+    first local minimum of d, seen one step late. All state is per-row tensors: no host sync.
+    The trace's ``sim`` is d_j and its ``gate`` marks steps still before the TP.
+    """
+
+    model: torch.nn.Module
+    cond: Conditioning
+    uncond: Conditioning
+    cfg_scale: torch.Tensor  # [B]
+    scale_before: float = 1.0
+    branches: Callable | None = None
+
+    def __post_init__(self) -> None:
+        b = self.cfg_scale.shape[0]
+        self._d = torch.full((2, b), float("nan"), device=self.cfg_scale.device)  # d_{j-1}, d_{j-2}
+        self._passed = torch.zeros(b, dtype=torch.bool, device=self.cfg_scale.device)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor):
+        with torch.no_grad():
+            x0_c, x0_u = (self.branches or partial(cfg_branches, self.model))(
+                x, sigma, self.cond, self.uncond
+            )
+        d = (x0_c - x0_u).float().flatten(1).norm(dim=1)  # [B]
+        d1, d2 = self._d
+        self._passed = self._passed | ((d > d1) & (d2 > d1))  # NaN history compares False
+        self._d = torch.stack([d, d1])
+        w = torch.where(self._passed, self.cfg_scale, torch.full_like(self.cfg_scale, self.scale_before))
+        out = x0_u + w[:, None, None] * (x0_c - x0_u)
+        zeros = torch.zeros_like(d)
+        trace = StepTrace(d, zeros, ~self._passed, zeros, zeros, torch.full_like(d, -1, dtype=torch.long))
+        return out, trace

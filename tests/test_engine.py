@@ -124,9 +124,9 @@ def _latents(engine: Engine, reqs: list[Request]) -> tuple[torch.Tensor, list]:
     captured = {}
     original = engine._finish
 
-    def grab(requests, latents, seconds, traces):
+    def grab(requests, latents, traces, seconds):
         captured["x"], captured["traces"] = latents, traces
-        return original(requests, latents, seconds, traces)
+        return original(requests, latents, traces, seconds)
 
     engine._finish = grab
     try:
@@ -209,3 +209,34 @@ def test_compiled_step_equals_eager(assets):
     compiled, traces = _latents(_engine(assets, compile=True), reqs)
     assert [t.gate.tolist() for t in traces] == [t.gate.tolist() for t in eager_traces]
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())
+
+
+def test_transition_point_is_the_first_local_minimum_per_row():
+    """d_j sequences with a known first local minimum; guidance switches on one step after it."""
+    from engine.guidance import TransitionDenoiser
+    from engine.models import Conditioning
+
+    d_rows = torch.tensor([[5.0, 4.0, 3.0, 3.5, 2.0, 1.0], [5.0, 6.0, 7.0, 6.0, 5.0, 5.5]])  # [B, steps]
+    calls = iter(range(d_rows.shape[1]))
+
+    def branches(x, sigma, cond, uncond):  # x0_c − x0_u has norm d_j in each row
+        j = next(calls)
+        return x + d_rows[:, j, None, None], x
+
+    cond = Conditioning(torch.zeros(2, 1, 1), None)
+    den = TransitionDenoiser(None, cond, cond, torch.tensor([7.0, 7.0]), scale_before=-2.0, branches=branches)
+    before = []
+    for _ in range(d_rows.shape[1]):
+        out, trace = den(torch.zeros(2, 1, 1), torch.ones(2))
+        before.append(trace.gate.tolist())
+        w = out[:, 0, 0] / d_rows[:, len(before) - 1]
+        assert torch.allclose(w, torch.where(trace.gate, torch.tensor(-2.0), torch.tensor(7.0)))
+    # row 0: minimum at j=2 (3.0), seen at j=3; row 1: minimum at j=4 (5.0), seen at j=5
+    assert [b[0] for b in before] == [True, True, True, False, False, False]
+    assert [b[1] for b in before] == [True, True, True, True, True, False]
+
+
+def test_transition_strategy_runs_in_the_engine(assets):
+    engine = _engine(assets, strategy="transition", scale_before=1.0)
+    out = engine.generate(_requests(2))
+    assert all(g.error is None and len(g.trace) == engine.config.sampler.steps for g in out)
