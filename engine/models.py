@@ -113,8 +113,12 @@ class Conditioning:
 
 
 def encode_conditioning(model, metadata: list[dict[str, Any]], device) -> Conditioning:
-    """Run the model's conditioners on a list of dicts (``prompt``, ``seconds_total``, ...)."""
-    tensors = model.conditioner(metadata, device)
+    """Run the model's conditioners on a list of dicts (``prompt``, ``seconds_total``, ...).
+
+    ``seconds_start`` defaults to 0 (generation always starts at the beginning of the window), so
+    models with Stable Audio Open's start/total timing conditioners get it without asking.
+    """
+    tensors = model.conditioner([{"seconds_start": 0.0, **m} for m in metadata], device)
     inputs = model.get_conditioning_inputs(tensors)
     return Conditioning(inputs["cross_attn_cond"], inputs.get("global_cond"))
 

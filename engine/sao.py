@@ -1,0 +1,42 @@
+"""Stable Audio Open 1.0: its architecture config, and tiny offline variants of it for tests.
+
+``sao_config()`` is the SAO 1.0 ``model_config.json`` (Oobleck VAE pretransform, T5-base prompt
+conditioner, seconds_start / seconds_total number conditioners, a 1.06 B-parameter DiT). With real
+weights, load SAO with :func:`engine.models.load_model` from a local directory holding the official
+``model_config.json`` and ``model.safetensors`` (the T5 encoder then comes from the local Hugging
+Face cache). ``tiny_sao_config`` keeps every structural choice — stereo 44.1 kHz, the autoencoder
+pretransform with downsampling 2048, 64 latent channels, the conditioner ids and how they feed
+cross-attention and the global prepend token — but shrinks widths, and swaps T5 (which needs the
+hub) for a ``lut`` conditioner over a local tokenizer, so it builds and runs offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+CONFIG_PATH = Path(__file__).parent / "configs" / "stable_audio_open_1_0.json"
+
+
+def sao_config() -> dict:
+    return json.loads(CONFIG_PATH.read_text())
+
+
+def tiny_sao_config(tokenizer_dir: str = "tokenizer", width: int = 64, sample_size: int = 2048 * 8) -> dict:
+    """A small offline variant of SAO 1.0 (random weights only; for tests and CPU runs)."""
+    config = copy.deepcopy(sao_config())
+    config["sample_size"] = sample_size
+    ae = config["model"]["pretransform"]["config"]
+    for part in ("encoder", "decoder"):
+        ae[part]["config"]["channels"] = 4
+    cond = config["model"]["conditioning"]
+    cond["cond_dim"] = width
+    cond["configs"][0] = {
+        "id": "prompt",
+        "type": "lut",
+        "config": {"tokenizer_name": tokenizer_dir, "max_length": 16},
+    }
+    dit = config["model"]["diffusion"]["config"]
+    dit.update(embed_dim=width, depth=1, num_heads=2, cond_token_dim=width, global_cond_dim=2 * width)
+    return config
