@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from engine.compile import compiled_branches, maybe_compile
 from engine.config import EngineConfig
@@ -151,7 +152,8 @@ class Engine:
             denoised, trace = denoiser(x, sigma)
             last = i == s.steps - 1  # the final step (to sigma = 0) uses no noise
             step_noise = torch.zeros_like(x) if draw is None or last else draw(sigmas[i], sigmas[i + 1])
-            x, state = step(x, denoised, sigma, sigma_next, state, step_noise)
+            with record_function("sampler/step"):
+                x, state = step(x, denoised, sigma, sigma_next, state, step_noise)
             if trace is not None:
                 traces.append(trace)
         return x, traces

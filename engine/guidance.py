@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from torch.profiler import record_function
 
 from engine.compile import cfg_branches
 from engine.models import Conditioning, v_denoise
@@ -92,15 +93,17 @@ class AMGDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor):
         s0 = self.params.cfg_scale
-        with torch.no_grad():
+        with torch.no_grad(), record_function("amg/model"):
             x0_c, x0_u = (self.branches or self._branches)(x, sigma, self.cond, self.uncond)
         if not self.amg:
             return x0_u + s0[:, None, None] * (x0_c - x0_u), None
         rows = torch.arange(x.shape[0], device=x.device)
         with torch.no_grad():
-            emb = self.detector(self._probe(x0_c, x0_u, s0), rows)
-            sims = emb.float() @ self.index_vectors.T  # [B, N]
-            sim, nn = sims.max(dim=1)
+            with record_function("amg/decode+embed"):
+                emb = self.detector(self._probe(x0_c, x0_u, s0), rows)
+            with record_function("amg/search"):
+                sims = emb.float() @ self.index_vectors.T  # [B, N]
+                sim, nn = sims.max(dim=1)
         alpha_bar = 1 / (1 + sigma.float() ** 2)
         lam = lambda_t(alpha_bar, self.lambda_min, self.lambda_max)
         gated = (sim > lam).nonzero().squeeze(1)  # host sync: the gated subset decides the work
@@ -110,7 +113,8 @@ class AMGDenoiser:
             self._gated_terms(x, sigma, gated, nn, x0_n, grad)
         combine = combine_fn(x.device)
         p = self.params
-        d, s1, s2, gate = combine(x0_u, x0_c, x0_n, grad, sim, lam, alpha_bar, s0, p.c1, p.c2, p.c3)
+        with record_function("amg/combine"):
+            d, s1, s2, gate = combine(x0_u, x0_c, x0_n, grad, sim, lam, alpha_bar, s0, p.c1, p.c2, p.c3)
         return d, StepTrace(sim, lam, gate, s1, s2, nn)
 
     def _gated_terms(self, x, sigma, gated, nn, x0_n, grad) -> None:
@@ -118,13 +122,14 @@ class AMGDenoiser:
         p = self.params[gated]
         need_n = gated[p.c2 > 0]
         if need_n.numel():
-            with torch.no_grad():
+            with torch.no_grad(), record_function("amg/neighbour"):
                 x0_n[need_n] = v_denoise(
                     self.model, x[need_n], sigma[need_n], self.neighbour_cond(nn[need_n])
                 )
         need_g = gated[p.c3 > 0]
         if need_g.numel():
-            grad[need_g] = self.similarity_grad(x[need_g], sigma[need_g], need_g, nn[need_g])
+            with record_function("amg/gradient"):
+                grad[need_g] = self.similarity_grad(x[need_g], sigma[need_g], need_g, nn[need_g])
 
     def similarity_grad(self, x, sigma, rows, nn) -> torch.Tensor:
         """∇_x σ_t for the given rows, with the neighbour held fixed (rows are independent)."""

@@ -13,9 +13,7 @@ import torch
 
 from engine.config import EngineConfig, GuidanceConfig, SamplerConfig
 from engine.engine import Engine, Request
-from engine.guidance import lambda_t
-from engine.models import encode_conditioning, v_denoise
-from engine.sampling import SCHEDULES, RowNoise, get_sampler
+from engine.reference import published_amg
 
 PROMPTS = [
     "An acoustic drum loop, 90 bpm",
@@ -73,52 +71,6 @@ def _requests(n: int) -> list[Request]:
     return [Request(f"r{i}", PROMPTS[i % len(PROMPTS)], 0.5 + 0.07 * i, 11 + 3 * i) for i in range(n)]
 
 
-def _eager_amg(engine: Engine, req: Request) -> torch.Tensor:
-    """The published per-step computation, written out plainly for one row, every term every step."""
-    g, s = engine.config.guidance, engine.config.sampler
-    model, dev = engine.model, engine.device
-    seconds = torch.tensor([req.seconds])
-    cond = encode_conditioning(model, [{"prompt": req.prompt, "seconds_total": req.seconds}], dev)
-    uncond = cond.zeros_like() if g.mode == "reference" else cond.null_text()
-    sigmas = SCHEDULES[s.schedule](s.steps, s.sigma_min, s.sigma_max, s.rho)
-    sampler = get_sampler(s.sampler)
-    noise = RowNoise([req.seed], (model.io_channels, engine.window // model.pretransform.downsampling_ratio))
-    x = noise.initial() * sigmas[0]
-    state = sampler.init_state(x)
-    for i in range(s.steps):
-        sigma = sigmas[i : i + 1]
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            x0_c = v_denoise(model, xg, sigma, cond)
-            x0_u = v_denoise(model, xg, sigma, uncond)
-            probe = x0_c if g.mode == "reference" else x0_u + g.cfg_scale * (x0_c - x0_u)
-            e = engine.embed(engine.decode(probe), seconds, reference=g.mode == "reference")
-            sims = e @ engine.index.vectors.T
-            nn = int(sims.argmax())
-            sim_t = sims[0, nn]
-            (grad,) = torch.autograd.grad(sim_t, xg)
-        nb = engine.index
-        ncond = encode_conditioning(
-            model, [{"prompt": nb.captions[nn], "seconds_total": nb.seconds[nn]}], dev
-        )
-        with torch.no_grad():
-            x0_n = v_denoise(model, x, sigma, ncond)
-        a_bar = 1 / (1 + sigma**2)
-        m = float(sim_t > lambda_t(a_bar, g.lambda_min, g.lambda_max))
-        st = float(sim_t.detach())
-        s1 = min(max(g.c1 * st, 0.0), g.cfg_scale - 1)
-        s2 = min(max(g.c2 * st, 0.0), g.cfg_scale - s1 - 1)
-        x0_c, x0_u = x0_c.detach(), x0_u.detach()
-        d = (
-            x0_u
-            + (g.cfg_scale - m * s1) * (x0_c - x0_u)
-            - m * s2 * (x0_n - x0_u)
-            - m * g.c3 * torch.sqrt(1 - a_bar) * grad
-        )
-        x, state = sampler.step(x, d, sigma, sigmas[i + 1 : i + 2], state, noise.draw())
-    return x
-
-
 def _latents(engine: Engine, reqs: list[Request]) -> tuple[torch.Tensor, list]:
     """Run ``engine.generate`` and capture the final latents and per-step traces."""
     captured = {}
@@ -143,7 +95,7 @@ def test_batch_of_one_equals_eager_equations(assets, mode):
     ours, traces = _latents(engine, [req])
     gates = [bool(t.gate[0]) for t in traces]
     assert any(gates), "the test needs at least one guided step"
-    ref = _eager_amg(engine, req)
+    ref = published_amg(engine, req)
     # float32 throughout; the only differences are summation order (batched vs separate model
     # calls), amplified by the gradient term: 1e-4 relative to the latent scale.
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -1,0 +1,160 @@
+"""Throughput of the batched engine against the published-style AMG baseline, in one run.
+
+Same prompts and seeds through:
+  (a) baseline: ``engine.reference.published_amg`` — batch size 1, eager, every step three model
+      forwards, the decode, the embedding and the backward pass whatever the gate says;
+  (b) the engine with AMG (batched, gate-skipping, fused combine; ``--compile`` adds torch.compile);
+  (c) the engine with plain CFG, so AMG's overhead is a ratio measured in the same run.
+Prints clips/s and audio-seconds per wall-second for each, the speed-ups, the largest difference
+between baseline and engine outputs (they must agree: same maths), and where the engine's AMG step
+time goes (torch.profiler labels). Appends one JSON line to benchmarks/results.jsonl.
+
+    python benchmarks/bench_engine.py               # CPU, embedded default model, 8 prompts
+    python benchmarks/bench_engine.py --prompts 16 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _requests(n: int):
+    from engine.default.data import make_clips
+    from engine.engine import Request
+
+    clips = make_clips()
+    captions = sorted({c.caption for c in clips})[:n]
+    secs = {c.caption: c.seconds for c in clips}
+    return [Request(f"b{i}", cap, secs[cap], 1000 + i) for i, cap in enumerate(captions)]
+
+
+def _timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def _breakdown(engine, reqs) -> dict[str, float]:
+    """Seconds per label over one engine.generate call, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _, total = _timed(lambda: engine.generate(reqs))
+    out = defaultdict(float)
+    for evt in prof.key_averages():
+        if evt.key.startswith(("amg/", "sampler/")):
+            out[evt.key] += evt.cpu_time_total / 1e6
+    out["total"] = total
+    return dict(out)
+
+
+def _latents(engine, reqs):
+    captured = {}
+    original = engine._finish
+
+    def grab(requests, latents, traces, seconds):
+        captured["x"] = latents
+        return original(requests, latents, traces, seconds)
+
+    engine._finish = grab
+    try:
+        _, seconds = _timed(lambda: engine.generate(reqs))
+    finally:
+        engine._finish = original
+    return captured["x"], seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=8, help="number of prompts (distinct training captions)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the preset's)")
+    p.add_argument("--preset", default="default-model", help="engine preset")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine's step")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: embedded)")
+    p.add_argument("--index", type=Path, default=None, help="index directory (default: embedded)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.jsonl", help="JSON-lines log")
+    args = p.parse_args()
+
+    from engine.config import PRESETS
+    from engine.engine import DEFAULT_INDEX_DIR, Engine
+    from engine.models import DEFAULT_MODEL_DIR
+    from engine.reference import published_amg
+
+    cfg = PRESETS[args.preset]
+    if args.steps:
+        cfg = replace(cfg, sampler=replace(cfg.sampler, steps=args.steps))
+    reqs = _requests(args.prompts)
+    cfg = replace(cfg, device=args.device, batch_size=len(reqs), compile=args.compile)
+    engine = Engine(cfg, args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR)
+    audio_s = sum(r.seconds for r in reqs)
+
+    t0 = time.perf_counter()
+    engine.generate(reqs[:1])  # warm-up (and compile, when asked)
+    warmup = time.perf_counter() - t0
+    base = []
+    _, t_base = _timed(lambda: base.extend(published_amg(engine, r) for r in reqs))
+    ours, t_amg = _latents(engine, reqs)
+    plain_cfg = replace(cfg, guidance=replace(cfg.guidance, amg=False))
+    plain_engine = Engine(plain_cfg, args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR)
+    plain_engine.generate(reqs[:1])
+    _, t_plain = _timed(lambda: plain_engine.generate(reqs))
+    diff = (torch.cat(base) - ours).abs().max().item() / ours.abs().max().item()
+    parts = _breakdown(engine, reqs)
+
+    n = len(reqs)
+    rows = [("baseline (published-style)", t_base), ("engine AMG", t_amg), ("engine plain CFG", t_plain)]
+    print(f"device {args.device}, preset {args.preset}, {n} prompts, {cfg.sampler.steps} steps, "
+          f"compile={args.compile} (warm-up {warmup:.1f} s)")  # fmt: skip
+    print(f"{'path':28s} {'wall s':>8s} {'clips/s':>8s} {'audio-s/s':>10s}")
+    for name, t in rows:
+        print(f"{name:28s} {t:8.2f} {n / t:8.3f} {audio_s / t:10.3f}")
+    print(f"speed-up engine AMG vs baseline: {t_base / t_amg:.1f}x")
+    print(f"AMG overhead vs plain CFG: {t_amg / t_plain:.2f}x")
+    print(f"max |baseline - engine| / max |engine| over final latents: {diff:.2e}")
+    print("engine AMG step time by part (profiled run, s):")
+    for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:22s} {v:8.3f}")
+
+    record = {
+        "bench": "engine", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": args.device,
+        "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "torch": torch.__version__, "git_sha": _git_sha(), "command": " ".join(sys.argv),
+        "prompts": n, "steps": cfg.sampler.steps, "compile": args.compile,
+        "seconds": {"baseline": t_base, "engine_amg": t_amg, "engine_plain": t_plain, "warmup": warmup},
+        "speedup_vs_baseline": t_base / t_amg, "amg_overhead_vs_plain": t_amg / t_plain,
+        "max_rel_diff": diff, "breakdown_s": parts,
+    }  # fmt: skip
+    with open(args.out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+if __name__ == "__main__":
+    main()
