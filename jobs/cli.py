@@ -2,6 +2,10 @@
 
 amg generate MANIFEST.parquet --out DIR     generate audio for every manifest row (AMG on by default)
 amg demo --out DIR                          generate the bundled example manifest on the default model
+
+Rerunning the same command resumes: rows already done under the same configuration are skipped
+(--retry-failed also regenerates error rows). --shard i/n runs rows k with k mod n = i only;
+--engine ray runs the batches on a Ray actor pool (RAY_ADDRESS or --ray-address for a cluster).
 """
 
 from __future__ import annotations
@@ -26,6 +30,17 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-amg", action="store_true", help="plain classifier-free guidance baseline (no AMG)")
     p.add_argument("--mode", choices=("corrected", "reference"), help="AMG semantics (see README)")
+    p.add_argument(
+        "--strategy",
+        choices=("amg", "transition"),
+        help="amg (default), or transition: Jain et al.'s online transition point",
+    )
+    p.add_argument(
+        "--scale-before",
+        type=float,
+        help="with --strategy transition: guidance scale before the transition point "
+        "(1 = none, < 0 = opposite guidance)",
+    )
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale s0")
     p.add_argument("--c1", type=float, help="despecification scale (0 turns it off)")
     p.add_argument("--c2", type=float, help="caption-deduplication scale (0 turns it off)")
@@ -36,10 +51,24 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", help="dpmpp-3m-sde, dpmpp-2m-sde, dpmpp-2m or euler")
     p.add_argument("--batch-size", type=int, help="rows per denoising batch")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the batched model call and sampler step"
+    )
     p.add_argument("--format", default="flac", choices=("flac", "wav"), help="audio file format")
     p.add_argument("--model", type=Path, help="model directory (model_config.json + model.safetensors)")
     p.add_argument("--index", type=Path, help="training-set index folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--retry-failed", action="store_true", help="also regenerate rows recorded as errors")
+    p.add_argument("--shard", default="0/1", help="i/n: run only manifest rows k with k mod n = i")
+    p.add_argument("--engine", default="local", choices=("local", "ray"), help="where batches run")
+    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--ray-actors", type=int, help="actor pool size (default: one per cluster GPU, else 1)")
+    p.add_argument("--ray-cpus-per-actor", type=float, default=1.0, help="CPUs each actor reserves")
+    p.add_argument(
+        "--ray-gpus-per-actor",
+        type=float,
+        help="GPUs each actor reserves (default: 1 if the cluster has any)",
+    )
 
 
 def _engine_config(args):
@@ -49,20 +78,34 @@ def _engine_config(args):
 
     cfg = with_overrides(
         PRESETS[args.preset], amg=False if args.no_amg else None, mode=args.mode, cfg_scale=args.cfg_scale,
+        strategy=args.strategy, scale_before=args.scale_before,
         c1=args.c1, c2=args.c2, c3=args.c3, lambda_min=args.lambda_min, lambda_max=args.lambda_max,
     )  # fmt: skip
     sampler = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
     top = {k: v for k, v in (("batch_size", args.batch_size), ("device", args.device)) if v is not None}
+    if args.compile:
+        top["compile"] = True
     return replace(cfg, sampler=replace(cfg.sampler, **sampler), **top)
 
 
 def cmd_generate(args) -> int:
     from engine.engine import DEFAULT_INDEX_DIR, Engine
     from engine.models import DEFAULT_MODEL_DIR
-    from jobs.generate import run_generate
+    from jobs.generate import JobConfig, Shard, run_generate
 
-    engine = Engine(_engine_config(args), args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR)
-    summary = run_generate(args.manifest, args.out, engine, args.format, progress=not args.quiet)
+    job = JobConfig(args.format, args.retry_failed, Shard.parse(args.shard), progress=not args.quiet)
+    model, index = args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR
+    if args.engine == "ray":
+        from jobs.ray_run import EngineSpec, RayOptions, run_generate_ray
+
+        opts = RayOptions(
+            args.ray_address, args.ray_actors, args.ray_cpus_per_actor, args.ray_gpus_per_actor, args.device
+        )
+        summary = run_generate_ray(
+            args.manifest, args.out, EngineSpec(_engine_config(args), model, index), job, opts
+        )
+    else:
+        summary = run_generate(args.manifest, args.out, Engine(_engine_config(args), model, index), job)
     for line in summary.lines():
         print(line)
     print(f"results: {args.out / 'results.parquet'}")
@@ -76,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate audio for a Parquet manifest")
     gen.add_argument(
-        "manifest", type=Path, help="Parquet file with columns id, prompt (optional seconds, seed)"
+        "manifest", type=Path, help="Parquet file: id, prompt; optional seconds, seed, per-row overrides"
     )
     _add_generate_flags(gen)
     gen.set_defaults(func=cmd_generate)
@@ -88,12 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from jobs.manifest import ManifestError
+    from jobs.ray_run import RayUnavailable
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    if not root.handlers:  # the console gets warnings; DIR/run.log gets INFO records (jobs.generate)
+        console = logging.StreamHandler()
+        console.setLevel(logging.WARNING)
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(console)
+        root.setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ManifestError, ValueError, FileNotFoundError) as e:
+    except (ManifestError, ValueError, FileNotFoundError, RayUnavailable) as e:
         print(f"amg: error: {e}", file=sys.stderr)
         return 2
 

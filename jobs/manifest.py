@@ -1,12 +1,34 @@
 """Reading and validating a Parquet prompt manifest.
 
-Required columns: ``id`` (a safe file name, unique) and ``prompt`` (non-empty text). Optional:
-``seconds`` (default: the model's window) and ``seed`` (default: a hash of the id, so reruns are
-reproducible). Other columns are carried through to the results.
+Manifest schema (one row per clip to generate; column order does not matter):
 
-A manifest without a required column is refused as a whole (:class:`ManifestError` naming the
-column). A bad *row* never stops the run: it becomes a result row with status ``error`` and a
-message naming the row and the problem.
+=============== ====== ==========================================================================
+column          type   meaning
+=============== ====== ==========================================================================
+id              string required; unique (also ignoring case); a safe file name: 1–128 letters,
+                       digits, ``.``, ``_``, ``-``, starting with a letter or digit
+prompt          string required; non-empty; at most the text conditioner's ``max_length`` tokens
+                       (counted without special tokens): longer is an error, not a silent cut
+seconds         float  duration in (0, model window]; default: the model's window
+seed            int    in [0, 2**63); default: derived from the id, so reruns are reproducible
+negative_prompt string must be empty or null: the engine has no negative-prompt branch yet
+cfg_scale       float  per-row classifier-free guidance scale s0 (≥ 1)
+steps           int    per-row sampler steps (2–10000)
+sampler         string per-row sampler: dpmpp-3m-sde, dpmpp-2m-sde, dpmpp-2m or euler
+c1, c2, c3      float  per-row AMG scales (≥ 0; 0 turns a term off)
+(others)        any    carried through unchanged to the results
+=============== ====== ==========================================================================
+
+Rows that share ``cfg_scale, steps, sampler, c1, c2, c3, negative_prompt`` are batched together and
+run with the run's configuration overridden by those values.
+
+A null optional value means "use the run's setting". Numbers must be finite; an integer column may
+hold integral floats (``30.0``), nothing else (no strings, no booleans). Column names the results
+use for outputs (``status``, ``error``, ``row``, ...) are reserved.
+
+A manifest that cannot be used as a whole (unreadable, a required column missing, a reserved or
+repeated column name) is refused with :class:`ManifestError` naming the problem. A bad *row* never
+stops the run: it becomes a result row with status ``error`` and a message ``row <k>: <problem>``.
 """
 
 from __future__ import annotations
@@ -14,16 +36,65 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from engine.config import EngineConfig, with_overrides
+
 REQUIRED = ("id", "prompt")
+OVERRIDES = ("cfg_scale", "steps", "sampler", "c1", "c2", "c3", "negative_prompt")
+OPTIONAL = ("seconds", "seed", *OVERRIDES)
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NEGATIVE_PROMPT_UNSUPPORTED = (
+    "negative_prompt is not supported yet (the engine has no negative-prompt branch); "
+    "leave the column empty or drop it"
+)
 
 
 class ManifestError(ValueError):
-    """The manifest as a whole cannot be used (unreadable, or a required column is missing)."""
+    """The manifest as a whole cannot be used (unreadable, a required column missing, ...)."""
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """A row's per-row engine settings (None: the run's setting). Rows sharing them share a batch."""
+
+    cfg_scale: float | None = None
+    steps: int | None = None
+    sampler: str | None = None
+    c1: float | None = None
+    c2: float | None = None
+    c3: float | None = None
+    negative_prompt: str | None = None
+
+    def apply(self, base: EngineConfig) -> EngineConfig:
+        """``base`` with these overrides; raises ValueError (naming the value) if the result is invalid."""
+        cfg = with_overrides(base, cfg_scale=self.cfg_scale, c1=self.c1, c2=self.c2, c3=self.c3)
+        sampler = {k: v for k, v in (("steps", self.steps), ("sampler", self.sampler)) if v is not None}
+        return replace(cfg, sampler=replace(cfg.sampler, **sampler)) if sampler else cfg
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a row is checked against: the model's window, its text encoder, the run's configuration."""
+
+    max_seconds: float
+    base: EngineConfig
+    max_tokens: int | None = None
+    count_tokens: Callable[[str], int] | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_engine(cls, engine) -> Limits:
+        """Limits of a loaded engine; the token check only where the prompt conditioner has a tokenizer."""
+        conds = getattr(getattr(engine.model, "conditioner", None), "conditioners", {})  # a ModuleDict
+        cond = conds["prompt"] if "prompt" in conds else None
+        tok, max_len = getattr(cond, "tokenizer", None), getattr(cond, "max_length", None)
+        count = None
+        if tok is not None and isinstance(max_len, int):
+            count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        return cls(engine.window / engine.sample_rate, engine.config, max_len if count else None, count)
 
 
 @dataclass(frozen=True)
@@ -32,72 +103,193 @@ class Row:
     values: dict[str, Any]  # every input column, as read
     id: str | None
     prompt: str | None
-    seconds: float | None
-    seed: int | None
-    error: str | None  # why this row cannot be generated, or None
+    seconds: float | None  # effective duration (default filled in); None when the row is bad
+    seed: int | None  # effective seed; None when the row is bad
+    overrides: Overrides | None  # None when an override has the wrong type
+    error: str | None  # "row <k>: <problem>", or None
+
+    def config(self, base: EngineConfig) -> EngineConfig:
+        return self.overrides.apply(base)
+
+    def config_hash(self, base: EngineConfig) -> str | None:
+        """Hash of the configuration the row runs (or would run) with; None if its overrides are invalid."""
+        try:
+            return self.config(base).config_hash() if self.overrides is not None else None
+        except ValueError:
+            return None
 
 
-def read_manifest(path: str | Path) -> list[dict[str, Any]]:
+def read_manifest(path: str | Path):
+    """The manifest as a ``pyarrow.Table``, its columns checked (see the module docstring)."""
     import pyarrow.parquet as pq
+
+    from jobs.results import RESERVED
 
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"manifest {path} does not exist")
     try:
-        table = pq.read_table(path)
+        table = pq.ParquetFile(path).read() if path.is_file() else pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for non-Parquet input
         raise ManifestError(f"manifest {path} is not a readable Parquet file: {e}") from e
-    missing = [c for c in REQUIRED if c not in table.column_names]
+    names = table.column_names
+    missing = [c for c in REQUIRED if c not in names]
     if missing:
         raise ManifestError(
-            f"manifest {path} lacks required column(s) {missing}; it has {table.column_names}. "
-            "A manifest needs `id` and `prompt` (optional: `seconds`, `seed`)."
+            f"manifest {path} lacks required column(s) {missing}; it has {names}. "
+            "A manifest needs `id` and `prompt` (optional: `seconds`, `seed`, overrides)."
         )
-    return table.to_pylist()
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    reserved = [c for c in names if c in RESERVED]
+    if repeated or reserved:
+        raise ManifestError(
+            f"manifest {path}: column name(s) {repeated or reserved} "
+            f"{'repeated' if repeated else 'reserved for result columns'}; rename them"
+        )
+    return table
 
 
 def default_seed(row_id: str) -> int:
     return int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:4], "little")
 
 
-def _row_error(v: dict[str, Any], max_seconds: float) -> str | None:
-    rid, prompt = v.get("id"), v.get("prompt")
+# -- per-value checks: each returns (value, None) or (None, problem) --------------------------------
+def _number(name: str, v: Any) -> tuple[float | None, str | None]:
+    if v is None:
+        return None, None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None, f"{name} {v!r} is not a finite number"
+    return float(v), None
+
+
+def _integer(name: str, v: Any) -> tuple[int | None, str | None]:
+    if v is None:
+        return None, None
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        return None, f"{name} {v!r} is not an integer"
+    return v, None
+
+
+def _text(name: str, v: Any) -> tuple[str | None, str | None]:
+    if v is None or isinstance(v, str):
+        return v, None
+    return None, f"{name} {v!r} is not text"
+
+
+_KIND = {"cfg_scale": _number, "c1": _number, "c2": _number, "c3": _number, "steps": _integer,
+         "sampler": _text, "negative_prompt": _text}  # fmt: skip
+
+
+def _id_problem(rid: Any) -> str | None:
     if not isinstance(rid, str):
         return f"id {rid!r} is not text"
     if not SAFE_ID.match(rid):
-        return f"id {rid!r} is not a safe file name (letters, digits, '.', '_', '-'; no separators)"
+        return (
+            f"id {rid!r} is not a safe file name (1–128 letters, digits, '.', '_', '-', starting with "
+            "a letter or digit; no separators, spaces or control characters)"
+        )
+    return None
+
+
+def _prompt_problem(prompt: Any, limits: Limits) -> str | None:
     if not isinstance(prompt, str):
         return f"prompt {prompt!r} is not text"
     if not prompt.strip():
         return "prompt is empty"
-    sec = v.get("seconds")
-    if sec is not None:
-        if isinstance(sec, bool) or not isinstance(sec, int | float) or not math.isfinite(sec):
-            return f"seconds {sec!r} is not a finite number"
-        if not 0 < sec <= max_seconds:
-            return f"seconds {sec} is outside (0, {max_seconds:g}], the model's window"
-    seed = v.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        return f"seed {seed!r} is not a non-negative integer"
-    return None
+    return token_problem(prompt, limits)
 
 
-def validate(records: list[dict[str, Any]], max_seconds: float) -> list[Row]:
-    """One :class:`Row` per record, in order; duplicate ids after the first are errors."""
-    rows, seen = [], set()
+def token_problem(prompt: str, limits: Limits) -> str | None:
+    """Too many tokens for the text encoder (an error rather than silent truncation), or None."""
+    if limits.count_tokens is None or limits.max_tokens is None:
+        return None
+    n = limits.count_tokens(prompt)
+    if n <= limits.max_tokens:
+        return None
+    return (
+        f"prompt has {n} tokens but the text encoder reads at most {limits.max_tokens} "
+        "(the rest would be cut off silently); shorten the prompt"
+    )
+
+
+def _seconds(v: Any, limits: Limits) -> tuple[float | None, str | None]:
+    sec, err = _number("seconds", v)
+    if err or sec is None:
+        return (None, err) if err else (limits.max_seconds, None)
+    if not 0 < sec <= limits.max_seconds:
+        return None, f"seconds {sec:g} is outside (0, {limits.max_seconds:g}], the model's window"
+    return sec, None
+
+
+def _seed(v: Any, rid: str) -> tuple[int | None, str | None]:
+    seed, err = _integer("seed", v)
+    if err:
+        return None, f"seed {v!r} is not a non-negative integer"
+    if seed is None:
+        return default_seed(rid), None
+    if not 0 <= seed < 2**63:
+        return None, f"seed {seed} is not a non-negative integer below 2**63"
+    return seed, None
+
+
+def _overrides(v: dict[str, Any], limits: Limits) -> tuple[Overrides | None, str | None]:
+    """The row's overrides (None if a value has the wrong type) and the first problem with them."""
+    vals = {}
+    for name in OVERRIDES:
+        vals[name], err = _KIND[name](name, v.get(name))
+        if err:
+            return None, err
+    ov = Overrides(**vals)
+    if ov.negative_prompt and ov.negative_prompt.strip():
+        return ov, NEGATIVE_PROMPT_UNSUPPORTED
+    try:
+        ov.apply(limits.base)
+    except ValueError as e:  # the config's own message names the value and the allowed range
+        return ov, str(e)
+    return ov, None
+
+
+def check_row(v: dict[str, Any], index: int, limits: Limits) -> Row:
+    """Row-local checks (everything but duplicate ids); the first problem found is reported."""
+    ov, ov_err = _overrides(v, limits)
+    bad = lambda err: Row(index, v, _as_id(v), None, None, None, ov, f"row {index}: {err}")  # noqa: E731
+    if err := _id_problem(v.get("id")) or _prompt_problem(v.get("prompt"), limits):
+        return bad(err)
+    seconds, err = _seconds(v.get("seconds"), limits)
+    if err:
+        return bad(err)
+    seed, err = _seed(v.get("seed"), v["id"])
+    if err or ov_err:
+        return bad(err or ov_err)
+    return Row(index, v, v["id"], v["prompt"], seconds, seed, ov, None)
+
+
+def _as_id(v: dict[str, Any]) -> str | None:
+    rid = v.get("id")
+    return rid if isinstance(rid, str) else None
+
+
+def validate(records: list[dict[str, Any]], limits: Limits | float) -> list[Row]:
+    """One :class:`Row` per record, in order. Ids are compared ignoring case (audio files must not
+    collide on case-insensitive file systems); the first use of an id is kept, later ones are errors.
+
+    ``limits`` may be a bare window length in seconds (the default engine configuration, no token check).
+    """
+    if not isinstance(limits, Limits):
+        limits = Limits(float(limits), EngineConfig())
+    rows, first = [], {}
     for i, v in enumerate(records):
-        err = _row_error(v, max_seconds)
-        rid = v.get("id")
-        if err is None and rid in seen:
-            err = f"duplicate id {rid!r} (first use kept)"
-        if err is None:
-            seen.add(rid)
-        ok = err is None
-        rows.append(Row(
-            index=i, values=v, id=rid if isinstance(rid, str) else None,
-            prompt=v["prompt"] if ok else None,
-            seconds=(float(v["seconds"]) if v.get("seconds") is not None else max_seconds) if ok else None,
-            seed=(int(v["seed"]) if v.get("seed") is not None else default_seed(rid)) if ok else None,
-            error=None if ok else f"row {i}: {err}",
-        ))  # fmt: skip
+        row = check_row(v, i, limits)
+        if row.error is None:
+            key = row.id.casefold()
+            if key in first:
+                j, other = first[key]
+                same = "" if other == row.id else f" ({other!r} differs only in case)"
+                row = replace(row, seconds=None, seed=None,
+                              error=f"row {i}: duplicate id {row.id!r}{same}; row {j} keeps it")  # fmt: skip
+            else:
+                first[key] = (i, row.id)
+        rows.append(row)
     return rows

@@ -1,0 +1,148 @@
+"""Shared helpers for the jobs tests: a tiny random-weight engine, a fast fake engine, manifests.
+
+Not a conftest: imported by name (``tests/`` is on ``sys.path`` under pytest's default import mode).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from engine.config import EngineConfig, GuidanceConfig, SamplerConfig
+
+PROMPTS = [
+    "An acoustic drum loop, 90 bpm",
+    "A warm synth pad playing a C major chord",
+    "Wind howling outside",
+    "An electronic drum loop, 150 bpm",
+    "A marimba arpeggio in A minor, 100 bpm",
+    "Rain falling on a window",
+]
+
+# Few, cheap steps: a 200-row run takes seconds on one CPU core.
+FAST_FLAGS = ["--steps", "3", "--sampler", "dpmpp-2m", "--batch-size", "8", "--quiet"]
+
+
+def fast_config(**guidance) -> EngineConfig:
+    g = GuidanceConfig(cfg_scale=3.0, c1=1.0, c2=1.0, c3=50.0, lambda_min=0.0, lambda_max=0.2)
+    g = GuidanceConfig(**{**g.__dict__, **guidance})
+    return EngineConfig(g, SamplerConfig(sampler="dpmpp-2m", steps=3, sigma_min=0.05, sigma_max=20.0), 8)
+
+
+def make_tiny_assets(root: Path) -> Path:
+    """A tiny model of the default architecture (random weights) and an index of the training clips.
+
+    The same recipe as tests/test_engine.py's ``assets`` fixture. Returns ``root``, holding
+    ``model/`` and ``index/``.
+    """
+    from stable_audio_tools.models.factory import create_model_from_config
+
+    from engine.default.data import write_dataset
+    from engine.default.model import build_tokenizer, model_config
+    from engine.models import save_model
+    from index.build import build_from_manifest
+    from index.embedders import MelEmbedder
+
+    manifest = write_dataset(root / "train")
+    captions = pq.read_table(manifest).column("caption").to_pylist()
+    build_tokenizer(captions, root / "model" / "tokenizer")
+    config = model_config(depth=1, heads=2, embed=64, cond_dim=64)
+    resolved = json.loads(json.dumps(config))
+    resolved["model"]["conditioning"]["configs"][0]["config"]["tokenizer_name"] = str(
+        root / "model" / "tokenizer"
+    )
+    torch.manual_seed(0)
+    model = create_model_from_config(resolved)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.08)
+    save_model(model, config, root / "model")
+    build_from_manifest(manifest, MelEmbedder(), root / "index")
+    return root
+
+
+def tiny_assets(tmp_path_factory) -> Path:
+    """:func:`make_tiny_assets` once per test session (shared by the test modules that need it)."""
+    root = tmp_path_factory.getbasetemp() / "tiny-jobs-assets"
+    if not (root / "index" / "embedder.json").exists():
+        make_tiny_assets(root)
+    return root
+
+
+def write_manifest(path: Path, columns: dict) -> Path:
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def good_manifest(path: Path, n: int, start: int = 0) -> Path:
+    ids = [f"row-{i:04d}" for i in range(start, start + n)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(start, start + n)]
+    return write_manifest(path, {"id": ids, "prompt": prompts, "seconds": [0.5] * n})
+
+
+# -- a fake engine with the Engine interface that returns silence at once --------------------------
+@dataclass
+class _Index:
+    ids: list[str] = field(default_factory=lambda: ["clip-000", "clip-001"])
+    captions: list[str] = field(default_factory=lambda: ["a drum loop", "a synth pad"])
+
+
+@dataclass
+class _Embedder:
+    replication_threshold: float = 0.9
+
+
+class _Tokenizer:
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": list(range(len(text.split())))}
+
+
+class _Conditioner:
+    tokenizer = _Tokenizer()
+    max_length = 16
+
+
+class _Conditioners:
+    conditioners = {"prompt": _Conditioner()}
+
+
+class _Model:
+    conditioner = _Conditioners()
+
+
+class FakeEngine:
+    """Same interface as :class:`engine.engine.Engine`; silence, a fixed trace, no model.
+
+    ``fail_ids``: requests whose id is listed come back with ``Generated.error`` (non-finite audio);
+    ``raise_on``: a batch containing one of these ids raises, as an engine failure would.
+    """
+
+    def __init__(self, config: EngineConfig | None = None, fail_ids=(), raise_on=()):
+        self.config = config or fast_config()
+        self.window, self.sample_rate = 8192, 8000
+        self.index, self.embedder, self.model = _Index(), _Embedder(), _Model()
+        self.model_id = "fake:000000000000"
+        self.fail_ids, self.raise_on = set(fail_ids), set(raise_on)
+        self.calls: list[list[str]] = []  # ids of each generate call (shared with engine views)
+        self.configs: list[EngineConfig] = []  # the configuration each call ran with
+
+    def generate(self, requests):
+        from engine.engine import Generated
+
+        ids = [r.id for r in requests]
+        self.calls.append(ids)
+        self.configs.append(self.config)
+        if self.raise_on & set(ids):
+            raise RuntimeError("engine exploded")
+        steps = self.config.sampler.steps
+        trace = [dict(similarity=0.5, gate=True, s1=0.1, s2=0.2, neighbour=1, **{"lambda": 0.4})] * steps
+        out = []
+        for r in requests:
+            audio = torch.zeros(1, round(r.seconds * self.sample_rate))
+            err = "non-finite audio (latents diverged); row discarded" if r.id in self.fail_ids else None
+            out.append(Generated(r, audio, 0.5, 0, list(trace), err))
+        return out
