@@ -46,8 +46,16 @@ class Generated:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, model_dir=DEFAULT_MODEL_DIR, index_dir=DEFAULT_INDEX_DIR):
-        from index.embedders import MelEmbedder
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_dir=DEFAULT_MODEL_DIR,
+        index_dir=DEFAULT_INDEX_DIR,
+        embedder_checkpoint=None,
+    ):
+        """``embedder_checkpoint``: weights of a learned embedder (LAION-CLAP) the index was built with."""
+        from index.cond_cache import ConditioningCache
+        from index.embedders import load_embedder
         from index.store import EmbeddingIndex
 
         self.config = config
@@ -57,10 +65,9 @@ class Engine:
         self.window = self.model_config["sample_size"]
         self.audio_scale = self.model_config.get("amg_default", {}).get("audio_scale", 1.0)
         self.index = EmbeddingIndex.load(index_dir).to(self.device)
-        self.embedder = MelEmbedder().to(self.device)  # the only embedder the default index uses
-        self.index.check_embedder(self.embedder.info)
+        self.embedder = load_embedder(self.index.embedder, embedder_checkpoint).to(self.device)
         self.model_id = f"{Path(model_dir).resolve().name}:{self._weights_digest(model_dir)}"
-        self._nbr_cache: dict[int, Conditioning] = {}
+        self._nbr_cache = ConditioningCache(self._encode_training_captions, max_items=4096)
         self._branches = compiled_branches(self.model, config.compile)
         self._steps: dict[str, object] = {}  # sampler name -> (compiled) step function
 
@@ -95,19 +102,16 @@ class Engine:
         return detect
 
     # -- conditioning ------------------------------------------------------------------------------
+    def _encode_training_captions(self, rows: list[int]) -> list[Conditioning]:
+        """Conditioning of training rows' captions with the neighbour's own duration (quirk Q8)."""
+        meta = [{"prompt": self.index.captions[i], "seconds_total": self.index.seconds[i]} for i in rows]
+        with torch.no_grad():
+            enc = encode_conditioning(self.model, meta, self.device)
+        return [enc[j : j + 1] for j in range(len(rows))]
+
     def _neighbour_cond(self, idx: torch.Tensor) -> Conditioning:
-        """Conditioning of training rows' captions, cached by index row (the neighbour's own duration)."""
-        rows = idx.tolist()
-        missing = [i for i in dict.fromkeys(rows) if i not in self._nbr_cache]
-        if missing:
-            meta = [
-                {"prompt": self.index.captions[i], "seconds_total": self.index.seconds[i]} for i in missing
-            ]
-            with torch.no_grad():
-                enc = encode_conditioning(self.model, meta, self.device)
-            for j, i in enumerate(missing):
-                self._nbr_cache[i] = enc[j : j + 1]
-        return Conditioning.cat([self._nbr_cache[i] for i in rows])
+        """Conditioning of training rows' captions, from a bounded LRU cache keyed by index row."""
+        return Conditioning.cat(self._nbr_cache.get(idx))
 
     # -- generation --------------------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[Generated]:

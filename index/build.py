@@ -1,53 +1,235 @@
-"""Building an index from a Parquet manifest of training audio (id, caption, path, seconds)."""
+"""Building an index from training audio: a Parquet manifest or a folder of audio files, resumably.
+
+Sources: a Parquet manifest (``id``, ``caption``, ``path``, optional ``seconds``; paths relative to the
+manifest) or a folder searched recursively for flac, wav, ogg (and mp3 when soundfile reads it);
+a folder's ids are the files' relative paths and its captions come from a sidecar ``<name>.txt``
+next to each file (empty when there is none).
+
+Clips are loaded mono at the embedder's rate, fitted to its window (zero padding, or CLAP's repeat
+padding for embedders whose ``fill`` is "repeat") and embedded in batches. Each finished batch is
+written to ``OUT/.build/part-<k>.safetensors`` (temporary name, then rename) next to a ``plan.json``
+naming the embedder, batch size and clip list; a rerun after an interruption skips finished parts.
+At the end the parts become the index folder (:class:`EmbeddingIndex` layout) and ``.build`` goes.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from index.store import EmbeddingIndex
+from index.embedders import input_span
+from index.store import EmbeddingIndex, atomic_write
 
 log = logging.getLogger(__name__)
 
+BUILD_DIR = ".build"
+AUDIO_SUFFIXES = (".flac", ".wav", ".ogg")
 
-def load_audio(path: Path, sample_rate: int, window: int) -> torch.Tensor:
-    """Mono audio resampled to ``sample_rate``, cut or zero-padded to ``window`` samples. -> [1, window]"""
+
+@dataclass(frozen=True)
+class Clip:
+    id: str
+    caption: str
+    path: Path
+    seconds: float | None  # None: read from the file
+
+
+def audio_suffixes() -> tuple[str, ...]:
+    """Suffixes the folder scan picks up: flac, wav, ogg, and mp3 when this soundfile reads it."""
     import soundfile as sf
-    import torchaudio
 
-    data, sr = sf.read(path, dtype="float32", always_2d=True)  # [T, C]
-    x = torch.from_numpy(data.T.copy()).mean(dim=0, keepdim=True)
-    if sr != sample_rate:
-        x = torchaudio.functional.resample(x, sr, sample_rate)
-    return torch.nn.functional.pad(x[:, :window], (0, max(0, window - x.shape[-1])))
+    return AUDIO_SUFFIXES + ((".mp3",) if "MP3" in sf.available_formats() else ())
 
 
-def build_from_manifest(
-    manifest: str | Path, embedder, out_dir: str | Path, batch_size: int = 32
-) -> EmbeddingIndex:
-    """Embed every clip the manifest lists (paths relative to the manifest) and save the index."""
+def clips_from_folder(folder: str | Path) -> list[Clip]:
+    """Every audio file under ``folder`` (recursively, sorted): id = relative path, caption = sidecar."""
+    folder = Path(folder)
+    suffixes = audio_suffixes()
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    if not paths:
+        raise FileNotFoundError(f"no audio files ({', '.join(suffixes)}) under {folder}")
+    clips = []
+    for p in paths:
+        sidecar = p.with_suffix(".txt")
+        caption = sidecar.read_text().strip() if sidecar.is_file() else ""
+        clips.append(Clip(p.relative_to(folder).as_posix(), caption, p, None))
+    return clips
+
+
+def clips_from_manifest(manifest: str | Path) -> list[Clip]:
+    """Rows of a Parquet manifest (id, caption, path[, seconds]); relative paths are from its folder."""
     import pyarrow.parquet as pq
-    from tqdm import tqdm
 
     manifest = Path(manifest)
     items = pq.read_table(manifest).to_pydict()
     missing = [c for c in ("id", "caption", "path") if c not in items]
     if missing:
         raise ValueError(f"{manifest} lacks column(s) {missing}; an index manifest needs id, caption, path")
-    n, parts = len(items["id"]), []
-    for k in tqdm(range(0, n, batch_size), desc="embed", unit="batch", disable=n <= batch_size):
-        paths = items["path"][k : k + batch_size]
-        audio = torch.stack(
-            [load_audio(manifest.parent / p, embedder.sample_rate, embedder.window) for p in paths]
-        )
-        with torch.no_grad():
-            parts.append(embedder(audio, embedder.sample_rate))
-    seconds = items.get("seconds") or [embedder.window / embedder.sample_rate] * n
-    index = EmbeddingIndex(
-        torch.cat(parts), items["id"], items["caption"], [float(s) for s in seconds], embedder.info
-    )
+    if len(set(items["id"])) != len(items["id"]):
+        raise ValueError(f"{manifest} has duplicate ids; every training clip needs its own id")
+    seconds = items.get("seconds") or [None] * len(items["id"])
+    return [
+        Clip(str(i), str(c or ""), manifest.parent / p, None if s is None else float(s))
+        for i, c, p, s in zip(items["id"], items["caption"], items["path"], seconds, strict=True)
+    ]
+
+
+def clips_from_source(source: str | Path) -> list[Clip]:
+    """A folder of audio or a Parquet manifest."""
+    source = Path(source)
+    if source.is_dir():
+        return clips_from_folder(source)
+    if source.suffix == ".parquet":
+        return clips_from_manifest(source)
+    raise ValueError(f"{source}: give a folder of audio files or a .parquet manifest")
+
+
+def load_audio(path: Path, sample_rate: int, window: int, fill: str = "zeros") -> torch.Tensor:
+    """Mono audio resampled to ``sample_rate``, cut to ``window`` samples and filled -> [1, window].
+
+    fill "zeros" pads with zeros; "repeat" repeat-pads as CLAP does (⌊window/T⌋ repeats, then zeros).
+    Only the part of the file the window can see is read.
+    """
+    return read_clip(path, sample_rate, window, fill)[0]
+
+
+def read_clip(path: Path, sample_rate: int, window: int, fill: str = "zeros") -> tuple[torch.Tensor, float]:
+    """:func:`load_audio` and the file's full duration in seconds."""
+    import soundfile as sf
+    import torchaudio
+
+    with sf.SoundFile(path) as f:
+        sr, seconds = f.samplerate, f.frames / f.samplerate
+        data = f.read(frames=input_span(sr, sample_rate, window), dtype="float32", always_2d=True)  # [T, C]
+    x = torch.from_numpy(data.T.copy()).mean(dim=0, keepdim=True)
+    if sr != sample_rate:
+        x = torchaudio.functional.resample(x, sr, sample_rate)
+    x = x[:, :window]
+    if fill == "repeat" and 0 < x.shape[-1] < window:
+        x = x.repeat(1, window // x.shape[-1])
+    return torch.nn.functional.pad(x, (0, window - x.shape[-1])), seconds
+
+
+def _plan(clips: list[Clip], embedder, batch_size: int) -> dict:
+    listing = json.dumps([[c.id, str(c.path.resolve())] for c in clips]).encode()
+    return {
+        "embedder": json.loads(embedder.info.to_json()),
+        "batch_size": batch_size,
+        "n": len(clips),
+        "clips_sha256": hashlib.sha256(listing).hexdigest(),
+    }
+
+
+def _open_build(out_dir: Path, plan: dict, restart: bool) -> Path:
+    """The build folder for ``plan``: reused after an interruption, refused if it holds another plan."""
+    work = out_dir / BUILD_DIR
+    if restart and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    plan_file = work / "plan.json"
+    if plan_file.exists():
+        old = json.loads(plan_file.read_text())
+        if old != plan:
+            changed = sorted(k for k in plan if old.get(k) != plan[k])
+            raise ValueError(
+                f"{work} holds an unfinished build with another {', '.join(changed)}; rerun with the same "
+                "inputs to resume it, or pass --restart (restart=True) to discard it"
+            )
+    else:
+        plan_file.write_text(json.dumps(plan, indent=1))
+    return work
+
+
+def _read_for(embedder, clip: Clip) -> tuple[torch.Tensor, float]:
+    fill = getattr(embedder, "fill", "zeros")
+    try:
+        x, seconds = read_clip(clip.path, embedder.sample_rate, embedder.window, fill)
+    except Exception as e:  # a training clip silently missing from the index would hide replicas
+        raise RuntimeError(f"cannot read training clip {clip.id!r} ({clip.path}): {e}") from e
+    return x, seconds if clip.seconds is None else clip.seconds
+
+
+def _embed_part(clips: list[Clip], embedder, device: torch.device, pool: ThreadPoolExecutor) -> dict:
+    """One batch: files read on ``pool``'s threads, embedded on ``device`` -> {"vectors", "seconds"}."""
+    audio, seconds = zip(*pool.map(lambda c: _read_for(embedder, c), clips), strict=True)
+    with torch.no_grad():
+        vectors = embedder(torch.stack(audio).to(device), embedder.sample_rate).float().cpu()  # [b, D]
+    return {"vectors": vectors.contiguous(), "seconds": torch.tensor(seconds, dtype=torch.float64)}
+
+
+def build_index_resumable(
+    clips: list[Clip],
+    embedder,
+    out_dir: str | Path,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    restart: bool = False,
+    workers: int = 4,
+) -> EmbeddingIndex:
+    """Embed ``clips`` in batches into ``out_dir`` (index folder layout), resuming an interrupted build.
+
+    device: where the audio batches go (None: the embedder's device). restart: discard an unfinished
+    build of other inputs instead of refusing it. workers: threads reading audio files.
+    """
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    if batch_size < 1 or workers < 1:
+        raise ValueError(f"batch_size={batch_size}, workers={workers}: both must be positive, e.g. 32 and 4")
+    if not clips:
+        raise ValueError("no clips to index")
+    out_dir = Path(out_dir)
+    device = torch.device(device) if device is not None else _device_of(embedder)
+    work = _open_build(out_dir, _plan(clips, embedder, batch_size), restart)
+    starts = range(0, len(clips), batch_size)
+    parts = [work / f"part-{k // batch_size:06d}.safetensors" for k in starts]
+    done = sum(p.exists() for p in parts)
+    if done:
+        log.info("resuming %s: %d of %d batches already embedded", out_dir, done, len(parts))
+    bar = tqdm(total=len(parts), initial=done, desc="embed", unit="batch", disable=not progress)
+    with ThreadPoolExecutor(workers) as pool:
+        for k, part in zip(starts, parts, strict=True):
+            if not part.exists():
+                tensors = _embed_part(clips[k : k + batch_size], embedder, device, pool)
+                atomic_write(part, lambda p, t=tensors: save_file(t, p))
+                bar.update(1)
+    bar.close()
+    loaded = [load_file(p) for p in parts]
+    vectors, seconds = torch.cat([t["vectors"] for t in loaded]), torch.cat([t["seconds"] for t in loaded])
+    ids, captions = [c.id for c in clips], [c.caption for c in clips]
+    index = EmbeddingIndex(vectors, ids, captions, seconds.tolist(), embedder.info)
     index.save(out_dir)
-    log.info("indexed %d clips into %s", n, out_dir)
+    shutil.rmtree(work)
+    log.info("indexed %d clips into %s", len(clips), out_dir)
     return index
+
+
+def build_from_manifest(
+    manifest: str | Path,
+    embedder,
+    out_dir: str | Path,
+    batch_size: int = 32,
+    progress: bool | None = None,
+    restart: bool = False,
+) -> EmbeddingIndex:
+    """Embed every clip the manifest lists (paths relative to the manifest) and save the index."""
+    clips = clips_from_manifest(manifest)
+    progress = len(clips) > batch_size if progress is None else progress
+    return build_index_resumable(clips, embedder, out_dir, batch_size, progress=progress, restart=restart)
+
+
+def _device_of(embedder) -> torch.device:
+    """Where the embedder's weights or buffers live (CPU for a plain function)."""
+    for tensors in ("parameters", "buffers"):
+        first = next(iter(getattr(embedder, tensors, lambda: ())()), None)
+        if first is not None:
+            return first.device
+    return torch.device("cpu")

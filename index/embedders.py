@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -32,8 +35,35 @@ class EmbedderInfo:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+def input_span(rate: int, target_rate: int, window: int) -> int:
+    """Samples at ``rate`` whose resampling to ``target_rate`` fills ``window`` as the whole clip would.
+
+    torchaudio's polyphase resampler reads ``orig + width`` input samples past a frame's start
+    (``orig = rate / gcd``; ``width`` = 6 zero crossings of the lower rate at rolloff 0.99), so input
+    beyond this changes nothing in the first ``window`` output samples and need not be read or resampled.
+    """
+    if rate == target_rate:
+        return window
+    g = math.gcd(rate, target_rate)
+    orig, new = rate // g, target_rate // g
+    width = math.ceil(6 * orig / (min(orig, new) * 0.99))
+    return math.ceil(window * rate / target_rate) + orig + width + 1
+
+
+class EmbedderMismatch(ValueError):
+    """The query embedder is not the one the index was built with."""
+
+
 class Embedder(Protocol):
+    """``audio [B, C, T]`` at ``sample_rate`` -> unit-norm ``[B, info.dim]``, differentiable in the audio.
+
+    ``sample_rate`` and ``window`` are the embedder's own rate and the samples it looks at (from the
+    start of the clip); the index builder loads clips at that rate and fits them to that window.
+    """
+
     info: EmbedderInfo
+    sample_rate: int
+    window: int
 
     def __call__(self, audio: torch.Tensor, sample_rate: int) -> torch.Tensor: ...
 
@@ -81,3 +111,44 @@ class MelEmbedder(torch.nn.Module):
         feat = logmel.flatten(1)
         feat = feat - feat.mean(dim=1, keepdim=True)
         return torch.nn.functional.normalize(feat, dim=1, eps=1e-6)
+
+
+def _mel(checkpoint: Path | None) -> Embedder:
+    return MelEmbedder()
+
+
+def _clap(checkpoint: Path | None) -> Embedder:
+    if checkpoint is None:
+        raise ValueError(
+            "the index was built with LAION-CLAP (laion-clap-htsat-tiny): pass the checkpoint it was "
+            "built with, e.g. --checkpoint 630k-audioset-best.pt"
+        )
+    from index.clap import ClapEmbedder
+
+    return ClapEmbedder(checkpoint)
+
+
+# name in EmbedderInfo -> factory(checkpoint). Register new embedders here.
+EMBEDDERS: dict[str, Callable[[Path | None], Embedder]] = {
+    "mel-pattern-v1": _mel,
+    "laion-clap-htsat-tiny": _clap,
+}
+
+
+def load_embedder(info: EmbedderInfo, checkpoint: str | Path | None = None) -> Embedder:
+    """The embedder an index was built with, checked against its recorded identity.
+
+    ``info`` is the index's :class:`EmbedderInfo`; ``checkpoint`` the weights file for learned
+    embedders (LAION-CLAP). Raises ``ValueError`` for an unknown name and :class:`EmbedderMismatch`
+    when the loaded embedder is not the recorded one (other parameters or another checkpoint).
+    """
+    factory = EMBEDDERS.get(info.name)
+    if factory is None:
+        raise ValueError(f"unknown embedder {info.name!r}; known: {sorted(EMBEDDERS)}")
+    embedder = factory(Path(checkpoint) if checkpoint is not None else None)
+    if embedder.info != info:
+        raise EmbedderMismatch(
+            f"the index records {info.to_json()} but the loaded embedder is {embedder.info.to_json()}; "
+            "pass the checkpoint the index was built with, or rebuild the index"
+        )
+    return embedder

@@ -1,26 +1,28 @@
 """A training-set embedding index: unit-norm vectors, ids, captions, durations and the embedder identity.
 
 On disk an index is a folder with ``vectors.safetensors`` ([N, D] float32, unit-norm),
-``items.parquet`` (id, caption, seconds, one row per vector, same order) and ``embedder.json``
-(the :class:`EmbedderInfo` that built it). A query with another embedder is refused.
+``items.parquet`` (id, caption, seconds, one row per vector, same order), ``embedder.json``
+(the :class:`EmbedderInfo` that built it) and optionally ``latents.safetensors`` ([N, C, L], the
+training clips' latents, for the latent-space similarity of index/latent_nl2.py). A query with
+another embedder is refused. Each file is written to a temporary name and renamed.
 
-:meth:`EmbeddingIndex.search` is the exact path: one matrix product and a max on the device, with
-no host synchronisation, so it can sit inside the denoising step.
+:meth:`EmbeddingIndex.search` is the exact path: one matrix product and a top-k on the device, with
+no host synchronisation, so it can sit inside the denoising step. index/search.py has the sharded
+exact and FAISS paths behind one interface (:meth:`EmbeddingIndex.searcher`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from index.embedders import EmbedderInfo
+from index.embedders import EmbedderInfo, EmbedderMismatch
 
-
-class EmbedderMismatch(ValueError):
-    """The query embedder is not the one the index was built with."""
+__all__ = ["EmbedderMismatch", "EmbeddingIndex", "build_index"]
 
 
 @dataclass
@@ -30,6 +32,7 @@ class EmbeddingIndex:
     captions: list[str]
     seconds: list[float]
     embedder: EmbedderInfo
+    latents: torch.Tensor | None = None  # [N, C, L] training latents (latent nL2), None when absent
 
     def __post_init__(self) -> None:
         n = self.vectors.shape[0]
@@ -40,12 +43,17 @@ class EmbeddingIndex:
             )
         if self.vectors.shape[1] != self.embedder.dim:
             raise ValueError(f"vectors have dim {self.vectors.shape[1]}, embedder says {self.embedder.dim}")
+        if self.latents is not None and self.latents.shape[0] != n:
+            raise ValueError(f"index has {n} vectors but {self.latents.shape[0]} latents; they must match")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def to(self, device) -> EmbeddingIndex:
-        return EmbeddingIndex(self.vectors.to(device), self.ids, self.captions, self.seconds, self.embedder)
+        latents = self.latents.to(device) if self.latents is not None else None
+        return EmbeddingIndex(
+            self.vectors.to(device), self.ids, self.captions, self.seconds, self.embedder, latents
+        )
 
     def check_embedder(self, info: EmbedderInfo) -> None:
         if info != self.embedder:
@@ -59,17 +67,28 @@ class EmbeddingIndex:
         sims = xq.float() @ self.vectors.to(xq.device).T  # [B, N]
         return sims.topk(min(k, len(self)), dim=1)
 
+    def searcher(self, config=None):
+        """A :class:`index.search.Searcher` over this index (exact sharded or FAISS, see SearchConfig)."""
+        from index.search import SearchConfig, make_searcher
+
+        return make_searcher(self, config or SearchConfig())
+
     def save(self, folder: str | Path) -> None:
+        """Write the index folder; every file goes to a temporary name first, embedder.json last."""
         import pyarrow as pa
         import pyarrow.parquet as pq
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"vectors": self.vectors.float().contiguous().cpu()}, folder / "vectors.safetensors")
+        vectors = {"vectors": self.vectors.float().contiguous().cpu()}
+        atomic_write(folder / "vectors.safetensors", lambda p: save_file(vectors, p))
+        if self.latents is not None:
+            latents = {"latents": self.latents.float().contiguous().cpu()}
+            atomic_write(folder / "latents.safetensors", lambda p: save_file(latents, p))
         table = pa.table({"id": self.ids, "caption": self.captions, "seconds": self.seconds})
-        pq.write_table(table, folder / "items.parquet")
-        (folder / "embedder.json").write_text(self.embedder.to_json())
+        atomic_write(folder / "items.parquet", lambda p: pq.write_table(table, p))
+        atomic_write(folder / "embedder.json", lambda p: Path(p).write_text(self.embedder.to_json()))
 
     @classmethod
     def load(cls, folder: str | Path) -> EmbeddingIndex:
@@ -85,7 +104,20 @@ class EmbeddingIndex:
         items = pq.read_table(folder / "items.parquet").to_pydict()
         info = EmbedderInfo(**json.loads((folder / "embedder.json").read_text()))
         vectors = load_file(folder / "vectors.safetensors")["vectors"]
-        return cls(vectors, items["id"], items["caption"], [float(s) for s in items["seconds"]], info)
+        latents_file = folder / "latents.safetensors"
+        latents = load_file(latents_file)["latents"] if latents_file.exists() else None
+        seconds = [float(s) for s in items["seconds"]]
+        return cls(vectors, items["id"], items["caption"], seconds, info, latents)
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then rename onto ``path``: readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def build_index(embedder, audio: torch.Tensor, sample_rate: int, ids, captions, seconds, batch_size=64):

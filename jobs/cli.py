@@ -2,6 +2,8 @@
 
 amg generate MANIFEST.parquet --out DIR     generate audio for every manifest row (AMG on by default)
 amg demo --out DIR                          generate the bundled example manifest on the default model
+amg index build SOURCE --out DIR             embed a folder of audio or a Parquet manifest into an index
+amg index info DIR                           show an index's embedder, size and a few items
 
 Rerunning the same command resumes: rows already done under the same configuration are skipped
 (--retry-failed also regenerates error rows). --shard i/n runs rows k with k mod n = i only;
@@ -126,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run `generate` on the bundled example manifest")
     _add_generate_flags(demo)
     demo.set_defaults(func=cmd_generate, manifest=EXAMPLE_MANIFEST)
+    from index.cli import register
+
+    idx = sub.add_parser("index", help="build or inspect a training-set embedding index")
+    register(idx.add_subparsers(dest="index_command", required=True))
     return parser
 
 
