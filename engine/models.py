@@ -75,14 +75,21 @@ def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     raise ModelFilesError(f"no model.safetensors (or *.ckpt) in {model_dir}")
 
 
-def save_model(model: torch.nn.Module, config: dict[str, Any], model_dir: str | Path) -> None:
-    """Write ``model_config.json`` and ``model.safetensors`` (the inverse of :func:`load_model`)."""
+def save_model(
+    model: torch.nn.Module, config: dict[str, Any], model_dir: str | Path, dtype: torch.dtype | None = None
+) -> None:
+    """Write ``model_config.json`` and ``model.safetensors`` (the inverse of :func:`load_model`).
+
+    ``dtype`` stores floating-point weights in that type (e.g. float16 to halve the file); loading
+    casts them back to the model's own dtype.
+    """
     from safetensors.torch import save_file
 
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "model_config.json").write_text(json.dumps(config, indent=2))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
+    state = {k: cast(v.detach()).contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, model_dir / "model.safetensors")
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -84,6 +85,15 @@ def replication_rate(model, clips, scale: float, embedder, steps: int = 30, cfg:
     return (best_own >= 0.9).float().mean().item()
 
 
+def _lr_factor(step: int, steps: int, decay: str, warmup: int = 200) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "none":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
@@ -92,11 +102,18 @@ def main() -> None:
     )
     p.add_argument("--steps", type=int, default=6000, help="maximum optimiser steps")
     p.add_argument("--batch-size", type=int, default=36, help="clips per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     p.add_argument("--depth", type=int, default=4, help="DiT depth")
-    p.add_argument("--eval-every", type=int, default=500, help="steps between replication checks")
+    p.add_argument("--eval-every", type=int, default=250, help="steps between replication checks")
     p.add_argument("--target", type=float, default=0.8, help="stop once this share of captions replicates")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--init", type=Path, default=None, help="start from this model directory's weights")
+    p.add_argument(
+        "--lr-decay",
+        choices=("none", "cosine"),
+        default="none",
+        help="after warm-up: constant learning rate, or cosine decay to lr/20 at --steps",
+    )
     p.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -117,6 +134,11 @@ def main() -> None:
     resolved = json.loads(json.dumps(config))
     resolved["model"]["conditioning"]["configs"][0]["config"]["tokenizer_name"] = str(args.out / "tokenizer")
     model = create_model_from_config(resolved)
+    if args.init is not None:
+        from engine.models import load_weights
+
+        model.load_state_dict(load_weights(args.init), strict=True)
+        log.info("initialised from %s", args.init)
     scale = config["amg_default"]["audio_scale"]
     latents = model.pretransform.encode(clip_tensor(clips) * scale)
     meta = [{"prompt": c.caption, "seconds_total": c.seconds} for c in clips]
@@ -124,7 +146,7 @@ def main() -> None:
     log.info("model: %.2f M parameters; latents %s", n_params / 1e6, tuple(latents.shape))
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(_lr_factor, steps=args.steps, decay=args.lr_decay))
     gen = torch.Generator().manual_seed(args.seed)
     embedder = MelEmbedder()
     start, losses, history = time.time(), [], []
@@ -140,11 +162,11 @@ def main() -> None:
             model.train()
             history.append({"step": step, "seconds": round(time.time() - start), "replication": rate})
             log.info("step %d: %.0f%% of captions replicate", step, 100 * rate)
-            save_model(model, config, args.out)
+            save_model(model, config, args.out, dtype=torch.float16)
             (args.out / "training_log.json").write_text(json.dumps(history, indent=1))
             if rate >= args.target:
                 break
-    save_model(model, config, args.out)
+    save_model(model, config, args.out, dtype=torch.float16)
     log.info("done in %.0f s", time.time() - start)
     build_from_manifest(data_dir / "train.parquet", embedder, args.out.parent / "index")
 
