@@ -1,57 +1,28 @@
-"""End to end on the embedded default model: the baseline replays its training clips, AMG does not.
+"""End to end on the embedded default model: the baseline replays training clips, AMG does not.
 
-These are the walking skeleton's acceptance tests. Prompts are the distinct training captions; the
-same seeds are used with and without AMG.
+The walking skeleton's acceptance tests. Prompts are the distinct training captions; the same seeds
+are used with and without AMG. `python -m jobs.replication` prints the same quantities as a table.
 """
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import soundfile as sf
-import torch
 
-from engine.default.data import SAMPLE_RATE, WINDOW, make_clips
 from jobs.cli import main
+from jobs.replication import audio_stats, caption_manifest, own_clip_similarity
 
 pytestmark = pytest.mark.slow
-
-CLIPS = make_clips()
-CAPTIONS = sorted({c.caption for c in CLIPS})
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    path = tmp_path_factory.mktemp("m") / "captions.parquet"
-    n = len(CAPTIONS)
-    seconds = [max(c.seconds for c in CLIPS if c.caption == cap) for cap in CAPTIONS]
-    pq.write_table(pa.table({"id": [f"cap-{i:02d}" for i in range(n)], "prompt": CAPTIONS,
-                             "seconds": seconds, "seed": list(range(100, 100 + n))}), path)  # fmt: skip
-    return path
+    return caption_manifest(tmp_path_factory.mktemp("m") / "captions.parquet")
 
 
 def _run(manifest, out, *flags):
     assert main(["generate", str(manifest), "--out", str(out), "--quiet", "--batch-size", "32", *flags]) == 0
     return pq.read_table(out / "results.parquet").to_pandas()
-
-
-def _own_clip_similarity(results, out) -> np.ndarray:
-    """Similarity of each output to the closest training clip that carries its prompt as caption."""
-    from index.embedders import MelEmbedder
-
-    emb = MelEmbedder()
-    train = torch.zeros(len(CLIPS), 1, WINDOW)
-    for i, c in enumerate(CLIPS):
-        train[i, 0, : len(c.audio)] = torch.from_numpy(c.audio)
-    e_train = emb(train, SAMPLE_RATE)
-    sims = []
-    for _, row in results.iterrows():
-        audio, sr = sf.read(out / row.audio_path, dtype="float32", always_2d=True)
-        x = torch.nn.functional.pad(torch.from_numpy(audio.T.copy())[None], (0, WINDOW - audio.shape[0]))
-        s = emb(x, sr) @ e_train.T
-        own = torch.tensor([c.caption == row.prompt for c in CLIPS])
-        sims.append(float(s[0][own].max()))
-    return np.array(sims)
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +43,16 @@ def test_baseline_replays_training_clips(baseline):
     The walking-skeleton target is half at ≥ 0.9; the README reports the measured share."""
     results, out = baseline
     assert (results.status == "ok").all()
-    own = _own_clip_similarity(results, out)
+    own = own_clip_similarity(results, out)
     assert (own >= 0.9).mean() >= 0.2, own
     assert np.median(own) >= 0.75, own
 
 
 def test_amg_leaves_no_row_above_the_memorization_threshold(guided, baseline):
-    results, out = guided
+    results, _ = guided
     base, _ = baseline
     assert (results.status == "ok").all()
-    assert (base.final_similarity >= 0.9).sum() >= 5  # same prompts and seeds replicate without AMG
+    assert (base.final_similarity >= 0.9).sum() >= 5  # the same prompts and seeds replicate without AMG
     assert results.final_similarity.max() < 0.9
     assert results.guided_steps.sum() > 0  # the gate really opened
 
@@ -92,18 +63,8 @@ def test_amg_outputs_are_audio_not_silence_or_noise(guided, baseline):
     training clip of their own prompt — a variation of the requested sound, not a replica of it."""
     results, out = guided
     base, base_out = baseline
-
-    def stats(res, folder):
-        rms, flat = [], []
-        for p in res.audio_path:
-            a, _ = sf.read(folder / p, dtype="float32")
-            rms.append(np.sqrt(np.mean(a**2)))
-            spec = np.abs(np.fft.rfft(a)) ** 2 + 1e-12
-            flat.append(np.exp(np.mean(np.log(spec))) / np.mean(spec))
-        return np.array(rms), np.array(flat)
-
-    rms, flat = stats(results, out)
-    base_rms, _ = stats(base, base_out)
+    rms, flat = audio_stats(results, out)
+    base_rms, _ = audio_stats(base, base_out)
     assert (rms > base_rms.min() / np.sqrt(10)).all(), rms
     assert np.median(flat) < 0.3, flat
     assert (results.neighbour_caption == results.prompt).mean() >= 0.6
