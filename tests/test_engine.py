@@ -192,3 +192,26 @@ def test_transition_strategy_runs_in_the_engine(assets):
     engine = _engine(assets, strategy="transition", scale_before=1.0)
     out = engine.generate(_requests(2))
     assert all(g.error is None and len(g.trace) == engine.config.sampler.steps for g in out)
+
+
+def test_a_diverging_row_fails_alone(assets, monkeypatch):
+    """A row whose latents turn non-finite is reported as failed; its batch-mates are unaffected."""
+    from engine.sampling import RowNoise
+
+    reqs = _requests(3)
+    clean, _ = _latents(_engine(assets), reqs)
+    original = RowNoise.initial
+
+    def poisoned(self):
+        x = original(self)
+        x[1] = float("nan")
+        return x
+
+    monkeypatch.setattr(RowNoise, "initial", poisoned)
+    engine = _engine(assets)
+    out = engine.generate(reqs)
+    assert out[1].error is not None and "non-finite" in out[1].error
+    assert out[0].error is None and out[2].error is None
+    dirty, _ = _latents(engine, reqs)
+    for i in (0, 2):
+        torch.testing.assert_close(dirty[i], clean[i], rtol=1e-4, atol=1e-4 * clean[i].abs().max().item())
