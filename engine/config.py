@@ -108,7 +108,7 @@ class EngineConfig:
     sampler: SamplerConfig = SamplerConfig()
     batch_size: int = 16
     device: str = "cpu"
-    compile: bool = False  # torch.compile the batched model call and the sampler step
+    compile: bool = False  # torch.compile the batched model call and the sampler step (off: CPU gains little)
 
     def __post_init__(self) -> None:
         _check(
