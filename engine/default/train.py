@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -168,7 +169,9 @@ def main() -> None:
                 break
     save_model(model, config, args.out, dtype=torch.float16)
     log.info("done in %.0f s", time.time() - start)
-    build_from_manifest(data_dir / "train.parquet", embedder, args.out.parent / "index")
+    index = build_from_manifest(data_dir / "train.parquet", embedder, args.out.parent / "index")
+    # the training latents too, for the latent-space (nL2) similarity of index/latent_nl2.py
+    replace(index, latents=latents).save(args.out.parent / "index")
 
 
 if __name__ == "__main__":
