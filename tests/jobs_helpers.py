@@ -1,4 +1,4 @@
-"""Shared helpers for the jobs tests: a tiny random-weight engine, a fast fake engine, manifests.
+"""Shared test helpers: a tiny random-weight engine, a fast fake engine, manifests.
 
 Not a conftest: imported by name (``tests/`` is on ``sys.path`` under pytest's default import mode).
 """
@@ -37,8 +37,7 @@ def fast_config(**guidance) -> EngineConfig:
 def make_tiny_assets(root: Path) -> Path:
     """A tiny model of the default architecture (random weights) and an index of the training clips.
 
-    The same recipe as tests/test_engine.py's ``assets`` fixture. Returns ``root``, holding
-    ``model/`` and ``index/``.
+    Used by tests/test_engine.py and the jobs tests. Returns ``root``, holding ``model/`` and ``index/``.
     """
     from stable_audio_tools.models.factory import create_model_from_config
 

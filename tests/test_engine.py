@@ -29,35 +29,10 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """A tiny model (random weights) and an index of the first 12 default training clips."""
-    import json
+    """A tiny model of the default architecture (random weights) and an index of the training clips."""
+    from jobs_helpers import make_tiny_assets
 
-    from stable_audio_tools.models.factory import create_model_from_config
-
-    from engine.default.data import write_dataset
-    from engine.default.model import build_tokenizer, model_config
-    from engine.models import save_model
-    from index.build import build_from_manifest
-    from index.embedders import MelEmbedder
-
-    root = tmp_path_factory.mktemp("tiny_engine")
-    manifest = write_dataset(root / "train")
-    import pyarrow.parquet as pq
-
-    captions = pq.read_table(manifest).column("caption").to_pylist()
-    build_tokenizer(captions, root / "model" / "tokenizer")
-    config = model_config(depth=1, heads=2, embed=64, cond_dim=64)
-    resolved = json.loads(json.dumps(config))
-    resolved["model"]["conditioning"]["configs"][0]["config"]["tokenizer_name"] = str(
-        root / "model" / "tokenizer"
-    )
-    torch.manual_seed(0)
-    model = create_model_from_config(resolved)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.08)
-    save_model(model, config, root / "model")
-    build_from_manifest(manifest, MelEmbedder(), root / "index")
-    return root
+    return make_tiny_assets(tmp_path_factory.mktemp("tiny_engine"))
 
 
 def _engine(assets, compile: bool = False, **guidance) -> Engine:
