@@ -62,6 +62,13 @@ def combine_fn(device: torch.device) -> Callable:
     return amg_combine if device.type == "cuda" else amg_combine_ref
 
 
+def search_fn(device: torch.device) -> Callable:
+    """Nearest training row per query, (sim [B], idx [B]): the fused Triton search on CUDA, else its twin."""
+    from kernels.nn_search import nn_search, nn_search_ref
+
+    return nn_search if device.type == "cuda" else nn_search_ref
+
+
 @dataclass
 class AMGDenoiser:
     """Callable ``(x [B,C,L], sigma [B]) -> (D [B,C,L], StepTrace | None)`` for one batch of rows.
@@ -102,8 +109,7 @@ class AMGDenoiser:
             with record_function("amg/decode+embed"):
                 emb = self.detector(self._probe(x0_c, x0_u, s0), rows)
             with record_function("amg/search"):
-                sims = emb.float() @ self.index_vectors.T  # [B, N]
-                sim, nn = sims.max(dim=1)
+                sim, nn = search_fn(x.device)(emb, self.index_vectors)  # [B], [B]; no host sync
         alpha_bar = 1 / (1 + sigma.float() ** 2)
         lam = lambda_t(alpha_bar, self.lambda_min, self.lambda_max)
         gated = (sim > lam).nonzero().squeeze(1)  # host sync: the gated subset decides the work
