@@ -162,7 +162,8 @@ class TransitionDenoiser:
     from the TP on with the normal CFG scale. The TP is detected per row from d_j = ‖x0_c − x0_u‖
     (computed anyway, so it costs nothing): the first step j ≥ 2 with d_j > d_{j−1} < d_{j−2}, the
     first local minimum of d, seen one step late. All state is per-row tensors: no host sync.
-    The trace's ``sim`` is d_j and its ``gate`` marks steps still before the TP.
+    No detector runs: the trace's similarity, λ and neighbour are NaN, NaN and −1; its ``gate`` marks
+    the steps still before the TP (guidance modified).
     """
 
     model: torch.nn.Module
@@ -188,6 +189,6 @@ class TransitionDenoiser:
         self._d = torch.stack([d, d1])
         w = torch.where(self._passed, self.cfg_scale, torch.full_like(self.cfg_scale, self.scale_before))
         out = x0_u + w[:, None, None] * (x0_c - x0_u)
-        zeros = torch.zeros_like(d)
-        trace = StepTrace(d, zeros, ~self._passed, zeros, zeros, torch.full_like(d, -1, dtype=torch.long))
+        nan, zeros = torch.full_like(d, float("nan")), torch.zeros_like(d)
+        trace = StepTrace(nan, nan, ~self._passed, zeros, zeros, torch.full_like(d, -1, dtype=torch.long))
         return out, trace

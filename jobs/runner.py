@@ -116,14 +116,15 @@ class BatchRunner:
 
     def _outputs(self, g) -> dict[str, Any]:
         ids, captions = self.engine.index.ids, self.engine.index.captions
-        sims = [float(s["similarity"]) for s in g.trace]
+        sims = [float(s["similarity"]) for s in g.trace]  # NaN where no detector ran (transition strategy)
+        seen = [s for s in sims if s == s]
         return dict(
-            final_similarity=float(g.final_similarity), max_similarity=max(sims) if sims else None,
+            final_similarity=float(g.final_similarity), max_similarity=max(seen) if seen else None,
             neighbour_id=ids[g.neighbour], neighbour_caption=captions[g.neighbour],
             guided_steps=sum(bool(s["gate"]) for s in g.trace), trace_similarity=sims,
             trace_lambda=[float(s["lambda"]) for s in g.trace], trace_gate=[bool(s["gate"]) for s in g.trace],
             trace_s1=[float(s["s1"]) for s in g.trace], trace_s2=[float(s["s2"]) for s in g.trace],
-            trace_neighbour_id=[ids[int(s["neighbour"])] for s in g.trace],
+            trace_neighbour_id=[ids[n] if (n := int(s["neighbour"])) >= 0 else None for s in g.trace],
         )  # fmt: skip
 
     def _failed(self, row: Row, message: str, config: EngineConfig | None, **fields: Any) -> dict[str, Any]:

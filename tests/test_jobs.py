@@ -245,3 +245,22 @@ def test_a_runner_never_touches_files_outside_the_audio_folder(tmp_path):
     (res,) = BatchRunner(FakeEngine(), store, schema).run([(0, {"id": "../victim", "prompt": "x"})])
     assert res["status"] == "error" and "not a safe file name" in res["error"]
     assert victim.read_bytes() == b"keep me"
+
+
+def test_transition_strategy_rows_record_no_detector_values(tmp_path, tmp_path_factory):
+    """--strategy transition runs no detector: no similarity, no neighbour ids; guided steps = pre-TP."""
+    from jobs_helpers import FAST_FLAGS, tiny_assets
+
+    from jobs.cli import main
+
+    root = tiny_assets(tmp_path_factory)
+    m = write_manifest(
+        tmp_path / "m.parquet", {"id": ["a", "b"], "prompt": ["Wind howling outside", "A warm pad"]}
+    )
+    args = ["generate", str(m), "--out", str(tmp_path / "o"), "--strategy", "transition", *FAST_FLAGS]
+    assert main([*args, "--model", str(root / "model"), "--index", str(root / "index")]) == 0
+    res = pq.read_table(tmp_path / "o" / "results.parquet").to_pandas()
+    assert (res.status == "ok").all()
+    assert res.max_similarity.isna().all()
+    assert all(all(n is None for n in ids) for ids in res.trace_neighbour_id)
+    assert (res.guided_steps >= 1).all()  # the first steps always precede the transition point
