@@ -118,7 +118,12 @@ def main() -> None:
     plain_engine = Engine(plain_cfg, args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR)
     plain_engine.generate(reqs[:1])
     _, t_plain = _timed(lambda: plain_engine.generate(reqs))
-    diff = (torch.cat(base) - ours).abs().max().item() / ours.abs().max().item()
+    # per row: max |baseline − engine| over the row's latents, relative to the row's scale. A row can
+    # differ when its similarity sits within float rounding of λ_t and the gate falls the other way
+    # (batched and single-row matmuls round differently); such a row then follows another trajectory.
+    row_diff = (torch.cat(base) - ours).flatten(1).abs().amax(1) / ours.flatten(1).abs().amax(1)
+    diff = row_diff.max().item()
+    agree = int((row_diff < 1e-3).sum())
     parts = _breakdown(engine, reqs)
 
     n = len(reqs)
@@ -130,7 +135,8 @@ def main() -> None:
         print(f"{name:28s} {t:8.2f} {n / t:8.3f} {audio_s / t:10.3f}")
     print(f"speed-up engine AMG vs baseline: {t_base / t_amg:.1f}x")
     print(f"AMG overhead vs plain CFG: {t_amg / t_plain:.2f}x")
-    print(f"max |baseline - engine| / max |engine| over final latents: {diff:.2e}")
+    print(f"rows whose final latents agree with the baseline (rel. diff < 1e-3): {agree}/{n} "
+          f"(largest difference {diff:.2e})")  # fmt: skip
     print("engine AMG step time by part (profiled run, s):")
     for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {k:22s} {v:8.3f}")
@@ -143,7 +149,7 @@ def main() -> None:
         "prompts": n, "steps": cfg.sampler.steps, "compile": args.compile,
         "seconds": {"baseline": t_base, "engine_amg": t_amg, "engine_plain": t_plain, "warmup": warmup},
         "speedup_vs_baseline": t_base / t_amg, "amg_overhead_vs_plain": t_amg / t_plain,
-        "max_rel_diff": diff, "breakdown_s": parts,
+        "max_rel_diff": diff, "rows_agreeing": agree, "breakdown_s": parts,
     }  # fmt: skip
     with open(args.out, "a") as f:
         f.write(json.dumps(record) + "\n")
