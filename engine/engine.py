@@ -18,7 +18,7 @@ from torch.profiler import record_function
 
 from engine.compile import compiled_branches, maybe_compile
 from engine.config import EngineConfig
-from engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser
+from engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser, search_fn
 from engine.models import DEFAULT_MODEL_DIR, Conditioning, encode_conditioning, load_model
 from engine.sampling import SCHEDULES, BrownianRowNoise, RowNoise, get_sampler
 
@@ -115,6 +115,13 @@ class Engine:
 
     # -- generation --------------------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[Generated]:
+        """One batch: sample, decode, measure the final similarity, trim each row to its duration."""
+        latents, traces = self.sample(requests)
+        seconds = torch.tensor([r.seconds for r in requests], device=self.device)
+        return self._finish(requests, latents, traces, seconds)
+
+    def sample(self, requests: list[Request]) -> tuple[torch.Tensor, list[StepTrace]]:
+        """Final latents [B, C, L] and the per-step traces (empty without a detector), undecoded."""
         g = self.config.guidance
         b = len(requests)
         seconds = torch.tensor([r.seconds for r in requests], device=self.device)
@@ -129,14 +136,14 @@ class Engine:
             denoiser = TransitionDenoiser(
                 self.model, cond, cond.null_text(), s0, g.scale_before, self._branches
             )
-            return self._finish(requests, *self._sample(denoiser, requests), seconds)
+            return self._sample(denoiser, requests)
         denoiser = AMGDenoiser(
             self.model, cond, uncond, RowParams(full(g.cfg_scale), full(g.c1), full(g.c2), full(g.c3)),
             self._detector(seconds, reference), self.index.vectors, self._neighbour_cond,
             amg=g.amg, reference=reference, lambda_min=g.lambda_min, lambda_max=g.lambda_max,
             branches=self._branches,
         )  # fmt: skip
-        return self._finish(requests, *self._sample(denoiser, requests), seconds)
+        return self._sample(denoiser, requests)
 
     def _sample(self, denoiser: AMGDenoiser, requests: list[Request]):
         s = self.config.sampler
@@ -172,7 +179,7 @@ class Engine:
             audio = self.decode(latents)
             finite = torch.isfinite(audio).flatten(1).all(dim=1)
             emb = self.embed(torch.nan_to_num(audio), seconds)
-            sim, nn = (emb @ self.index.vectors.T).max(dim=1)
+            sim, nn = search_fn(self.device)(emb, self.index.vectors)
         per_step = _stack_traces(traces)
         out = []
         for i, r in enumerate(requests):
