@@ -16,10 +16,7 @@ time goes (torch.profiler labels). Appends one JSON line to benchmarks/results.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -31,6 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import bench_common  # noqa: E402
 
 
 def _requests(n: int):
@@ -67,22 +66,6 @@ def _breakdown(engine, reqs) -> dict[str, float]:
     return dict(out)
 
 
-def _latents(engine, reqs):
-    captured = {}
-    original = engine._finish
-
-    def grab(requests, latents, traces, seconds):
-        captured["x"] = latents
-        return original(requests, latents, traces, seconds)
-
-    engine._finish = grab
-    try:
-        _, seconds = _timed(lambda: engine.generate(reqs))
-    finally:
-        engine._finish = original
-    return captured["x"], seconds
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=8, help="number of prompts (distinct training captions)")
@@ -113,11 +96,11 @@ def main() -> None:
     warmup = time.perf_counter() - t0
     base = []
     _, t_base = _timed(lambda: base.extend(published_amg(engine, r) for r in reqs))
-    ours, t_amg = _latents(engine, reqs)
+    ours, t_amg = _timed(lambda: engine.sample(reqs)[0])  # latents, as the baseline returns
     plain_cfg = replace(cfg, guidance=replace(cfg.guidance, amg=False))
     plain_engine = Engine(plain_cfg, args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR)
     plain_engine.generate(reqs[:1])
-    _, t_plain = _timed(lambda: plain_engine.generate(reqs))
+    _, t_plain = _timed(lambda: plain_engine.sample(reqs))
     # per row: max |baseline − engine| over the row's latents, relative to the row's scale. A row can
     # differ when its similarity sits within float rounding of λ_t and the gate falls the other way
     # (batched and single-row matmuls round differently); such a row then follows another trajectory.
@@ -143,23 +126,13 @@ def main() -> None:
 
     record = {
         "bench": "engine", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": args.device,
-        "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "torch": torch.__version__, "git_sha": _git_sha(), "command": " ".join(sys.argv),
+        **bench_common.environment(args.device),
         "prompts": n, "steps": cfg.sampler.steps, "compile": args.compile,
         "seconds": {"baseline": t_base, "engine_amg": t_amg, "engine_plain": t_plain, "warmup": warmup},
         "speedup_vs_baseline": t_base / t_amg, "amg_overhead_vs_plain": t_amg / t_plain,
         "max_rel_diff": diff, "rows_agreeing": agree, "breakdown_s": parts,
     }  # fmt: skip
-    with open(args.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _git_sha() -> str | None:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    bench_common.append_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +39,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import the project's index/
+
+import bench_common  # noqa: E402
 
 from index.search import ExactSearcher, FaissSearcher, faiss_gpus, recall_at  # noqa: E402
 
@@ -151,21 +150,9 @@ def bench_size(args, n: int) -> list[dict]:
 def environment(args: argparse.Namespace) -> dict:
     import faiss
 
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
     return dict(
-        machine=dict(
-            host=platform.node(), cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-            gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
-            python=platform.python_version(),
-        ),
-        torch=torch.__version__, faiss=faiss.__version__, faiss_gpus=faiss_gpus(),
+        **bench_common.environment(args.device), faiss=faiss.__version__, faiss_gpus=faiss_gpus(),
         omp_num_threads=os.environ.get("OMP_NUM_THREADS"), torch_threads=torch.get_num_threads(),
-        git_sha=sha or None, command=" ".join([Path(sys.executable).name, *sys.argv]),
     )  # fmt: skip
 
 
@@ -200,8 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                     bench="index", time=datetime.datetime.now(datetime.UTC).isoformat(), device=args.device,
                     **env, **row,
                 )  # fmt: skip
-                with args.results.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                bench_common.append_record(args.results, record)
     if not args.no_record:
         print(f"appended to {args.results}")
 

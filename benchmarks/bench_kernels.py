@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +29,8 @@ import triton
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import the project's kernels/
+
+import bench_common  # noqa: E402
 
 from kernels import amg_combine_ref, nn_search_ref  # noqa: E402
 from kernels._dispatch import is_interpreted  # noqa: E402
@@ -175,29 +174,10 @@ def bench_one(kernel: str, size: dict, args: argparse.Namespace, ceiling: float 
 
 
 def environment(args: argparse.Namespace) -> dict:
-    try:
-        sha = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     return dict(
-        machine=dict(
-            host=platform.node(),
-            cpu=platform.processor() or platform.machine(),
-            cores=os.cpu_count(),
-            gpu=gpu,
-            python=platform.python_version(),
-        ),
-        torch=torch.__version__,
+        **bench_common.environment(args.device),
         triton=triton.__version__,
         triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",
-        git_sha=sha,
-        command=" ".join([Path(sys.executable).name, *sys.argv]),
     )
 
 
@@ -240,8 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                     **env,
                     **row,
                 )
-                with args.results.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                bench_common.append_record(args.results, record)
     if not args.no_record:
         print(f"appended to {args.results}")
 

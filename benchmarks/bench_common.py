@@ -1,0 +1,41 @@
+"""What every benchmark records beside its figures: the machine, versions, git SHA and command."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(device: str) -> dict:
+    """machine (host, cpu, cores, gpu, python), torch version, git SHA and the command line."""
+    return dict(
+        machine=dict(
+            host=platform.node(), cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
+            gpu=torch.cuda.get_device_name() if device == "cuda" else None, python=platform.python_version(),
+        ),
+        torch=torch.__version__, git_sha=git_sha(), command=" ".join([Path(sys.executable).name, *sys.argv]),
+    )  # fmt: skip
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one JSON line to ``path``."""
+    with Path(path).open("a") as f:
+        f.write(json.dumps(record) + "\n")
