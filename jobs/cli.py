@@ -4,6 +4,9 @@ amg generate MANIFEST.parquet --out DIR     generate audio for every manifest ro
 amg demo --out DIR                          generate the bundled example manifest on the default model
 amg index build SOURCE --out DIR             embed a folder of audio or a Parquet manifest into an index
 amg index info DIR                           show an index's embedder, size and a few items
+amg audit SOURCE --out DIR                   how close a folder of audio (or results.parquet) is to the
+                                             training set: audit.parquet, summary.json, report.html
+amg ablate --out DIR                         the AMG ablation table on the embedded default model
 
 Rerunning the same command resumes: rows already done under the same configuration are skipped
 (--retry-failed also regenerates error rows). --shard i/n runs rows k with k mod n = i only;
@@ -114,6 +117,79 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from engine.engine import DEFAULT_INDEX_DIR
+    from index.search import SearchConfig
+    from jobs.audit import AuditConfig, format_summary, run_audit
+
+    index = args.index or DEFAULT_INDEX_DIR
+    train_audio = args.train_audio
+    if train_audio is None and args.index is None:  # the bundled index: its training clips ship too
+        train_audio = DEFAULT_INDEX_DIR.parent / "train" / "train.parquet"
+    config = AuditConfig(
+        k=args.k, batch_size=args.batch_size, thresholds=tuple(args.thresholds), pairs=args.pairs,
+        search=SearchConfig(kind=args.search, factory=args.faiss_factory),
+    )  # fmt: skip
+    text = _clap_text(args) if args.clap_text_encoder else None
+    summary = run_audit(
+        args.source, index, args.out, config, args.embedder_checkpoint, args.reference_index,
+        train_audio, text, progress=not args.quiet, restart=args.restart,
+    )  # fmt: skip
+    print(format_summary(summary))
+    print(f"report: {args.out / 'report.html'}")
+    return 0
+
+
+def _clap_text(args):
+    """CLAP text embeddings from the local checkpoint plus a local RoBERTa config/tokenizer folder."""
+    from index.clap import ClapEmbedder
+
+    if args.embedder_checkpoint is None:
+        raise ValueError("--clap-text-encoder needs --embedder-checkpoint (the CLAP checkpoint)")
+    clap = ClapEmbedder(args.embedder_checkpoint, text_encoder=args.clap_text_encoder).eval()
+    return clap.embed_text
+
+
+def _add_audit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", type=Path, help="folder of audio files, or an `amg generate` results.parquet")
+    p.add_argument("--out", type=Path, required=True, help="output folder (audit.parquet, report.html)")
+    p.add_argument("--index", type=Path, default=None, help="training index folder (default: bundled)")
+    p.add_argument(
+        "--train-audio",
+        type=Path,
+        default=None,
+        help="training manifest or folder, for the report's players (default: the bundled set, "
+        "with the bundled index)",
+    )
+    p.add_argument("--embedder-checkpoint", type=Path, default=None, help="LAION-CLAP checkpoint, if CLAP")
+    p.add_argument(
+        "--clap-text-encoder",
+        type=Path,
+        default=None,
+        help="local RoBERTa config + tokenizer folder: adds the CLAP score (prompt adherence)",
+    )
+    p.add_argument(
+        "--reference-index",
+        type=Path,
+        default=None,
+        help="index of the reference set for FAD/KAD (default: the training index)",
+    )
+    p.add_argument("-k", type=int, default=5, help="nearest training examples kept per file")
+    p.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=[0.4, 0.5],
+        help="similarity levels whose exceedance share is reported (the embedder's own is added)",
+    )
+    p.add_argument("--pairs", type=int, default=12, help="most similar pairs shown in the report")
+    p.add_argument("--batch-size", type=int, default=32, help="files embedded per batch")
+    p.add_argument("--search", choices=("exact", "faiss"), default="exact", help="nearest-neighbour search")
+    p.add_argument("--faiss-factory", default="Flat", help="faiss index_factory string, with --search faiss")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished audit of other inputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     idx = sub.add_parser("index", help="build or inspect a training-set embedding index")
     register(idx.add_subparsers(dest="index_command", required=True))
+    audit = sub.add_parser("audit", help="audit audio files for replication of the training set")
+    _add_audit_flags(audit)
+    audit.set_defaults(func=cmd_audit)
+    from jobs.ablate import register_ablate
+
+    register_ablate(sub)
     return parser
 
 

@@ -191,6 +191,21 @@ def make_clips(seed: int = 0) -> list[Clip]:
     return [Clip(f"clip-{i:03d}", cap, _normalise(audio)) for i, (cap, audio) in enumerate(items)]
 
 
+FAMILIES = ("drum loop", "pad", "arpeggio", "texture")
+
+
+def family(caption: str) -> str:
+    """The kind of sound a default-set caption asks for: drum loop, pad, arpeggio or texture."""
+    text = caption.lower()
+    if "drum" in text:
+        return "drum loop"
+    if "pad" in text:
+        return "pad"
+    if "arpeggio" in text:
+        return "arpeggio"
+    return "texture"
+
+
 def write_dataset(out_dir: Path, seed: int = 0) -> Path:
     """Write ``audio/<id>.flac`` and ``train.parquet`` (id, caption, seconds, path) under out_dir."""
     import pyarrow as pa

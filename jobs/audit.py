@@ -1,0 +1,470 @@
+"""Dataset-scale memorization audit: how close is a set of audio files to a training set?
+
+    amg audit SOURCE --index INDEX_DIR --out OUT_DIR
+
+SOURCE is a folder of audio files (anyone's: flac, wav, ogg; prompts from ``<name>.txt`` sidecars
+when present) or an ``amg generate`` results Parquet (its ok rows, with their prompts). Every file
+is embedded with the index's own embedder, in batches, and searched against the training index.
+
+Streaming and resumable: each finished batch is written to ``OUT/parts/part-<k>.parquet`` (its
+rows) and ``part-<k>.safetensors`` (its embeddings) under a temporary name and renamed, next to a
+``plan.json`` fixing the inputs; a rerun skips finished batches, and memory stays bounded by one
+batch plus O(D²) running moments whatever the number of files. A file that cannot be read becomes
+a row with ``status="error"`` and the reason, never a crash.
+
+Outputs in OUT:
+- ``audit.parquet``: per file, the top-k training neighbours (ids, captions, similarities), the
+  nearest one, the CLAP score where a text encoder is available, status and error.
+- ``summary.json``: mean / median / 95th percentile / maximum of the nearest-neighbour similarity,
+  the share of files at or above each threshold, the same statistics for the training set against
+  itself (nearest *other* clip: the background), FAD and KAD against a reference set (default: the
+  training set itself), and the most similar pairs.
+- ``similarity.png`` (histograms) and ``report.html`` (self-contained: plots and audio inline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from index.build import clips_from_folder, read_clip
+from index.distances import Moments, fad, kad
+from index.search import SearchConfig, make_searcher
+from index.store import EmbeddingIndex, atomic_write
+
+log = logging.getLogger(__name__)
+
+PARTS = "parts"
+KAD_SAMPLE = 2000  # embeddings per set for KAD (quadratic cost)
+BACKGROUND_SAMPLE = 5000  # training clips searched against the rest for the background histogram
+HIST_BINS = 50
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """How to audit. thresholds: similarity levels whose exceedance share is reported (the
+    embedder's own replication threshold is added when it has one); k: neighbours kept per file;
+    pairs: most similar pairs listed and played in the report."""
+
+    k: int = 5
+    batch_size: int = 32
+    thresholds: tuple[float, ...] = (0.4, 0.5)
+    pairs: int = 12
+    workers: int = 4
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("k", "batch_size", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be a positive integer")
+        if self.pairs < 0:
+            raise ValueError(f"pairs={self.pairs}: must be ≥ 0")
+        bad = [t for t in self.thresholds if not -1.0 <= t <= 1.0]
+        if bad or not self.thresholds:
+            raise ValueError(f"thresholds={self.thresholds}: give one or more cosine levels in [-1, 1]")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One audited file: id, path, and the prompt it was generated from ('' when unknown)."""
+
+    id: str
+    path: Path
+    prompt: str
+
+
+def items_from_source(source: str | Path) -> list[Item]:
+    """A folder's audio files (ids = relative paths) or the ok rows of an ``amg generate`` results file."""
+    source = Path(source)
+    if source.is_dir():
+        return [Item(c.id, c.path, c.caption) for c in clips_from_folder(source)]
+    if source.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(source).to_pydict()
+        missing = [c for c in ("id", "audio_path") if c not in rows]
+        if missing:
+            raise ValueError(f"{source} lacks column(s) {missing}: give an `amg generate` results.parquet")
+        status = rows.get("status") or ["ok"] * len(rows["id"])
+        prompts = rows.get("prompt") or [""] * len(rows["id"])
+        items = [
+            Item(str(i), source.parent / p, str(pr or ""))
+            for i, p, pr, s in zip(rows["id"], rows["audio_path"], prompts, status, strict=True)
+            if s == "ok" and p
+        ]
+        if not items:
+            raise ValueError(f"{source} has no ok rows with audio to audit")
+        return items
+    raise ValueError(f"{source}: give a folder of audio files or an `amg generate` results .parquet")
+
+
+# -- embedding, in resumable parts ------------------------------------------------------------------
+
+
+def _plan(items: Sequence[Item], index: EmbeddingIndex, config: AuditConfig) -> dict:
+    listing = json.dumps([[it.id, str(it.path.resolve()), it.prompt] for it in items]).encode()
+    return {
+        "embedder": json.loads(index.embedder.to_json()),
+        "index_sha256": hashlib.sha256(index.vectors.numpy().tobytes()).hexdigest(),
+        "k": config.k,
+        "batch_size": config.batch_size,
+        "n": len(items),
+        "items_sha256": hashlib.sha256(listing).hexdigest(),
+    }
+
+
+def row_schema():
+    """The columns of ``audit.parquet`` (one row per audited file)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("id", pa.string()), ("path", pa.string()), ("prompt", pa.string()),
+        ("status", pa.string()), ("error", pa.string()),
+        ("neighbour_ids", pa.list_(pa.string())), ("neighbour_captions", pa.list_(pa.string())),
+        ("neighbour_similarities", pa.list_(pa.float64())),
+        ("nearest_id", pa.string()), ("nearest_caption", pa.string()),
+        ("similarity", pa.float64()), ("clap_score", pa.float64()),
+    ])  # fmt: skip
+
+
+def _open_parts(out_dir: Path, plan: dict, restart: bool) -> Path:
+    import shutil
+
+    work = out_dir / PARTS
+    if restart and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    plan_file = work / "plan.json"
+    if plan_file.exists():
+        old = json.loads(plan_file.read_text())
+        if old != plan:
+            changed = sorted(k for k in plan if old.get(k) != plan[k])
+            raise ValueError(
+                f"{work} holds an audit of other inputs (different {', '.join(changed)}); rerun with the "
+                "same inputs to resume it, use another --out, or pass --restart to discard it"
+            )
+    else:
+        plan_file.write_text(json.dumps(plan, indent=1))
+    return work
+
+
+def _read(item: Item, embedder) -> torch.Tensor | str:
+    try:
+        return read_clip(
+            item.path, embedder.sample_rate, embedder.window, getattr(embedder, "fill", "zeros")
+        )[0]
+    except Exception as e:  # noqa: BLE001 - any unreadable file becomes an error row
+        return f"cannot read {item.path}: {type(e).__name__}: {e}"
+
+
+def _embed_batch(items, embedder, searcher, index, k, text_embedder, pool) -> tuple[dict, torch.Tensor]:
+    """One batch -> (columns of its rows, its embeddings [n_ok, D] in row order of the ok rows)."""
+    loaded = list(pool.map(lambda it: _read(it, embedder), items))
+    ok = [i for i, x in enumerate(loaded) if isinstance(x, torch.Tensor)]
+    k = min(k, len(index))
+    cols = {
+        "id": [it.id for it in items], "path": [str(it.path) for it in items],
+        "prompt": [it.prompt for it in items], "status": ["error"] * len(items),
+        "error": [x if isinstance(x, str) else None for x in loaded],
+        "neighbour_ids": [None] * len(items), "neighbour_captions": [None] * len(items),
+        "neighbour_similarities": [None] * len(items), "nearest_id": [None] * len(items),
+        "nearest_caption": [None] * len(items), "similarity": [None] * len(items),
+        "clap_score": [None] * len(items),
+    }  # fmt: skip
+    if not ok:
+        return cols, torch.zeros(0, index.embedder.dim)
+    with torch.no_grad():
+        e = embedder(torch.stack([loaded[i] for i in ok]), embedder.sample_rate).float().cpu()  # [n_ok, D]
+        res = searcher.search(e, k)
+        scores = _clap_scores(e, [items[i].prompt for i in ok], text_embedder)
+    D, I = res.D.cpu().tolist(), res.I.cpu().tolist()  # noqa: E741
+    for j, i in enumerate(ok):
+        cols["status"][i] = "ok"
+        cols["neighbour_ids"][i] = [index.ids[t] for t in I[j]]
+        cols["neighbour_captions"][i] = [index.captions[t] for t in I[j]]
+        cols["neighbour_similarities"][i] = D[j]
+        cols["nearest_id"][i], cols["nearest_caption"][i] = index.ids[I[j][0]], index.captions[I[j][0]]
+        cols["similarity"][i] = D[j][0]
+        cols["clap_score"][i] = None if scores is None else scores[j]
+    return cols, e
+
+
+def _clap_scores(e: torch.Tensor, prompts: list[str], text_embedder) -> list[float | None] | None:
+    """Cosine of each audio embedding with its prompt's text embedding (None without a text encoder)."""
+    if text_embedder is None:
+        return None
+    has = [j for j, p in enumerate(prompts) if p]
+    out: list[float | None] = [None] * len(prompts)
+    if has:
+        t = text_embedder([prompts[j] for j in has]).float().cpu()
+        for row, j in enumerate(has):
+            out[j] = float(e[j] @ t[row])
+    return out
+
+
+def embed_all(
+    items: Sequence[Item],
+    index: EmbeddingIndex,
+    embedder,
+    out_dir: Path,
+    config: AuditConfig,
+    text_embedder: Callable[[list[str]], torch.Tensor] | None = None,
+    progress: bool = True,
+    restart: bool = False,
+) -> list[Path]:
+    """Embed and search every item in batches into ``OUT/parts`` (resuming), -> the part row files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    work = _open_parts(out_dir, _plan(items, index, config), restart)
+    searcher = make_searcher(index, config.search)
+    starts = range(0, len(items), config.batch_size)
+    parts = [work / f"part-{s // config.batch_size:06d}" for s in starts]
+    done = sum(_finished(p) for p in parts)
+    if done:
+        log.info("resuming the audit in %s: %d of %d batches done", out_dir, done, len(parts))
+    bar = tqdm(total=len(items), initial=min(done * config.batch_size, len(items)), desc="audit",
+               unit="file", disable=not progress)  # fmt: skip
+    with ThreadPoolExecutor(config.workers) as pool:
+        for s, part in zip(starts, parts, strict=True):
+            if _finished(part):
+                continue
+            batch = items[s : s + config.batch_size]
+            cols, e = _embed_batch(batch, embedder, searcher, index, config.k, text_embedder, pool)
+            atomic_write(part.with_suffix(".safetensors"), lambda p, e=e: save_file({"e": e.contiguous()}, p))
+            atomic_write(
+                part.with_suffix(".parquet"),
+                lambda p, c=cols: pq.write_table(pa.table(c, schema=row_schema()), p),
+            )
+            bar.update(len(batch))
+    bar.close()
+    return [p.with_suffix(".parquet") for p in parts]
+
+
+def _finished(part: Path) -> bool:  # the rows are written last
+    return part.with_suffix(".parquet").exists() and part.with_suffix(".safetensors").exists()
+
+
+# -- aggregation -----------------------------------------------------------------------------------
+
+
+def similarity_stats(sims: np.ndarray, thresholds: Sequence[float]) -> dict:
+    """mean, median, p95, max and the share ≥ each threshold of a 1-D array of similarities."""
+    if sims.size == 0:
+        return {"n": 0}
+    return {
+        "n": int(sims.size),
+        "mean": float(sims.mean()),
+        "median": float(np.median(sims)),
+        "p95": float(np.percentile(sims, 95)),
+        "max": float(sims.max()),
+        "share_at_or_above": {f"{t:g}": float((sims >= t).mean()) for t in thresholds},
+    }
+
+
+def background_similarities(index: EmbeddingIndex, config: SearchConfig, sample: int = BACKGROUND_SAMPLE):
+    """Each (sampled) training clip's similarity to its nearest *other* training clip."""
+    n = len(index)
+    if n < 2:
+        return np.zeros(0)
+    rows = torch.arange(n) if n <= sample else torch.linspace(0, n - 1, sample).long()
+    res = make_searcher(index, config).search(index.vectors[rows], 2)
+    D, I = res.D.cpu(), res.I.cpu()  # noqa: E741
+    # the best match is usually the clip itself; take the best that is not (ties with exact copies stay)
+    other = torch.where(I[:, 0] == rows, D[:, 1], D[:, 0])
+    return other.numpy()
+
+
+def _kad_rows(n: int, cap: int = KAD_SAMPLE) -> set[int]:
+    return set(range(n)) if n <= cap else {int(i) for i in np.linspace(0, n - 1, cap).round()}
+
+
+@dataclass
+class Summary:
+    n_files: int
+    n_ok: int
+    n_error: int
+    embedder: dict
+    thresholds: list[float]
+    generated: dict
+    background: dict
+    fad: float | None
+    kad: float | None
+    reference: str
+    clap_score: dict | None
+    top_pairs: list[dict]
+    histogram: dict
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def aggregate(
+    part_files: Sequence[Path],
+    index: EmbeddingIndex,
+    out_dir: Path,
+    config: AuditConfig,
+    thresholds: Sequence[float],
+    reference: EmbeddingIndex | None = None,
+) -> Summary:
+    """Stream the parts into ``audit.parquet`` and the summary statistics (bounded memory)."""
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file
+
+    moments = Moments(index.embedder.dim)
+    sims, clap, pairs, kad_x = [], [], [], []
+    n_files = n_ok = 0
+    total_ok = sum(pq.read_metadata(p).num_rows for p in part_files)  # an upper bound for sampling
+    keep = _kad_rows(total_ok)
+    tmp = out_dir / "audit.parquet.tmp"
+    writer = None
+    for part in part_files:
+        table = pq.read_table(part)
+        e = load_file(part.with_suffix(".safetensors"))["e"]
+        writer = writer or pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table)
+        cols = table.to_pydict()
+        ok = [i for i, s in enumerate(cols["status"]) if s == "ok"]
+        if ok:
+            moments.add(e)
+        for j, i in enumerate(ok):
+            s = cols["similarity"][i]
+            sims.append(s)
+            if cols["clap_score"][i] is not None:
+                clap.append(cols["clap_score"][i])
+            if n_ok + j in keep:
+                kad_x.append(e[j])
+            entry = (s, n_files + i, {c: cols[c][i] for c in ("id", "path", "prompt", "nearest_id",
+                                                              "nearest_caption", "similarity")})  # fmt: skip
+            if len(pairs) < config.pairs:
+                heapq.heappush(pairs, entry)
+            elif config.pairs and entry[:2] > pairs[0][:2]:
+                heapq.heapreplace(pairs, entry)
+        n_files += len(cols["id"])
+        n_ok += len(ok)
+    if writer is not None:
+        writer.close()
+        tmp.replace(out_dir / "audit.parquet")
+    sims_a, background = np.asarray(sims, dtype=np.float64), background_similarities(index, config.search)
+    ref = reference if reference is not None else index
+    fad_v = kad_v = None
+    if n_ok >= 2 and len(ref) >= 2:
+        fad_v = fad(moments, ref.vectors)
+        ref_rows = sorted(_kad_rows(len(ref)))
+        kad_v = kad(torch.stack(kad_x), ref.vectors[ref_rows])
+    edges = np.linspace(min(-0.0, float(background.min(initial=0)), float(sims_a.min(initial=0))), 1.0,
+                        HIST_BINS + 1)  # fmt: skip
+    return Summary(
+        n_files=n_files, n_ok=n_ok, n_error=n_files - n_ok,
+        embedder=json.loads(index.embedder.to_json()), thresholds=list(thresholds),
+        generated=similarity_stats(sims_a, thresholds), background=similarity_stats(background, thresholds),
+        fad=fad_v, kad=kad_v, reference="training index" if reference is None else "reference index",
+        clap_score=(similarity_stats(np.asarray(clap), ()) if clap else None),
+        top_pairs=[p[2] for p in sorted(pairs, key=lambda p: p[:2], reverse=True)],
+        histogram={
+            "edges": edges.tolist(),
+            # cosines of float32 unit vectors can exceed 1 by an ulp: clip into the outer bins
+            "generated": np.histogram(np.clip(sims_a, edges[0], edges[-1]), edges)[0].tolist(),
+            "background": np.histogram(np.clip(background, edges[0], edges[-1]), edges)[0].tolist(),
+        },
+    )  # fmt: skip
+
+
+def thresholds_for(config: AuditConfig, embedder) -> list[float]:
+    """The configured thresholds plus the embedder's own replication threshold, sorted, unique."""
+    extra = getattr(embedder, "replication_threshold", None)
+    levels = set(config.thresholds) | ({float(extra)} if extra is not None else set())
+    return sorted(levels)
+
+
+def run_audit(
+    source: str | Path,
+    index_dir: str | Path,
+    out_dir: str | Path,
+    config: AuditConfig = AuditConfig(),
+    embedder_checkpoint: str | Path | None = None,
+    reference_dir: str | Path | None = None,
+    train_audio: str | Path | None = None,
+    text_embedder: Callable[[list[str]], torch.Tensor] | None = None,
+    progress: bool = True,
+    restart: bool = False,
+) -> Summary:
+    """Audit ``source`` against the index in ``index_dir``; write audit.parquet, summary, plots, report."""
+    from index.embedders import load_embedder
+    from jobs.report import write_report
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = EmbeddingIndex.load(index_dir)
+    embedder = load_embedder(index.embedder, embedder_checkpoint)
+    if hasattr(embedder, "eval"):
+        embedder.eval()
+    reference = None
+    if reference_dir is not None:
+        reference = EmbeddingIndex.load(reference_dir)
+        reference.check_embedder(index.embedder)
+    items = items_from_source(source)
+    parts = embed_all(items, index, embedder, out_dir, config, text_embedder, progress, restart)
+    summary = aggregate(parts, index, out_dir, config, thresholds_for(config, embedder), reference)
+    atomic_write(out_dir / "summary.json", lambda p: Path(p).write_text(summary.to_json()))
+    write_report(summary, out_dir, train_audio=_train_paths(train_audio))
+    return summary
+
+
+def _train_paths(train_audio: str | Path | None) -> dict[str, Path]:
+    """Training clip id -> audio file, from a training manifest or folder (for the report's players)."""
+    if train_audio is None:
+        return {}
+    from index.build import clips_from_source
+
+    return {c.id: c.path for c in clips_from_source(train_audio)}
+
+
+def iter_rows(out_dir: str | Path) -> Iterator[dict]:
+    """The rows of ``OUT/audit.parquet``, one batch at a time (for large audits)."""
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(Path(out_dir) / "audit.parquet").iter_batches():
+        yield from batch.to_pylist()
+
+
+def format_summary(summary: Summary) -> str:
+    """A few lines for the terminal."""
+    g, b = summary.generated, summary.background
+    lines = [
+        f"audited {summary.n_ok} files ({summary.n_error} errors) "
+        f"against the {summary.embedder['name']} index"
+    ]
+    if g.get("n"):
+        lines.append(
+            f"nearest-training similarity: mean {g['mean']:.3f}, median {g['median']:.3f}, "
+            f"p95 {g['p95']:.3f}, max {g['max']:.3f}"
+        )
+        lines.append(
+            "share at or above: "
+            + ", ".join(f"{t}: {100 * v:.1f}%" for t, v in g["share_at_or_above"].items())
+        )
+    if b.get("n"):
+        lines.append(f"training-to-training background: median {b['median']:.3f}, p95 {b['p95']:.3f}")
+    if summary.fad is not None:
+        lines.append(f"FAD {summary.fad:.4g}, KAD {summary.kad:.4g} (vs the {summary.reference})")
+    if summary.clap_score:
+        lines.append(f"CLAP score: mean {summary.clap_score['mean']:.3f}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "AuditConfig", "Item", "Summary", "aggregate", "embed_all", "format_summary", "items_from_source",
+    "iter_rows", "run_audit", "similarity_stats",
+]  # fmt: skip

@@ -1,0 +1,206 @@
+"""`amg audit`: per-file neighbours, error rows, resumability, statistics and the offline report."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import torch
+
+from engine.engine import DEFAULT_INDEX_DIR
+from index.store import EmbeddingIndex
+from jobs import audit as audit_mod
+from jobs.audit import AuditConfig, items_from_source, run_audit, similarity_stats
+
+TRAIN = DEFAULT_INDEX_DIR.parent / "train"
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Nine training clips (with sidecar prompts), one of them at another gain, and a corrupt file."""
+    src = tmp_path / "audio"
+    (src / "sub").mkdir(parents=True)
+    rows = pq.read_table(TRAIN / "train.parquet").to_pylist()
+    for r in rows[:: len(rows) // 8][:8]:
+        shutil.copy(TRAIN / r["path"], src / f"{r['id']}.flac")
+        (src / f"{r['id']}.txt").write_text(r["caption"])
+    x, sr = sf.read(TRAIN / rows[13]["path"], dtype="float32")
+    sf.write(src / "sub" / "quiet.wav", 0.3 * x, sr)
+    (src / "broken.flac").write_bytes(b"not audio at all")
+    return src
+
+
+def _run(source, out, **kw):
+    cfg = AuditConfig(**{"batch_size": 4, "pairs": 3, **kw})
+    return run_audit(source, DEFAULT_INDEX_DIR, out, cfg, train_audio=TRAIN / "train.parquet", progress=False)
+
+
+def test_every_file_gets_a_row_and_neighbours_match_brute_force(folder, tmp_path):
+    summary = _run(folder, tmp_path / "out", k=3)
+    rows = pq.read_table(tmp_path / "out" / "audit.parquet").to_pylist()
+    assert len(rows) == 10 and summary.n_ok == 9 and summary.n_error == 1
+    broken = next(r for r in rows if r["id"] == "broken.flac")
+    assert broken["status"] == "error" and "broken.flac" in broken["error"] and broken["similarity"] is None
+    index = EmbeddingIndex.load(DEFAULT_INDEX_DIR)
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        assert len(r["neighbour_ids"]) == 3 and r["neighbour_similarities"] == sorted(
+            r["neighbour_similarities"], reverse=True
+        )
+        if r["id"].startswith("clip-"):  # a training clip finds itself (or an exact copy) at ≈ 1
+            assert r["neighbour_similarities"][0] > 0.999
+            own = index.vectors[index.ids.index(r["id"].removesuffix(".flac"))]
+            top = index.vectors[index.ids.index(r["nearest_id"])]
+            assert torch.allclose(own, top, atol=1e-5)
+            assert r["prompt"] == index.captions[index.ids.index(r["id"].removesuffix(".flac"))]
+    quiet = next(r for r in rows if r["id"] == "sub/quiet.wav")
+    assert quiet["nearest_id"] == index.ids[13] or quiet["neighbour_similarities"][0] > 0.99
+
+
+def test_summary_statistics_agree_with_the_rows(folder, tmp_path):
+    summary = _run(folder, tmp_path / "out", thresholds=(0.95, 0.5))
+    sims = np.array([r["similarity"] for r in pq.read_table(tmp_path / "out" / "audit.parquet").to_pylist()
+                     if r["status"] == "ok"])  # fmt: skip
+    assert summary.thresholds == [0.5, 0.9, 0.95]  # the mel embedder's own 0.9 is added
+    assert summary.generated == similarity_stats(sims, summary.thresholds)
+    assert summary.generated["share_at_or_above"]["0.95"] == pytest.approx((sims >= 0.95).mean())
+    assert sum(summary.histogram["generated"]) == 9
+    assert summary.fad is not None and summary.fad >= 0 and summary.kad is not None
+    # the exact duplicates of the training set give a background maximum of 1
+    assert summary.background["n"] == 36 and summary.background["max"] > 0.999
+    top = [p["similarity"] for p in summary.top_pairs]
+    assert top == sorted(top, reverse=True) and top[0] == pytest.approx(sims.max())
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_ok"] == 9
+
+
+def test_results_are_independent_of_the_batch_size(folder, tmp_path):
+    a = _run(folder, tmp_path / "a", batch_size=3)
+    b = _run(folder, tmp_path / "b", batch_size=10)
+    ra = pq.read_table(tmp_path / "a" / "audit.parquet").to_pylist()
+    rb = pq.read_table(tmp_path / "b" / "audit.parquet").to_pylist()
+    assert [r["id"] for r in ra] == [r["id"] for r in rb]
+    for x, y in zip(ra, rb, strict=True):
+        assert x["nearest_id"] == y["nearest_id"] or x["status"] == "error"
+        if x["status"] == "ok":
+            assert x["similarity"] == pytest.approx(y["similarity"], abs=1e-5)
+    assert a.fad == pytest.approx(b.fad, rel=1e-6) and a.kad == pytest.approx(b.kad, rel=1e-6)
+
+
+def test_an_interrupted_audit_resumes_without_redoing_finished_batches(folder, tmp_path, monkeypatch):
+    real, calls = audit_mod._embed_batch, []
+
+    def crash_on_third(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(audit_mod, "_embed_batch", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _run(folder, tmp_path / "out")
+    parts = tmp_path / "out" / "parts"
+    done = sorted(parts.glob("part-*.parquet"))
+    assert len(done) == 2 and not list(parts.glob("*.tmp*"))
+    stamps = {p: p.stat().st_mtime_ns for p in done}
+    monkeypatch.setattr(audit_mod, "_embed_batch", real)
+    calls.clear()
+    counted = []
+    monkeypatch.setattr(audit_mod, "_embed_batch", lambda *a, **k: counted.append(1) or real(*a, **k))
+    summary = _run(folder, tmp_path / "out")
+    assert len(counted) == 1  # 10 files in batches of 4: only the third batch was left
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    ids = pq.read_table(tmp_path / "out" / "audit.parquet").column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 10 and summary.n_files == 10
+
+
+def test_another_input_in_the_same_folder_is_refused_not_mixed(folder, tmp_path):
+    _run(folder, tmp_path / "out")
+    (folder / "extra.flac").write_bytes((folder / "sub" / "quiet.wav").read_bytes())
+    with pytest.raises(ValueError, match="items_sha256.*--restart"):
+        _run(folder, tmp_path / "out")
+    assert _run(folder, tmp_path / "out2").n_files == 11
+
+
+def test_results_parquet_source_keeps_ok_rows_and_prompts(tmp_path):
+    rows = pq.read_table(TRAIN / "train.parquet").to_pylist()[:3]
+    (tmp_path / "run" / "audio").mkdir(parents=True)
+    for r in rows:
+        shutil.copy(TRAIN / r["path"], tmp_path / "run" / "audio" / f"{r['id']}.flac")
+    table = pa.table({
+        "id": ["a", "b", "c"], "prompt": [r["caption"] for r in rows], "status": ["ok", "error", "ok"],
+        "audio_path": [f"audio/{rows[0]['id']}.flac", None, f"audio/{rows[2]['id']}.flac"],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "run" / "results.parquet")
+    items = items_from_source(tmp_path / "run" / "results.parquet")
+    assert [i.id for i in items] == ["a", "c"] and items[1].prompt == rows[2]["caption"]
+    with pytest.raises(ValueError, match="audio_path"):
+        pq.write_table(pa.table({"id": ["x"]}), tmp_path / "bad.parquet")
+        items_from_source(tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="folder of audio"):
+        items_from_source(tmp_path / "x.csv")
+
+
+def test_config_errors_name_the_value():
+    with pytest.raises(ValueError, match="k=0"):
+        AuditConfig(k=0)
+    with pytest.raises(ValueError, match="thresholds"):
+        AuditConfig(thresholds=(1.5,))
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.audio, self.images = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        a = dict(attrs)
+        if tag == "audio":
+            self.audio.append(a)
+        if tag == "img":
+            self.images.append(a)
+
+
+def test_report_is_self_contained_with_playable_pairs(folder, tmp_path):
+    summary = _run(folder, tmp_path / "out")
+    page = _Page()
+    page.feed((tmp_path / "out" / "report.html").read_text(encoding="utf-8"))
+    assert "script" not in page.tags and "link" not in page.tags  # nothing to fetch, nothing to run
+    assert len(page.audio) == 2 * len(summary.top_pairs) == 6  # audited file and its training clip
+    for a in page.audio:
+        assert a["src"].startswith("data:audio/flac;base64,")
+        x, sr = sf.read(io.BytesIO(base64.b64decode(a["src"].split(",", 1)[1])))
+        assert sr > 0 and len(x) > 0 and np.abs(x).max() > 0
+    assert page.images[0]["src"].startswith("data:image/png;base64,")
+    assert (tmp_path / "out" / "similarity.png").stat().st_size > 1000
+
+
+def test_report_renders_in_headless_chromium(folder, tmp_path):
+    """Runs where Playwright and its Chromium are installed (not on the offline CI machine)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    _run(folder, tmp_path / "out")
+    errors = []
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch()
+        except Exception as e:  # noqa: BLE001
+            pytest.skip(f"no Chromium for Playwright here: {e}")
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((tmp_path / "out" / "report.html").as_uri())
+        assert page.locator("table#pairs tr.pair").count() == 3
+        assert page.locator("audio").count() == 6
+        assert page.locator("img#histogram").evaluate("i => i.naturalWidth") > 0
+        browser.close()
+    assert errors == []
