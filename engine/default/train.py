@@ -6,11 +6,17 @@ the measured figure). The objective is Stable Audio's: v-prediction with t ~ U(0
 α = cos(πt/2), σ = sin(πt/2), 10% text dropout for classifier-free guidance. Every ``--eval-every``
 steps it samples every training caption and logs the share of captions whose output replicates
 its clip (mel-pattern similarity ≥ 0.9), and it stops early once ``--target`` is reached.
+
+``--ambient-sigma σ_tn`` (> 0) trains with Ambient Diffusion (arXiv 2502.21278, see
+``engine/default/ambient.py``): fixed noisy copies x0 + σ_tn·η of the latents are drawn once, and at
+VE noise levels σ = tan(πt/2) above σ_tn the model sees only those copies, with the ambient loss;
+the saved ``model_config.json`` records σ_tn as ``amg_default.ambient_sigma``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -21,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from engine.default.ambient import ambient_v_loss, noisy_copies, validate_sigma_tn
 from engine.default.data import SAMPLE_RATE, WINDOW, make_clips, write_dataset
 from engine.default.model import build_tokenizer, model_config
 from engine.models import encode_conditioning, save_model, v_denoise
@@ -35,7 +42,21 @@ def clip_tensor(clips) -> torch.Tensor:
     return audio  # [N, 1, WINDOW]
 
 
-def train_step(model, opt, latents, metadata, scale_dropout: float, gen: torch.Generator) -> float:
+def train_step(
+    model,
+    opt,
+    latents: torch.Tensor,
+    metadata: list[dict],
+    scale_dropout: float,
+    gen: torch.Generator,
+    noisy_latents: torch.Tensor | None = None,
+    ambient_sigma: float = 0.0,
+) -> float:
+    """One optimiser step on ``latents`` [B, C, T]; returns the loss.
+
+    With ``noisy_latents`` [B, C, T] (the batch's fixed copies x0 + σ_tn·η) the loss is
+    ``ambient_v_loss`` with cut-off ``ambient_sigma`` = σ_tn; without, the plain v-loss.
+    """
     b = latents.shape[0]
     t = torch.rand(b, generator=gen)
     alpha, sigma = torch.cos(t * math.pi / 2)[:, None, None], torch.sin(t * math.pi / 2)[:, None, None]
@@ -45,10 +66,16 @@ def train_step(model, opt, latents, metadata, scale_dropout: float, gen: torch.G
     cond = encode_conditioning(model, metadata, "cpu")
     drop = (torch.rand(b, generator=gen) < scale_dropout)[:, None, None]
     cross = torch.where(drop, torch.zeros_like(cond.cross_attn), cond.cross_attn)
-    v = model.model(
-        noised, t, cross_attn_cond=cross, global_cond=cond.global_cond, cfg_scale=1.0, use_checkpointing=False
-    )
-    loss = torch.nn.functional.mse_loss(v, target)
+
+    def predict_v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # [B, C, T], [B] -> [B, C, T]
+        return model.model(
+            x, t, cross_attn_cond=cross, global_cond=cond.global_cond, cfg_scale=1.0, use_checkpointing=False
+        )
+
+    if noisy_latents is None:
+        loss = torch.nn.functional.mse_loss(predict_v(noised, t), target)
+    else:
+        loss = ambient_v_loss(predict_v, latents, noisy_latents, t, noise, ambient_sigma).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -115,8 +142,22 @@ def main() -> None:
         default="none",
         help="after warm-up: constant learning rate, or cosine decay to lr/20 at --steps",
     )
-    p.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="if > 0, evaluate and save an exponential moving average of the weights with this decay",
+    )
+    p.add_argument(
+        "--ambient-sigma",
+        type=float,
+        default=0.0,
+        help="Ambient Diffusion cut-off σ_tn in latent units (VE noise level): above it the model sees "
+        "only fixed noisy copies x0 + σ_tn·η of the latents (the paper's range: 0.4-4); 0 = off",
+    )
+    p.add_argument("--seed", type=int, default=0, help="initialisation, data-order and noisy-copy seed")
     args = p.parse_args()
+    validate_sigma_tn(args.ambient_sigma)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -143,6 +184,12 @@ def main() -> None:
     scale = config["amg_default"]["audio_scale"]
     latents = model.pretransform.encode(clip_tensor(clips) * scale)
     meta = [{"prompt": c.caption, "seconds_total": c.seconds} for c in clips]
+    noisy = None
+    if args.ambient_sigma > 0:
+        # its own stream, so that the fixed copies' noise is not a shifted copy of the training draws
+        noisy = noisy_copies(latents, args.ambient_sigma, torch.Generator().manual_seed(args.seed + 7919))
+        config["amg_default"]["ambient_sigma"] = args.ambient_sigma
+        log.info("ambient diffusion: sigma_tn = %g (VE, latent units)", args.ambient_sigma)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2f M parameters; latents %s", n_params / 1e6, tuple(latents.shape))
 
@@ -150,24 +197,38 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(_lr_factor, steps=args.steps, decay=args.lr_decay))
     gen = torch.Generator().manual_seed(args.seed)
     embedder = MelEmbedder()
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema > 0 else model
+    ema_pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters(), strict=True) if p.requires_grad]
     start, losses, history = time.time(), [], []
     for step in range(1, args.steps + 1):
         idx = torch.randperm(len(clips), generator=gen)[: args.batch_size]
-        losses.append(train_step(model, opt, latents[idx], [meta[i] for i in idx], 0.1, gen))
+        batch = [meta[i] for i in idx]
+        copies = None if noisy is None else noisy[idx]
+        losses.append(train_step(model, opt, latents[idx], batch, 0.1, gen, copies, args.ambient_sigma))
         sched.step()
+        if ema is not model:
+            with torch.no_grad():
+                torch._foreach_lerp_([e for e, _ in ema_pairs], [p for _, p in ema_pairs], 1 - args.ema)
         if step % 100 == 0:
             log.info("step %d loss %.4f (%.0f s)", step, sum(losses[-100:]) / 100, time.time() - start)
         if step % args.eval_every == 0:
-            model.eval()
-            rate = replication_rate(model, clips, scale, embedder)
-            model.train()
-            history.append({"step": step, "seconds": round(time.time() - start), "replication": rate})
+            ema.eval()
+            rate = replication_rate(ema, clips, scale, embedder)
+            ema.train()
+            history.append(
+                {
+                    "step": step,
+                    "seconds": round(time.time() - start),
+                    "loss": round(sum(losses[-100:]) / len(losses[-100:]), 5),
+                    "replication": rate,
+                }
+            )
             log.info("step %d: %.0f%% of captions replicate", step, 100 * rate)
-            save_model(model, config, args.out, dtype=torch.float16)
+            save_model(ema, config, args.out, dtype=torch.float16)
             (args.out / "training_log.json").write_text(json.dumps(history, indent=1))
             if rate >= args.target:
                 break
-    save_model(model, config, args.out, dtype=torch.float16)
+    save_model(ema, config, args.out, dtype=torch.float16)
     log.info("done in %.0f s", time.time() - start)
     index = build_from_manifest(data_dir / "train.parquet", embedder, args.out.parent / "index")
     # the training latents too, for the latent-space (nL2) similarity of index/latent_nl2.py
