@@ -204,3 +204,26 @@ def test_report_renders_in_headless_chromium(folder, tmp_path):
         assert page.locator("img#histogram").evaluate("i => i.naturalWidth") > 0
         browser.close()
     assert errors == []
+
+
+def test_clap_score_is_the_cosine_with_the_prompts_text_embedding(folder, tmp_path):
+    """The prompt-adherence plumbing, with a stand-in text encoder in the index's embedding space."""
+    index = EmbeddingIndex.load(DEFAULT_INDEX_DIR)
+    by_caption = dict(zip(index.captions, index.vectors, strict=False))
+    calls = []
+
+    def text_embedder(texts):  # a caption's "text embedding": its training clip's audio embedding
+        calls.append(list(texts))
+        return torch.stack([by_caption[t] for t in texts])
+
+    cfg = AuditConfig(batch_size=4, pairs=2)
+    summary = run_audit(folder, DEFAULT_INDEX_DIR, tmp_path / "out", cfg, text_embedder=text_embedder,
+                        progress=False)  # fmt: skip
+    rows = pq.read_table(tmp_path / "out" / "audit.parquet").to_pylist()
+    for r in rows:
+        if r["status"] == "ok" and r["prompt"]:
+            assert r["clap_score"] == pytest.approx(1.0, abs=1e-4)  # a training clip vs its own caption
+        else:
+            assert r["clap_score"] is None  # no prompt (sub/quiet.wav has no sidecar) or unreadable
+    assert all("" not in batch for batch in calls)
+    assert summary.clap_score["n"] == 8 and summary.clap_score["mean"] == pytest.approx(1.0, abs=1e-4)
