@@ -2,7 +2,10 @@
 
 A model directory holds ``model_config.json`` and ``model.safetensors`` (or a ``.ckpt`` loaded with
 ``weights_only=True``). Relative ``tokenizer_name`` paths in ``lut`` conditioners are resolved
-against the directory. Nothing is ever fetched from a hub: a missing file is an error naming it.
+against the directory. A ``t5`` conditioner's ``t5_model_name`` is either a folder holding a saved
+T5 encoder and tokenizer (absolute, or relative to the directory) or a known hub name such as
+``t5-base``, read from the local Hugging Face cache. Nothing is ever fetched from a hub: a missing
+file is an error naming it and how to obtain it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ class ModelFilesError(FileNotFoundError):
 
 
 def _resolve_local_paths(config: dict[str, Any], model_dir: Path) -> dict[str, Any]:
+    """Point every local-file setting at an existing path, or raise :class:`ModelFilesError`.
+
+    ``lut`` tokenizer folders and ``t5`` encoder folders may be relative to ``model_dir``; a ``t5``
+    conditioner naming a known model (``t5-base``) gets the folder of its local Hugging Face cache
+    snapshot. All of this is offline: nothing is looked up on a hub.
+    """
     config = copy.deepcopy(config)
     for cond in config["model"].get("conditioning", {}).get("configs", []):
         if cond["type"] == "lut":
@@ -38,15 +47,107 @@ def _resolve_local_paths(config: dict[str, Any], model_dir: Path) -> dict[str, A
                     "copy the tokenizer files next to model_config.json"
                 )
             cond["config"]["tokenizer_name"] = str(tok)
-        if cond["type"] == "t5" and not Path(cond["config"].get("t5_model_name", "t5-base")).exists():
-            log.info("T5 conditioner %r will be loaded from the local Hugging Face cache", cond["id"])
+        if cond["type"] == "t5":
+            cond["config"]["t5_model_name"] = str(_t5_folder(cond, model_dir))
     return config
+
+
+# A saved T5 encoder + tokenizer: config.json, one weights file, one tokenizer file.
+_T5_FILES = (
+    ("config.json",),
+    ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
+    ("tokenizer.json", "spiece.model"),
+)
+
+
+def _missing_t5_files(folder: Path) -> list[str]:
+    return [" or ".join(names) for names in _T5_FILES if not any((folder / n).is_file() for n in names)]
+
+
+def _t5_folder(cond: dict[str, Any], model_dir: Path) -> Path:
+    """The local folder holding the encoder and tokenizer of a ``t5`` conditioner."""
+    from stable_audio_tools.models.conditioners import T5Conditioner
+
+    name = cond["config"].get("t5_model_name", "t5-base")
+    if name in T5Conditioner.T5_MODELS:
+        return _hf_cache_folder(name, cond["id"])
+    folder = Path(name) if Path(name).is_absolute() else model_dir / name
+    if not folder.is_dir():
+        raise ModelFilesError(
+            f"T5 folder {folder} named by conditioner {cond['id']!r} does not exist: t5_model_name must be "
+            f"a folder (absolute, or relative to {model_dir}) holding a saved T5 encoder and tokenizer, or "
+            f"one of {T5Conditioner.T5_MODELS} to use the local Hugging Face cache"
+        )
+    missing = _missing_t5_files(folder)
+    if missing:
+        raise ModelFilesError(
+            f"T5 folder {folder} named by conditioner {cond['id']!r} lacks {', '.join(missing)}; "
+            "write them with T5EncoderModel.save_pretrained(folder) and AutoTokenizer.save_pretrained(folder)"
+        )
+    return folder
+
+
+def _hf_cache_folder(name: str, cond_id: str) -> Path:
+    """The cached snapshot folder of hub model ``name``, found without touching the network."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    config = try_to_load_from_cache(name, "config.json")
+    missing = _missing_t5_files(Path(config).parent) if isinstance(config, str) else ["config.json"]
+    if missing:
+        raise ModelFilesError(
+            f"T5 encoder {name!r} (conditioner {cond_id!r}) is not in the local Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} (set by HF_HUB_CACHE, default $HF_HOME/hub): missing "
+            f"{', '.join(missing)}. On a machine with access run `hf download {name} config.json "
+            "model.safetensors tokenizer.json spiece.model` (older huggingface_hub: "
+            f"`huggingface-cli download {name}`) and copy its models--{name.replace('/', '--')} folder "
+            "into that cache, or save the encoder and tokenizer to a folder and set t5_model_name to it"
+        )
+    return Path(config).parent
+
+
+def _local_t5_conditioner(output_dim: int, t5_model_name: str, **kwargs):
+    """stable-audio-tools' ``T5Conditioner`` with its encoder and tokenizer read from a local folder.
+
+    ``T5Conditioner.__init__`` accepts only the hub names in its class tables and looks the width up
+    there. A subclass whose tables hold just this folder (width: the folder's ``d_model``) lets the
+    unchanged ``__init__`` and ``forward`` run, so tokenisation, max_length, the float16 encoder, the
+    projection and the output are exactly upstream's; ``from_pretrained`` on an existing folder reads
+    only its files. Nothing global is patched, and no hub name is resolved (not even from the cache).
+    """
+    from stable_audio_tools.models.conditioners import T5Conditioner
+
+    width = json.loads((Path(t5_model_name) / "config.json").read_text()).get("d_model")
+    if not isinstance(width, int):
+        raise ValueError(f"{t5_model_name}/config.json has no integer d_model; is it a T5 config?")
+    tables = {"T5_MODELS": [t5_model_name], "T5_MODEL_DIMS": {t5_model_name: width}}
+    cls = type("LocalT5Conditioner", (T5Conditioner,), tables)
+    return cls(output_dim=output_dim, t5_model_name=t5_model_name, **kwargs)
+
+
+def build_model(config: dict[str, Any], model_dir: str | Path = ".") -> torch.nn.Module:
+    """Build a ``diffusion_cond`` model from its config (fresh weights), resolving local files offline.
+
+    ``t5`` conditioners are built by :func:`_local_t5_conditioner`: the factory would construct them
+    from hub names, so each is first built as a cheap ``number`` placeholder (a different type, same
+    id) and then replaced in the conditioner dict, before any weights are loaded.
+    """
+    from stable_audio_tools.models.factory import create_model_from_config
+
+    config = _resolve_local_paths(config, Path(model_dir))
+    conditioning = config["model"].get("conditioning", {})
+    t5 = {c["id"]: c["config"] for c in conditioning.get("configs", []) if c["type"] == "t5"}
+    build = copy.deepcopy(config)
+    for cond in build["model"].get("conditioning", {}).get("configs", []):
+        if cond["type"] == "t5":
+            cond.update(type="number", config={})
+    model = create_model_from_config(build)
+    for cond_id, cfg in t5.items():
+        model.conditioner.conditioners[cond_id] = _local_t5_conditioner(conditioning["cond_dim"], **cfg)
+    return model
 
 
 def load_model(model_dir: str | Path = DEFAULT_MODEL_DIR, device: str | torch.device = "cpu"):
     """Build the model from ``model_config.json`` and load its weights. Returns (model, config)."""
-    from stable_audio_tools.models.factory import create_model_from_config
-
     model_dir = Path(model_dir)
     config_path = model_dir / "model_config.json"
     if not config_path.exists():
@@ -57,7 +158,7 @@ def load_model(model_dir: str | Path = DEFAULT_MODEL_DIR, device: str | torch.de
     config = json.loads(config_path.read_text())
     if config.get("model_type") != "diffusion_cond":
         raise ValueError(f"{config_path}: model_type {config.get('model_type')!r}, expected 'diffusion_cond'")
-    model = create_model_from_config(_resolve_local_paths(config, model_dir))
+    model = build_model(config, model_dir)
     model.load_state_dict(load_weights(model_dir), strict=True)
     return model.to(device).eval().requires_grad_(False), config
 
