@@ -165,3 +165,17 @@ def test_a_diverging_row_fails_alone(assets, monkeypatch):
     dirty, _ = engine.sample(reqs)
     for i in (0, 2):
         torch.testing.assert_close(dirty[i], clean[i], rtol=1e-4, atol=1e-4 * clean[i].abs().max().item())
+
+
+def test_detector_cut_is_exact_for_the_patched_pretransform(assets):
+    """The default model's patched pretransform is frame-local: no margin, and the cut equals the full decode."""
+    from engine.engine import decode_margin
+
+    engine = Engine(EngineConfig(), assets / "model", assets / "index")
+    assert decode_margin(engine.model.pretransform) == 0
+    x0 = torch.randn(2, engine.model.io_channels, 40, generator=torch.Generator().manual_seed(0))
+    seconds = torch.tensor([0.5, 1.0])
+    with torch.no_grad():
+        full = engine.embed(engine.decode(x0), seconds)
+        cut = engine._detector(seconds, reference=False)(x0, torch.arange(2))
+    assert torch.equal(cut, full)

@@ -78,3 +78,30 @@ def test_engine_runs_amg_on_the_sao_architecture(tiny_sao, mode):
     for g_ in out:
         assert g_.error is None and g_.audio.shape == (2, round(g_.request.seconds * 44100))
         assert all(step["gate"] for step in g_.trace)  # λ = −1: every step guided, gradient through the VAE
+
+
+def test_detector_decodes_a_cut_that_equals_the_full_decode(tiny_sao):
+    """The detector decodes only the latent frames the embedder sees plus the VAE's receptive field
+    (engine.DECODE_MARGIN_FRAMES): its embedding equals that of the full decode. Without the margin
+    the convolutional decoder's edge changes the audio (checked too, so the test can fail)."""
+    from engine import engine as engine_mod
+    from index.embedders import MelEmbedder
+    from index.store import build_index
+
+    root, _ = tiny_sao
+    build_index(
+        MelEmbedder(), torch.randn(2, 1, 8192) * 0.1, 8000, ["a", "b"], ["a warm pad", "x"], [1.0, 1.0]
+    ).save(root / "index-cut")
+    engine = Engine(EngineConfig(), root / "model", root / "index-cut")
+    x0 = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.5  # 2.97 s of latents
+    seconds = torch.tensor([1.5, 3.0])
+    with torch.no_grad():
+        full = engine.embed(engine.decode(x0), seconds)
+        cut = engine._detector(seconds, reference=False)(x0, torch.arange(2))
+        torch.testing.assert_close(cut, full, atol=1e-5, rtol=0)
+        margin, engine_mod.DECODE_MARGIN_FRAMES = engine_mod.DECODE_MARGIN_FRAMES, 0
+        try:
+            bare = engine._detector(seconds, reference=False)(x0, torch.arange(2))
+        finally:
+            engine_mod.DECODE_MARGIN_FRAMES = margin
+    assert (bare - full).abs().max() > 1e-3

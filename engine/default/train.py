@@ -156,6 +156,11 @@ def main() -> None:
         "only fixed noisy copies x0 + σ_tn·η of the latents (the paper's range: 0.4-4); 0 = off",
     )
     p.add_argument("--seed", type=int, default=0, help="initialisation, data-order and noisy-copy seed")
+    p.add_argument(
+        "--reindex",
+        action="store_true",
+        help="do not train: rewrite the training set and rebuild OUT/../index for the model in OUT",
+    )
     args = p.parse_args()
     validate_sigma_tn(args.ambient_sigma)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -164,12 +169,16 @@ def main() -> None:
 
     from stable_audio_tools.models.factory import create_model_from_config
 
-    from index.build import build_from_manifest
     from index.embedders import MelEmbedder
 
     clips = make_clips()
     data_dir = args.data or args.out.parent / "train"
     write_dataset(data_dir)
+    if args.reindex:
+        from engine.models import load_model
+
+        write_index(load_model(args.out)[0], clips, data_dir, args.out.parent / "index")
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     build_tokenizer([c.caption for c in clips], args.out / "tokenizer")
     config = model_config(depth=args.depth)
@@ -230,9 +239,19 @@ def main() -> None:
                 break
     save_model(ema, config, args.out, dtype=torch.float16)
     log.info("done in %.0f s", time.time() - start)
-    index = build_from_manifest(data_dir / "train.parquet", embedder, args.out.parent / "index")
-    # the training latents too, for the latent-space (nL2) similarity of index/latent_nl2.py
-    replace(index, latents=latents).save(args.out.parent / "index")
+    write_index(model, clips, data_dir, args.out.parent / "index")
+
+
+def write_index(model, clips, data_dir: Path, out_dir: Path) -> None:
+    """The bundled index: the training clips embedded with the default embedder, and their latents
+    (for the latent-space nL2 similarity of index/latent_nl2.py)."""
+    from index.build import build_from_manifest
+    from index.embedders import MelEmbedder
+
+    scale = model_config()["amg_default"]["audio_scale"]
+    latents = model.pretransform.encode(clip_tensor(clips) * scale)
+    index = build_from_manifest(data_dir / "train.parquet", MelEmbedder(), out_dir)
+    replace(index, latents=latents).save(out_dir)
 
 
 if __name__ == "__main__":
