@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # packages they really import are in pyproject.toml.
 NO_DEPS := stable-audio-tools==0.0.19 k-diffusion==0.1.1 laion-clap==1.1.7 dctorch==0.1.2 clean-fid==0.1.35 clip-anytorch==2.6.0
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint browser
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -18,8 +18,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(BIN)/amg demo --out out/demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
+
+# A headless Chromium for the audit report's browser test (tests/test_audit.py), from the npm registry
+# (@sparticuz/chromium ships the binary inside the package). Best effort: without node/npm the make
+# goes on and that one test is skipped.
+CHROMIUM_DIR := .cache/chromium
+browser: $(CHROMIUM_DIR)/chromium.json
+$(CHROMIUM_DIR)/chromium.json:
+	-mkdir -p $(CHROMIUM_DIR) && cd $(CHROMIUM_DIR) && npm install --silent --no-audit --no-fund \
+	  @sparticuz/chromium@153 && TMPDIR=$$(pwd) node --input-type=module -e "import c from '@sparticuz/chromium'; \
+	  import fs from 'fs'; const exe = await c.executablePath(); \
+	  fs.writeFileSync('chromium.json', JSON.stringify({executable: exe, args: c.args}))"
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

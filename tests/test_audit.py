@@ -185,25 +185,50 @@ def test_report_is_self_contained_with_playable_pairs(folder, tmp_path):
     assert (tmp_path / "out" / "similarity.png").stat().st_size > 1000
 
 
+CHROMIUM = Path(__file__).resolve().parent.parent / ".cache" / "chromium" / "chromium.json"
+
+
+def _chromium() -> dict:
+    """The headless Chromium `make browser` fetched (executable and flags), or skip."""
+    pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip(f"no {CHROMIUM}: run `make browser` (needs node and the npm registry)")
+    spec = json.loads(CHROMIUM.read_text())
+    if not Path(spec["executable"]).exists():
+        pytest.skip(f"{spec['executable']} is gone: delete {CHROMIUM.parent} and run `make browser`")
+    return spec
+
+
 def test_report_renders_in_headless_chromium(folder, tmp_path):
-    """Runs where Playwright and its Chromium are installed (not on the offline CI machine)."""
-    sync_api = pytest.importorskip("playwright.sync_api")
+    """The report opens offline in a real browser: it renders, the players and the histogram load, and
+    the console shows no error."""
+    from playwright.sync_api import sync_playwright
+
+    spec = _chromium()
     _run(folder, tmp_path / "out")
-    errors = []
-    with sync_api.sync_playwright() as p:
-        try:
-            browser = p.chromium.launch()
-        except Exception as e:  # noqa: BLE001
-            pytest.skip(f"no Chromium for Playwright here: {e}")
+    errors, failed = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=spec["executable"], args=spec["args"], headless=True)
         page = browser.new_page()
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("requestfailed", lambda r: failed.append(r.url[:60]))
         page.goto((tmp_path / "out" / "report.html").as_uri())
+        page.wait_for_load_state("load")
+        assert page.title() == "Memorization audit"
         assert page.locator("table#pairs tr.pair").count() == 3
-        assert page.locator("audio").count() == 6
-        assert page.locator("img#histogram").evaluate("i => i.naturalWidth") > 0
+        assert page.locator("table#stats tr").count() >= 5
+        assert page.locator("img#histogram").evaluate("i => i.complete && i.naturalWidth") > 100
+        players = page.locator("audio")
+        assert players.count() == 6
+        for k in range(players.count()):  # each player loads its inline FLAC and knows its duration
+            duration = players.nth(k).evaluate(
+                "a => new Promise(r => { a.preload = 'auto'; a.onloadedmetadata = () => r(a.duration); "
+                "a.onerror = () => r(-1); a.load(); })"
+            )
+            assert duration > 0.5, k
         browser.close()
-    assert errors == []
+    assert errors == [] and failed == []
 
 
 def test_clap_score_is_the_cosine_with_the_prompts_text_embedding(folder, tmp_path):
