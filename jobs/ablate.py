@@ -52,6 +52,13 @@ ROWS = (
     Row("full AMG"),
 )
 AMBIENT_ROWS = (Row("ambient model", amg=False, model="ambient"), Row("ambient + AMG", model="ambient"))
+
+
+def model_rows(name: str) -> tuple[Row, Row]:
+    """The two rows of an extra model: alone (plain CFG) and with full AMG."""
+    return Row(f"{name} model", amg=False, model=name), Row(f"{name} + AMG", model=name)
+
+
 COLUMNS = ("mean", "p95", "max", "share_replica", "family_adherence", "fad", "kad")
 
 
@@ -122,6 +129,7 @@ def run_ablation(
     rows=ROWS,
     ambient: Path | None = None,
     limit: int | None = None,
+    extra_models: dict[str, Path] | None = None,
     steps: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
@@ -140,6 +148,9 @@ def run_ablation(
     if ambient is not None:
         model_dirs["ambient"] = ambient
         rows = tuple(rows) + AMBIENT_ROWS
+    for name, path in (extra_models or {}).items():
+        model_dirs[name] = Path(path)
+        rows = tuple(rows) + model_rows(name)
     table = [run_row(r, manifest, out, model_dirs, steps, progress) for r in rows]
     pq.write_table(pa.Table.from_pylist(table), out / "ablation.parquet")
     (out / "ablation.md").write_text(format_table(table) + "\n")
@@ -167,8 +178,16 @@ def cmd_ablate(args) -> int:
     ambient = args.ambient_model
     if ambient is None and not args.no_ambient and (ambient_model_dir() / "model_config.json").exists():
         ambient = ambient_model_dir()
+    extra = {}
+    for spec in args.compare_model:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(
+                f"--compare-model {spec!r}: write NAME=MODEL_DIR, e.g. control=/tmp/control/model"
+            )
+        extra[name] = Path(path)
     table = run_ablation(args.out, ambient=None if args.no_ambient else ambient, limit=args.limit,
-                         steps=args.steps, progress=not args.quiet)  # fmt: skip
+                         steps=args.steps, progress=not args.quiet, extra_models=extra)  # fmt: skip
     print(format_table(table))
     print(f"table: {Path(args.out) / 'ablation.md'}")
     return 0
@@ -184,6 +203,13 @@ def register_ablate(sub) -> None:
         help="an Ambient Diffusion model folder for the extra rows (default: the bundled one, if any)",
     )
     p.add_argument("--no-ambient", action="store_true", help="leave out the ambient-model rows")
+    p.add_argument(
+        "--compare-model",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another model folder for two more rows (alone, and with AMG); repeatable",
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N caption prompts (quick look)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the preset's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

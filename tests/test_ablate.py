@@ -46,19 +46,30 @@ def test_family_adherence_counts_ok_rows_only():
 def test_small_ablation_writes_the_table(tmp_path):
     rows = (ROWS[0], ROWS[-1])
     # the default model stands in for an ambient one: this checks the plumbing of the extra rows
-    table = run_ablation(tmp_path, rows=rows, ambient=DEFAULT_MODEL_DIR, limit=3, steps=6, progress=False)
-    assert [r["row"] for r in table] == ["baseline", "full AMG", *(r.name for r in AMBIENT_ROWS)]
+    table = run_ablation(tmp_path, rows=rows, ambient=DEFAULT_MODEL_DIR, limit=3, steps=6, progress=False,
+                         extra_models={"control": DEFAULT_MODEL_DIR})  # fmt: skip
+    names = ["baseline", "full AMG", *(r.name for r in AMBIENT_ROWS), "control model", "control + AMG"]
+    assert [r["row"] for r in table] == names
     for r in table:
         assert r["n"] == 3 and -1 <= r["mean"] <= r["p95"] <= r["max"] <= 1.0001
         assert 0 <= r["share_replica"] <= 1 and 0 <= r["family_adherence"] <= 1 and r["kad"] is not None
     # same model, same prompts and seeds, no AMG: the ambient-model stand-in reproduces the baseline
     assert table[2]["mean"] == pytest.approx(table[0]["mean"], abs=1e-6)
+    assert table[4]["mean"] == pytest.approx(table[0]["mean"], abs=1e-6)
+    assert table[5]["mean"] == pytest.approx(table[1]["mean"], abs=1e-6)
     saved = pq.read_table(tmp_path / "ablation.parquet").to_pylist()
     assert [r["row"] for r in saved] == [r["row"] for r in table]
     md = (tmp_path / "ablation.md").read_text()
     assert md.startswith("| row |") and md.count("\n") == len(table) + 2
     assert format_table(table) in md
     assert (tmp_path / "full-amg" / "audit" / "report.html").exists()
+
+
+def test_compare_model_flag_needs_name_and_folder(tmp_path, capsys):
+    from jobs.cli import main
+
+    assert main(["ablate", "--out", str(tmp_path), "--compare-model", "nofolder"]) == 2
+    assert "NAME=MODEL_DIR" in capsys.readouterr().err
 
 
 def test_row_is_frozen():
