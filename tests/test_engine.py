@@ -168,7 +168,7 @@ def test_a_diverging_row_fails_alone(assets, monkeypatch):
 
 
 def test_detector_cut_is_exact_for_the_patched_pretransform(assets):
-    """The default model's patched pretransform is frame-local: no margin, and the cut equals the full decode."""
+    """The default model's patched pretransform is frame-local: no margin, the cut equals the full decode."""
     from engine.engine import decode_margin
 
     engine = Engine(EngineConfig(), assets / "model", assets / "index")

@@ -38,14 +38,15 @@ def guided(manifest, tmp_path_factory):
 
 
 def test_baseline_replays_training_clips(baseline):
-    """Without AMG, prompts equal to training captions reproduce their clips: at least a fifth of them
-    at the replication threshold (0.9), and the typical output is close to its clip (median ≥ 0.75).
-    The walking-skeleton target is half at ≥ 0.9; the README reports the measured share."""
+    """Without AMG, prompts equal to training captions reproduce their clips: at least a third of them
+    at the replication threshold (0.9; measured 13 of 32), and the typical output is close to its clip
+    (median ≥ 0.8; measured 0.88). The walking-skeleton target is half at ≥ 0.9; the README reports
+    the measured share."""
     results, out = baseline
     assert (results.status == "ok").all()
     own = own_clip_similarity(results, out)
-    assert (own >= 0.9).mean() >= 0.2, own
-    assert np.median(own) >= 0.75, own
+    assert (own >= 0.9).mean() >= 1 / 3, own
+    assert np.median(own) >= 0.8, own
 
 
 def test_amg_leaves_no_row_above_the_memorization_threshold(guided, baseline):

@@ -338,7 +338,7 @@ def test_cli_build_and_info(tmp_path, capsys):
     assert main(["build", str(tmp_path / "audio"), "--out", str(tmp_path / "idx"), "--quiet"]) == 0
     assert main(["info", str(tmp_path / "idx"), "--show", "2"]) == 0
     out = capsys.readouterr().out
-    assert "mel-pattern-v1" in out and "vectors: 3 x" in out and "drums/clip1.wav" in out
+    assert "mel-pattern-v2" in out and "vectors: 3 x" in out and "drums/clip1.wav" in out
     assert main(["build", str(tmp_path / "audio"), "--out", str(tmp_path / "c"), "--embedder", "clap"]) == 2
     sub = argparse.ArgumentParser().add_subparsers()
     register(sub)
