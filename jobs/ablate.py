@@ -23,6 +23,7 @@ its results, audio and audit report under ``DIR/<row>/``; rerunning resumes.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def row_config(row: Row, preset: str = "default-model", steps: int | None = None
 
 
 def slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-").replace("--", "-")
+    """A row's folder name: "c1 + c2" -> "c1-c2"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def run_row(
