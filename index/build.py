@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from index.embedders import input_span
-from index.store import EmbeddingIndex, atomic_write
+from index.store import EmbeddingIndex, atomic_write, open_plan_dir
 
 log = logging.getLogger(__name__)
 
@@ -129,22 +129,7 @@ def _plan(clips: list[Clip], embedder, batch_size: int) -> dict:
 
 def _open_build(out_dir: Path, plan: dict, restart: bool) -> Path:
     """The build folder for ``plan``: reused after an interruption, refused if it holds another plan."""
-    work = out_dir / BUILD_DIR
-    if restart and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    plan_file = work / "plan.json"
-    if plan_file.exists():
-        old = json.loads(plan_file.read_text())
-        if old != plan:
-            changed = sorted(k for k in plan if old.get(k) != plan[k])
-            raise ValueError(
-                f"{work} holds an unfinished build with another {', '.join(changed)}; rerun with the same "
-                "inputs to resume it, or pass --restart (restart=True) to discard it"
-            )
-    else:
-        plan_file.write_text(json.dumps(plan, indent=1))
-    return work
+    return open_plan_dir(out_dir / BUILD_DIR, plan, restart, "an unfinished build")
 
 
 def _read_for(embedder, clip: Clip) -> tuple[torch.Tensor, float]:

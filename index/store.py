@@ -125,3 +125,26 @@ def build_index(embedder, audio: torch.Tensor, sample_rate: int, ids, captions, 
     with torch.no_grad():
         parts = [embedder(audio[i : i + batch_size], sample_rate) for i in range(0, len(audio), batch_size)]
     return EmbeddingIndex(torch.cat(parts).float(), list(ids), list(captions), list(seconds), embedder.info)
+
+
+def open_plan_dir(work: Path, plan: dict, restart: bool, what: str) -> Path:
+    """A resumable work folder holding ``plan.json``: reused when it holds the same plan, refused
+    (ValueError naming what differs) when it holds another, emptied first when ``restart``.
+    ``what`` names the work in the message, e.g. "an unfinished build"."""
+    import shutil
+
+    if restart and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    plan_file = work / "plan.json"
+    if plan_file.exists():
+        old = json.loads(plan_file.read_text())
+        if old != plan:
+            changed = sorted(k for k in plan if old.get(k) != plan[k])
+            raise ValueError(
+                f"{work} holds {what} with another {', '.join(changed)}; rerun with the same inputs to "
+                "resume it, or pass --restart (restart=True) to discard it"
+            )
+    else:
+        plan_file.write_text(json.dumps(plan, indent=1))
+    return work
