@@ -52,7 +52,6 @@ ROWS = (
     Row("c2 + c3", c1=False),
     Row("full AMG"),
 )
-AMBIENT_ROWS = (Row("ambient model", amg=False, model="ambient"), Row("ambient + AMG", model="ambient"))
 
 
 def model_rows(name: str) -> tuple[Row, Row]:
@@ -60,7 +59,7 @@ def model_rows(name: str) -> tuple[Row, Row]:
     return Row(f"{name} model", amg=False, model=name), Row(f"{name} + AMG", model=name)
 
 
-COLUMNS = ("mean", "p95", "max", "share_replica", "family_adherence", "fad", "kad")
+AMBIENT_ROWS = model_rows("ambient")
 
 
 def ambient_model_dir() -> Path:
@@ -147,10 +146,8 @@ def run_ablation(
     if limit is not None:
         pq.write_table(pq.read_table(manifest).slice(0, limit), manifest)
     model_dirs = {"default": DEFAULT_MODEL_DIR}
-    if ambient is not None:
-        model_dirs["ambient"] = ambient
-        rows = tuple(rows) + AMBIENT_ROWS
-    for name, path in (extra_models or {}).items():
+    extra = ({"ambient": ambient} if ambient is not None else {}) | dict(extra_models or {})
+    for name, path in extra.items():
         model_dirs[name] = Path(path)
         rows = tuple(rows) + model_rows(name)
     table = [run_row(r, manifest, out, model_dirs, steps, progress) for r in rows]
@@ -230,4 +227,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     sys.exit(main(sys.argv[1:]))
 
-__all__ = ["ROWS", "AMBIENT_ROWS", "COLUMNS", "Row", "run_ablation", "format_table", "register_ablate"]
+__all__ = ["ROWS", "AMBIENT_ROWS", "Row", "model_rows", "run_ablation", "format_table", "register_ablate"]

@@ -28,7 +28,7 @@ import hashlib
 import heapq
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -429,14 +429,6 @@ def _train_paths(train_audio: str | Path | None) -> dict[str, Path]:
     return {c.id: c.path for c in clips_from_source(train_audio)}
 
 
-def iter_rows(out_dir: str | Path) -> Iterator[dict]:
-    """The rows of ``OUT/audit.parquet``, one batch at a time (for large audits)."""
-    import pyarrow.parquet as pq
-
-    for batch in pq.ParquetFile(Path(out_dir) / "audit.parquet").iter_batches():
-        yield from batch.to_pylist()
-
-
 def format_summary(summary: Summary) -> str:
     """A few lines for the terminal."""
     g, b = summary.generated, summary.background
@@ -464,5 +456,5 @@ def format_summary(summary: Summary) -> str:
 
 __all__ = [
     "AuditConfig", "Item", "Summary", "aggregate", "embed_all", "format_summary", "items_from_source",
-    "iter_rows", "run_audit", "similarity_stats",
+    "run_audit", "similarity_stats",
 ]  # fmt: skip

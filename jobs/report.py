@@ -88,7 +88,7 @@ def _stats_rows(summary) -> str:
     return "\n".join(rows)
 
 
-def _pairs_rows(summary, out_dir: Path, train_audio: dict[str, Path]) -> str:
+def _pairs_rows(summary, train_audio: dict[str, Path]) -> str:
     rows = []
     for rank, p in enumerate(summary.top_pairs, 1):
         gen = _player(audio_data_uri(Path(p["path"])), f"audited {p['id']}")
@@ -121,7 +121,7 @@ def write_report(summary, out_dir: Path, train_audio: dict[str, Path] | None = N
     page = TEMPLATE.format(
         n_ok=summary.n_ok, n_error=summary.n_error, embedder=html.escape(summary.embedder["name"]),
         stats=_stats_rows(summary), extra="<br>".join(html.escape(x) for x in extra), img=img,
-        pairs=_pairs_rows(summary, out_dir, train_audio or {}), n_pairs=len(summary.top_pairs),
+        pairs=_pairs_rows(summary, train_audio or {}), n_pairs=len(summary.top_pairs),
     )  # fmt: skip
     path = out_dir / "report.html"
     tmp = path.with_suffix(".html.tmp")
