@@ -97,17 +97,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per run)")
     args = p.parse_args(argv)
     manifest = caption_manifest(args.out / "captions.parquet")
-    table = {}
+    table, families = {}, []
     for name, flags in (("no-amg", ["--no-amg"]), ("amg", [])):
         out = args.out / name
         if amg(["generate", str(manifest), "--out", str(out), "--quiet", "--batch-size", "32", *flags]) != 0:
             return 1
-        table[name] = summarise(pq.read_table(out / "results.parquet").to_pandas(), out)
+        results = pq.read_table(out / "results.parquet").to_pandas()
+        table[name] = summarise(results, out)
+        families += [f"{name:8s} {line}" for line in by_family(results, out)]
     keys = list(table["amg"])
     print(f"{'':28s}" + "".join(f"{k:>12s}" for k in table))
     for k in keys:
         print(f"{k:28s}" + "".join(f"{table[run][k]:12.3f}" for run in table))
+    print("\nper family: replicating its own clip, and the range of similarity to it")
+    print("\n".join(families))
     return 0
+
+
+def by_family(results, out_dir: Path) -> list[str]:
+    """One line per family of prompt (drum loop, pad, arpeggio, texture)."""
+    from engine.default.data import FAMILIES, family
+
+    own = own_clip_similarity(results, out_dir)
+    lines = []
+    for fam in FAMILIES:
+        v = np.array([s for p, s in zip(results.prompt, own, strict=True) if family(p) == fam])
+        lines.append(f"{fam:10s} {int((v >= 0.9).sum())}/{len(v)}  {v.min():.2f}-{v.max():.2f}")
+    return lines
 
 
 if __name__ == "__main__":
