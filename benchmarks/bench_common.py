@@ -24,14 +24,28 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None
 
 
+def git_dirty() -> bool | None:
+    """Whether the work tree had uncommitted changes to tracked files (the SHA alone is then not the code)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT, capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def environment(device: str) -> dict:
-    """machine (host, cpu, cores, gpu, python), torch version, git SHA and the command line."""
+    """machine (host, cpu, cores, gpu, python), torch version, git SHA (and whether the tree was dirty),
+    and the command line."""
     return dict(
         machine=dict(
             host=platform.node(), cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
             gpu=torch.cuda.get_device_name() if device == "cuda" else None, python=platform.python_version(),
         ),
-        torch=torch.__version__, git_sha=git_sha(), command=" ".join([Path(sys.executable).name, *sys.argv]),
+        torch=torch.__version__, git_sha=git_sha(), git_dirty=git_dirty(),
+        command=" ".join([Path(sys.executable).name, *sys.argv]),
     )  # fmt: skip
 
 

@@ -1,9 +1,11 @@
 """Compiling the per-step units (never the loop): the batched CFG model call and the sampler step.
 
-Compile settings live here and nowhere else; nothing is compiled at import. Both units are compiled
-with ``fullgraph=True``, so a graph break is an error rather than a silent slowdown. The detector
-and the gated-subset work (neighbour branch, similarity gradient) stay eager: their batch size is
-data-dependent (the number of open gates), which would recompile for every new count.
+Compile settings live here and nowhere else; nothing is compiled at import. Every unit is compiled
+with ``fullgraph=True``, so a graph break is an error rather than a silent slowdown. The gated-subset
+model calls (the neighbour branch, and the forward + backward of the similarity gradient) have a
+data-dependent batch size, the number of open gates, so they are compiled with ``dynamic=True``: one
+graph serves every count instead of a recompile per new count (dynamo still specialises a count of 1).
+The detector (decode + embedding) and the search stay eager.
 """
 
 from __future__ import annotations
@@ -24,11 +26,19 @@ def cfg_branches(
     return both.chunk(2)
 
 
-def maybe_compile(fn: Callable, compile: bool) -> Callable:
-    """``fn`` compiled whole (``fullgraph=True``: a graph break raises) when ``compile`` is true."""
-    return torch.compile(fn, fullgraph=True, dynamic=None) if compile else fn
+def maybe_compile(fn: Callable, compile: bool, dynamic: bool | None = None) -> Callable:
+    """``fn`` compiled whole (``fullgraph=True``: a graph break raises) when ``compile`` is true.
+
+    ``dynamic=True`` for units whose batch size changes from call to call.
+    """
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic) if compile else fn
 
 
-def compiled_branches(model, compile: bool) -> Callable:
+def compiled_branches(model, compile: bool, dynamic: bool | None = None) -> Callable:
     """branches(x, sigma, cond, uncond) -> (x0_c, x0_u) for ``model``."""
-    return maybe_compile(partial(cfg_branches, model), compile)
+    return maybe_compile(partial(cfg_branches, model), compile, dynamic)
+
+
+def compiled_denoise(model, compile: bool) -> Callable:
+    """denoise(x, sigma, cond) -> x0, one conditioning branch, for batches of any size."""
+    return maybe_compile(partial(v_denoise, model), compile, dynamic=True)

@@ -108,7 +108,10 @@ class EngineConfig:
     sampler: SamplerConfig = SamplerConfig()
     batch_size: int = 16
     device: str = "cpu"
-    compile: bool = False  # torch.compile the batched model call and the sampler step (off: CPU gains little)
+    compile: bool = False  # torch.compile the model calls and the sampler step (slow to compile on CPU)
+    # rows gated at the previous step keep autograd on their forward, so the gradient needs only the
+    # backward pass (same outputs; off recomputes the forward for every gated row)
+    reuse_forward: bool = True
 
     def __post_init__(self) -> None:
         _check(
@@ -121,6 +124,7 @@ class EngineConfig:
         d = asdict(self)
         d.pop("device")
         d.pop("compile")
+        d.pop("reuse_forward")  # same outputs either way
         d.pop("batch_size")  # outputs are batch-invariant by design
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from engine.compile import compiled_branches, maybe_compile
+from engine.compile import compiled_branches, compiled_denoise, maybe_compile
 from engine.config import EngineConfig
 from engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser, search_fn
 from engine.models import DEFAULT_MODEL_DIR, Conditioning, encode_conditioning, load_model
@@ -81,6 +81,8 @@ class Engine:
         self.model_id = f"{Path(model_dir).resolve().name}:{self._weights_digest(model_dir)}"
         self._nbr_cache = ConditioningCache(self._encode_training_captions, max_items=4096)
         self._branches = compiled_branches(self.model, config.compile)
+        self._gated_branches = compiled_branches(self.model, config.compile, dynamic=True)
+        self._denoise = compiled_denoise(self.model, config.compile)
         self._steps: dict[str, object] = {}  # sampler name -> (compiled) step function
 
     @staticmethod
@@ -155,7 +157,8 @@ class Engine:
             self.model, cond, uncond, RowParams(full(g.cfg_scale), full(g.c1), full(g.c2), full(g.c3)),
             self._detector(seconds, reference), self.index.vectors, self._neighbour_cond,
             amg=g.amg, reference=reference, lambda_min=g.lambda_min, lambda_max=g.lambda_max,
-            branches=self._branches,
+            branches=self._branches, gated_branches=self._gated_branches, denoise=self._denoise,
+            reuse_forward=self.config.reuse_forward,
         )  # fmt: skip
         return self._sample(denoiser, requests)
 

@@ -5,17 +5,24 @@ Per step (σ shared, B rows):
 2. detector: decode the probe prediction, embed it, nearest training example on the device,
 3. gate m = σ_t > λ_t per row,
 4. only for rows whose gate is open: the neighbour-caption branch (if c2 > 0) and the
-   dissimilarity gradient (if c3 > 0), recomputed with autograd on the gated subset,
+   dissimilarity gradient (if c3 > 0), by a backward pass through the model and the detector,
 5. the fused combine (``kernels.guidance.amg_combine``) gives D, s1, s2, gate.
 
 Skipping (4) for closed rows gives the same D as computing everything and multiplying by m = 0:
 the combine selects rather than multiplies, so the unused rows never enter the result.
+
+The gradient needs the forward of (1)-(2) with autograd. Gates stay open for runs of steps, so the
+rows whose gradient was needed at the previous step ("warm" rows) run (1)-(2) with autograd as their
+own sub-batch, and if their gate is open again (4) is only the backward pass; the other rows run
+without autograd, and a row whose gate opens without being warm runs the forward again with autograd
+on the gated subset. Which rows are warm depends only on each row's own past gates, so a row's
+result still does not depend on its batch-mates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -89,9 +96,18 @@ class AMGDenoiser:
     lambda_max: float = 0.5
 
     branches: Callable | None = None  # (x, sigma, cond, uncond) -> (x0_c, x0_u), maybe compiled
+    # the same two for the gated subset (any batch size, with autograd), maybe compiled dynamic
+    gated_branches: Callable | None = None
+    denoise: Callable | None = None  # (x, sigma, cond) -> x0, one branch
+    # keep autograd on the forward of rows whose gate was open at the previous step (see _forward_split)
+    reuse_forward: bool = True
+    _warm: torch.Tensor | None = field(default=None, init=False, repr=False)  # [W] row indices
 
     def _branches(self, x, sigma, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
         return cfg_branches(self.model, x, sigma, cond, uncond)
+
+    def _denoise(self, x, sigma, cond) -> torch.Tensor:
+        return (self.denoise or partial(v_denoise, self.model))(x, sigma, cond)
 
     def _probe(self, x0_c, x0_u, cfg_scale) -> torch.Tensor:
         if self.reference:
@@ -100,41 +116,95 @@ class AMGDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor):
         s0 = self.params.cfg_scale
-        with torch.no_grad(), record_function("amg/model"):
-            x0_c, x0_u = (self.branches or self._branches)(x, sigma, self.cond, self.uncond)
         if not self.amg:
+            with torch.no_grad(), record_function("amg/model"):
+                x0_c, x0_u = (self.branches or self._branches)(x, sigma, self.cond, self.uncond)
             return x0_u + s0[:, None, None] * (x0_c - x0_u), None
-        rows = torch.arange(x.shape[0], device=x.device)
-        with torch.no_grad():
-            with record_function("amg/decode+embed"):
-                emb = self.detector(self._probe(x0_c, x0_u, s0), rows)
-            with record_function("amg/search"):
-                sim, nn = search_fn(x.device)(emb, self.index_vectors)  # [B], [B]; no host sync
+        warm = self._warm if self.reuse_forward else None
+        if warm is None or not warm.numel():
+            tape = None
+            with torch.no_grad():
+                with record_function("amg/model"):
+                    x0_c, x0_u = (self.branches or self._branches)(x, sigma, self.cond, self.uncond)
+                with record_function("amg/decode+embed"):
+                    emb = self.detector(
+                        self._probe(x0_c, x0_u, s0), torch.arange(x.shape[0], device=x.device)
+                    )
+        else:
+            x0_c, x0_u, emb, tape = self._forward_split(x, sigma, warm)
+        with torch.no_grad(), record_function("amg/search"):
+            sim, nn = search_fn(x.device)(emb, self.index_vectors)  # [B], [B]; no host sync
         alpha_bar = 1 / (1 + sigma.float() ** 2)
         lam = lambda_t(alpha_bar, self.lambda_min, self.lambda_max)
         gated = (sim > lam).nonzero().squeeze(1)  # host sync: the gated subset decides the work
         x0_n = torch.zeros_like(x0_c)
         grad = torch.zeros_like(x0_c)
+        self._warm = gated[self.params.c3[gated] > 0]  # the rows whose gradient is needed now
         if gated.numel():
-            self._gated_terms(x, sigma, gated, nn, x0_n, grad)
+            self._gated_terms(x, sigma, gated, nn, x0_n, grad, tape)
         combine = combine_fn(x.device)
         p = self.params
         with record_function("amg/combine"):
             d, s1, s2, gate = combine(x0_u, x0_c, x0_n, grad, sim, lam, alpha_bar, s0, p.c1, p.c2, p.c3)
         return d, StepTrace(sim, lam, gate, s1, s2, nn)
 
-    def _gated_terms(self, x, sigma, gated, nn, x0_n, grad) -> None:
+    def _forward_split(self, x, sigma, warm):
+        """The model call and detector with the batch split in two: the ``warm`` rows (gate open with
+        c3 > 0 at the previous step, so likely to need the gradient now) run with autograd and keep
+        their graph, the others without. A warm row whose gate is open again then needs only the
+        backward pass instead of a second forward. Returns x0_c, x0_u, emb (detached, all rows) and
+        the tape (warm rows, their input with grad, their embeddings with grad)."""
+        b = x.shape[0]
+        cold_mask = torch.ones(b, dtype=torch.bool, device=x.device)
+        cold_mask[warm] = False
+        cold = cold_mask.nonzero().squeeze(1)
+        s0 = self.params.cfg_scale
+        x0_c, x0_u = torch.empty_like(x), torch.empty_like(x)
+        emb_w, tape = None, None
+        with torch.enable_grad():
+            xw = x[warm].detach().requires_grad_(True)
+            with record_function("amg/model"):
+                cw, uw = (self.gated_branches or self._branches)(
+                    xw, sigma[warm], self.cond[warm], self.uncond[warm]
+                )
+            with record_function("amg/decode+embed"):
+                emb_w = self.detector(self._probe(cw, uw, s0[warm]), warm)
+            tape = (warm, xw, emb_w)
+        x0_c[warm], x0_u[warm] = cw.detach(), uw.detach()
+        emb = torch.empty((b, emb_w.shape[1]), dtype=emb_w.dtype, device=x.device)
+        emb[warm] = emb_w.detach()
+        if cold.numel():
+            with torch.no_grad():
+                with record_function("amg/model"):
+                    cc, uc = (self.gated_branches or self._branches)(
+                        x[cold], sigma[cold], self.cond[cold], self.uncond[cold]
+                    )
+                with record_function("amg/decode+embed"):
+                    emb[cold] = self.detector(self._probe(cc, uc, s0[cold]), cold)
+            x0_c[cold], x0_u[cold] = cc, uc
+        return x0_c, x0_u, emb, tape
+
+    def _gated_terms(self, x, sigma, gated, nn, x0_n, grad, tape=None) -> None:
         """Fill the neighbour prediction and the similarity gradient for the gated rows only."""
         p = self.params[gated]
         need_n = gated[p.c2 > 0]
         if need_n.numel():
             with torch.no_grad(), record_function("amg/neighbour"):
-                x0_n[need_n] = v_denoise(
-                    self.model, x[need_n], sigma[need_n], self.neighbour_cond(nn[need_n])
-                )
+                x0_n[need_n] = self._denoise(x[need_n], sigma[need_n], self.neighbour_cond(nn[need_n]))
         need_g = gated[p.c3 > 0]
-        if need_g.numel():
-            with record_function("amg/gradient"):
+        if not need_g.numel():
+            return
+        with record_function("amg/gradient"):
+            if tape is not None:
+                warm, xw, emb_w = tape
+                hit = torch.isin(warm, need_g)  # [W] warm rows whose gradient is needed
+                if hit.any():
+                    # rows are independent, so one backward of the masked sum gives each its own gradient
+                    sim_w = (emb_w.float() * self.index_vectors[nn[warm]]).sum(dim=1)
+                    (g,) = torch.autograd.grad((sim_w * hit).sum(), xw)
+                    grad[warm[hit]] = g[hit]
+                need_g = need_g[~torch.isin(need_g, warm)]  # the rest: forward again with autograd
+            if need_g.numel():
                 grad[need_g] = self.similarity_grad(x[need_g], sigma[need_g], need_g, nn[need_g])
 
     def similarity_grad(self, x, sigma, rows, nn) -> torch.Tensor:
@@ -143,9 +213,9 @@ class AMGDenoiser:
             x = x.detach().requires_grad_(True)
             cond, uncond = self.cond[rows], self.uncond[rows]
             if self.reference:
-                probe = v_denoise(self.model, x, sigma, cond)
+                probe = self._denoise(x, sigma, cond)
             else:
-                x0_c, x0_u = self._branches(x, sigma, cond, uncond)
+                x0_c, x0_u = (self.gated_branches or self._branches)(x, sigma, cond, uncond)
                 probe = self._probe(x0_c, x0_u, self.params.cfg_scale[rows])
             emb = self.detector(probe, rows)
             sim = (emb.float() * self.index_vectors[nn]).sum(dim=1)

@@ -62,6 +62,23 @@ def test_row_alone_equals_row_in_mixed_batch(assets):
         torch.testing.assert_close(batch[i : i + 1], alone, rtol=1e-4, atol=1e-4 * alone.abs().max().item())
 
 
+@pytest.mark.parametrize("mode", ["corrected", "reference"])
+def test_reusing_the_forward_for_warm_rows_changes_nothing(assets, mode):
+    """Rows gated at the previous step keep autograd on their forward and reuse it for the gradient;
+    the result equals recomputing the forward for every gated row."""
+    reqs = _requests(8)
+    engine = _engine(assets, mode=mode, lambda_min=0.5, lambda_max=0.65)
+    reused, traces = engine.sample(reqs)
+    gates = torch.stack([t.gate for t in traces])  # [steps, B]
+    assert (gates[1:] & gates[:-1]).any(), "the test needs a row gated at two consecutive steps"
+    assert (gates[:-1] & ~gates[1:]).any(), "the test needs a warm row whose gate closes"
+    assert gates[0].any(), "the test needs gates open on cold rows (at step 0 every row is cold)"
+    engine.config = replace(engine.config, reuse_forward=False)
+    recomputed, traces_off = engine.sample(reqs)
+    assert torch.equal(gates, torch.stack([t.gate for t in traces_off]))
+    torch.testing.assert_close(reused, recomputed, rtol=1e-4, atol=1e-4 * recomputed.abs().max().item())
+
+
 def test_closed_gate_is_exactly_plain_cfg(assets):
     reqs = _requests(3)
     amg, traces = _engine(assets, lambda_min=1.0, lambda_max=1.0).sample(reqs)
@@ -105,11 +122,20 @@ def test_no_amg_equals_stable_audio_tools_generate(assets, sampler):
 
 @pytest.mark.slow
 def test_compiled_step_equals_eager(assets):
-    """fullgraph=True: the batched model call and the sampler step compile with no graph break."""
-    reqs = _requests(3)
-    eager, eager_traces = _engine(assets).sample(reqs)
-    compiled, traces = _engine(assets, compile=True).sample(reqs)
+    """fullgraph=True: the batched model call, the sampler step and the gated-subset calls compile
+    with no graph break, and the gated calls (dynamic batch) do not recompile for every new count."""
+    from torch._dynamo.utils import counters
+
+    reqs = _requests(8)
+    eager, eager_traces = _engine(assets, lambda_min=0.5, lambda_max=0.65).sample(reqs)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, traces = _engine(assets, compile=True, lambda_min=0.5, lambda_max=0.65).sample(reqs)
     assert [t.gate.tolist() for t in traces] == [t.gate.tolist() for t in eager_traces]
+    counts = {int(t.gate.sum()) for t in traces} - {0, 1}
+    assert len(counts) >= 3, f"the test needs several gated-subset sizes, got {sorted(counts)}"
+    # main call + sampler step + (gated branches, neighbour branch) × (dynamic graph, count-1 graph)
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())
 
 
