@@ -98,7 +98,7 @@ def main() -> None:
     warmup = time.perf_counter() - t0
     base = []
     _, t_base = _timed(lambda: base.extend(published_amg(engine, r) for r in reqs))
-    ours, t_amg = _timed(lambda: engine.sample(reqs)[0])  # latents, as the baseline returns
+    (ours, traces), t_amg = _timed(lambda: engine.sample(reqs))  # latents, as the baseline returns
     plain_cfg = replace(cfg, guidance=replace(cfg.guidance, amg=False))
     plain_engine = Engine(plain_cfg, args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR)
     plain_engine.generate(warm_reqs)
@@ -113,6 +113,9 @@ def main() -> None:
     diff = row_diff.max().item()
     agree = int((row_diff < 1e-3).sum())
     parts = _breakdown(engine, reqs)
+    gates = torch.stack([t.gate for t in traces])  # [steps, B]
+    open_share = gates.float().mean().item()  # row-steps whose gate is open
+    warm_share = (gates[1:] & gates[:-1]).sum().item() / max(1, gates.sum().item())  # reused a forward
 
     n = len(reqs)
     rows = [
@@ -131,6 +134,8 @@ def main() -> None:
     print(f"forward reuse for warm rows: {t_recompute / t_amg:.2f}x faster than recomputing it")
     print(f"rows whose final latents agree with the baseline (rel. diff < 1e-3): {agree}/{n} "
           f"(largest difference {diff:.2e})")  # fmt: skip
+    print(f"gate open on {100 * open_share:.0f}% of row-steps; {100 * warm_share:.0f}% of those "
+          f"reused the row's forward (open at the previous step too)")  # fmt: skip
     print("engine AMG step time by part (profiled run, s):")
     for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {k:22s} {v:8.3f}")
@@ -143,6 +148,7 @@ def main() -> None:
                     "engine_amg_no_reuse": t_recompute},
         "speedup_vs_baseline": t_base / t_amg, "amg_overhead_vs_plain": t_amg / t_plain,
         "max_rel_diff": diff, "rows_agreeing": agree, "breakdown_s": parts,
+        "gate_open_share": open_share, "warm_reuse_share": warm_share,
     }  # fmt: skip
     bench_common.append_record(args.out, record)
 
