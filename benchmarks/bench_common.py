@@ -25,10 +25,12 @@ def git_sha() -> str | None:
 
 
 def git_dirty() -> bool | None:
-    """Whether the work tree had uncommitted changes to tracked files (the SHA alone is then not the code)."""
+    """Whether tracked files other than the benchmark logs had uncommitted changes (the SHA alone is
+    then not the code)."""
     try:
         out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            # the JSON-lines logs themselves are left out: appending a record is not a code change
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)*.jsonl"],
             cwd=ROOT, capture_output=True, text=True, timeout=10,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
