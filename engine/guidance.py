@@ -160,7 +160,6 @@ class AMGDenoiser:
         cold = cold_mask.nonzero().squeeze(1)
         s0 = self.params.cfg_scale
         x0_c, x0_u = torch.empty_like(x), torch.empty_like(x)
-        emb_w, tape = None, None
         with torch.enable_grad():
             xw = x[warm].detach().requires_grad_(True)
             with record_function("amg/model"):
