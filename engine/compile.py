@@ -1,4 +1,4 @@
-"""Compiling the per-step units (never the loop): the batched CFG model call and the sampler step.
+"""Compiling the per-step units (never the loop): the model calls and the sampler step.
 
 Compile settings live here and nowhere else; nothing is compiled at import. Every unit is compiled
 with ``fullgraph=True``, so a graph break is an error rather than a silent slowdown. The gated-subset
