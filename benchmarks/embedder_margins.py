@@ -17,35 +17,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.default.data import SAMPLE_RATE, WINDOW, make_clips  # noqa: E402
-from index.embedders import EMBEDDERS  # noqa: E402
-
-
-def perturbations(audio: torch.Tensor) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    power = audio.pow(2).mean(dim=-1, keepdim=True)
-    noise = lambda snr: audio + torch.randn(audio.shape, generator=g) * (power / 10 ** (snr / 10)).sqrt()  # noqa: E731
-    shift = int(0.010 * SAMPLE_RATE)
-    return {
-        "gain x0.3": audio * 0.3,
-        "noise 30 dB": noise(30),
-        "noise 15 dB": noise(15),
-        "shift 10 ms": torch.nn.functional.pad(audio, (shift, 0))[..., :WINDOW],
-    }
+from engine.default.data import SAMPLE_RATE, clip_tensor, make_clips  # noqa: E402
+from index.embedders import EMBEDDERS, PERTURBATIONS, perturb  # noqa: E402
 
 
 def main() -> int:
     clips = make_clips()
-    audio = torch.zeros(len(clips), 1, WINDOW)
-    for i, c in enumerate(clips):
-        audio[i, 0, : len(c.audio)] = torch.from_numpy(c.audio)
+    audio = clip_tensor(clips)
     same = torch.tensor([[np.array_equal(a.audio, b.audio) for b in clips] for a in clips])
     for name in ("mel-pattern-v1", "mel-pattern-v2"):
         emb = EMBEDDERS[name](None)
         e = emb(audio, SAMPLE_RATE)
-        cells = [
-            f"{k} ≥ {(emb(x, SAMPLE_RATE) * e).sum(1).min():.3f}" for k, x in perturbations(audio).items()
-        ]
+        cells = []
+        for kind in PERTURBATIONS:  # the same edits, with the same noise draws, as tests/test_embedders.py
+            x = perturb(audio, kind, SAMPLE_RATE, torch.Generator().manual_seed(0))
+            cells.append(f"{kind} ≥ {(emb(x, SAMPLE_RATE) * e).sum(1).min():.3f}")
         distinct = (e @ e.T).masked_fill(same, -1).max()
         print(f"{name}: " + ", ".join(cells) + f"; distinct clips ≤ {distinct:.3f}")
     return 0

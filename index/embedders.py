@@ -50,6 +50,25 @@ def input_span(rate: int, target_rate: int, window: int) -> int:
     return math.ceil(window * rate / target_rate) + orig + width + 1
 
 
+PERTURBATIONS = ("gain", "noise-30dB", "noise-15dB", "shift-10ms")
+
+
+def perturb(audio: torch.Tensor, kind: str, sample_rate: int, generator: torch.Generator) -> torch.Tensor:
+    """An edited copy of ``audio`` [B, C, T] that a replica detector must still call a replica:
+    ``gain`` (×0.3), ``noise-<snr>dB`` (white noise at that SNR, per row and channel) or
+    ``shift-<ms>ms`` (delayed by that much, same length). One of :data:`PERTURBATIONS` or alike."""
+    if kind == "gain":
+        return audio * 0.3
+    if kind.startswith("noise-") and kind.endswith("dB"):
+        snr_db = float(kind.removeprefix("noise-").removesuffix("dB"))
+        power = audio.pow(2).mean(dim=-1, keepdim=True)
+        return audio + torch.randn(audio.shape, generator=generator) * (power / 10 ** (snr_db / 10)).sqrt()
+    if kind.startswith("shift-") and kind.endswith("ms"):
+        shift = int(float(kind.removeprefix("shift-").removesuffix("ms")) / 1000 * sample_rate)
+        return torch.nn.functional.pad(audio, (shift, 0))[..., : audio.shape[-1]]
+    raise ValueError(f"unknown perturbation {kind!r}; known: gain, noise-<snr>dB, shift-<ms>ms")
+
+
 class EmbedderMismatch(ValueError):
     """The query embedder is not the one the index was built with."""
 

@@ -4,35 +4,22 @@ import numpy as np
 import pytest
 import torch
 
-from engine.default.data import SAMPLE_RATE, WINDOW, make_clips
-from index.embedders import MelEmbedder
+from engine.default.data import SAMPLE_RATE, WINDOW, clip_tensor, make_clips
+from index.embedders import PERTURBATIONS, MelEmbedder, perturb
 
 
 @pytest.fixture(scope="module")
 def clips_and_embeddings():
     clips = make_clips()
-    audio = torch.zeros(len(clips), 1, WINDOW)
-    for i, c in enumerate(clips):
-        audio[i, 0, : len(c.audio)] = torch.from_numpy(c.audio)
+    audio = clip_tensor(clips)
     emb = MelEmbedder()
     return clips, audio, emb, emb(audio, SAMPLE_RATE)
 
 
-def _perturb(audio: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
-    if kind == "gain":
-        return audio * 0.3
-    if kind.startswith("noise-"):
-        snr_db = float(kind.removeprefix("noise-").removesuffix("dB"))
-        power = audio.pow(2).mean(dim=-1, keepdim=True)
-        return audio + torch.randn(audio.shape, generator=gen) * (power / 10 ** (snr_db / 10)).sqrt()
-    shift = int(0.010 * SAMPLE_RATE)  # 10 ms
-    return torch.nn.functional.pad(audio, (shift, 0))[..., : audio.shape[-1]]
-
-
-@pytest.mark.parametrize("kind", ["gain", "noise-30dB", "noise-15dB", "shift-10ms"])
+@pytest.mark.parametrize("kind", PERTURBATIONS)
 def test_perturbed_clip_is_still_a_replica(clips_and_embeddings, kind):
     clips, audio, emb, e = clips_and_embeddings
-    perturbed = emb(_perturb(audio, kind, torch.Generator().manual_seed(0)), SAMPLE_RATE)
+    perturbed = emb(perturb(audio, kind, SAMPLE_RATE, torch.Generator().manual_seed(0)), SAMPLE_RATE)
     sims = (perturbed * e).sum(dim=1)
     assert sims.min() >= emb.replication_threshold, [clips[i].caption for i in torch.nonzero(sims < 0.9)]
 

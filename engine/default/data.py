@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 SAMPLE_RATE = 8000
 WINDOW = 8192  # samples the model generates (1.024 s); every clip fits in it
@@ -200,6 +201,14 @@ def make_clips(seed: int = 0) -> list[Clip]:
 
 
 FAMILIES = ("drum loop", "pad", "arpeggio", "texture")
+
+
+def clip_tensor(clips: list[Clip]) -> torch.Tensor:
+    """The clips as one zero-padded batch [N, 1, WINDOW] (float32)."""
+    audio = torch.zeros(len(clips), 1, WINDOW)
+    for i, c in enumerate(clips):
+        audio[i, 0, : len(c.audio)] = torch.from_numpy(c.audio)
+    return audio
 
 
 def family(caption: str) -> str:

@@ -28,18 +28,11 @@ from pathlib import Path
 import torch
 
 from engine.default.ambient import ambient_v_loss, noisy_copies, validate_sigma_tn
-from engine.default.data import SAMPLE_RATE, WINDOW, make_clips, write_dataset
+from engine.default.data import SAMPLE_RATE, WINDOW, clip_tensor, make_clips, write_dataset
 from engine.default.model import build_tokenizer, model_config
 from engine.models import encode_conditioning, save_model, v_denoise
 
 log = logging.getLogger(__name__)
-
-
-def clip_tensor(clips) -> torch.Tensor:
-    audio = torch.zeros(len(clips), 1, WINDOW)
-    for i, c in enumerate(clips):
-        audio[i, 0, : len(c.audio)] = torch.from_numpy(c.audio)
-    return audio  # [N, 1, WINDOW]
 
 
 def train_step(
