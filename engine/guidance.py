@@ -124,12 +124,10 @@ class AMGDenoiser:
         if warm is None or not warm.numel():
             tape = None
             with torch.no_grad():
-                with record_function("amg/model"):
-                    x0_c, x0_u = (self.branches or self._branches)(x, sigma, self.cond, self.uncond)
-                with record_function("amg/decode+embed"):
-                    emb = self.detector(
-                        self._probe(x0_c, x0_u, s0), torch.arange(x.shape[0], device=x.device)
-                    )
+                rows = torch.arange(x.shape[0], device=x.device)
+                x0_c, x0_u, emb = self._predict(
+                    self.branches or self._branches, x, sigma, self.cond, self.uncond, rows
+                )
         else:
             x0_c, x0_u, emb, tape = self._forward_split(x, sigma, warm)
         with torch.no_grad(), record_function("amg/search"):
@@ -139,14 +137,22 @@ class AMGDenoiser:
         gated = (sim > lam).nonzero().squeeze(1)  # host sync: the gated subset decides the work
         x0_n = torch.zeros_like(x0_c)
         grad = torch.zeros_like(x0_c)
-        self._warm = gated[self.params.c3[gated] > 0]  # the rows whose gradient is needed now
-        if gated.numel():
-            self._gated_terms(x, sigma, gated, nn, x0_n, grad, tape)
+        # the rows whose gradient is needed now are the warm rows of the next step
+        self._warm = self._gated_terms(x, sigma, gated, nn, x0_n, grad, tape) if gated.numel() else gated
         combine = combine_fn(x.device)
         p = self.params
         with record_function("amg/combine"):
             d, s1, s2, gate = combine(x0_u, x0_c, x0_n, grad, sim, lam, alpha_bar, s0, p.c1, p.c2, p.c3)
         return d, StepTrace(sim, lam, gate, s1, s2, nn)
+
+    def _predict(self, branches, x, sigma, cond, uncond, rows):
+        """x0_c, x0_u and the detector's embedding of the probe for the batch rows ``rows`` (``x``,
+        ``sigma``, ``cond``, ``uncond`` already those rows'); autograd as the caller's mode says."""
+        with record_function("amg/model"):
+            x0_c, x0_u = branches(x, sigma, cond, uncond)
+        with record_function("amg/decode+embed"):
+            emb = self.detector(self._probe(x0_c, x0_u, self.params.cfg_scale[rows]), rows)
+        return x0_c, x0_u, emb
 
     def _forward_split(self, x, sigma, warm):
         """The model call and detector with the batch split in two: the ``warm`` rows (gate open with
@@ -154,37 +160,26 @@ class AMGDenoiser:
         their graph, the others without. A warm row whose gate is open again then needs only the
         backward pass instead of a second forward. Returns x0_c, x0_u, emb (detached, all rows) and
         the tape (warm rows, their input with grad, their embeddings with grad)."""
-        b = x.shape[0]
-        cold_mask = torch.ones(b, dtype=torch.bool, device=x.device)
+        branches = self.gated_branches or self._branches
+        cold_mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         cold_mask[warm] = False
         cold = cold_mask.nonzero().squeeze(1)
-        s0 = self.params.cfg_scale
-        x0_c, x0_u = torch.empty_like(x), torch.empty_like(x)
         with torch.enable_grad():
             xw = x[warm].detach().requires_grad_(True)
-            with record_function("amg/model"):
-                cw, uw = (self.gated_branches or self._branches)(
-                    xw, sigma[warm], self.cond[warm], self.uncond[warm]
-                )
-            with record_function("amg/decode+embed"):
-                emb_w = self.detector(self._probe(cw, uw, s0[warm]), warm)
-            tape = (warm, xw, emb_w)
-        x0_c[warm], x0_u[warm] = cw.detach(), uw.detach()
-        emb = torch.empty((b, emb_w.shape[1]), dtype=emb_w.dtype, device=x.device)
-        emb[warm] = emb_w.detach()
+            cw, uw, emb_w = self._predict(branches, xw, sigma[warm], self.cond[warm], self.uncond[warm], warm)
+        x0_c, x0_u = torch.empty_like(x), torch.empty_like(x)
+        emb = emb_w.new_empty((x.shape[0], emb_w.shape[1]))
+        x0_c[warm], x0_u[warm], emb[warm] = cw.detach(), uw.detach(), emb_w.detach()
         if cold.numel():
             with torch.no_grad():
-                with record_function("amg/model"):
-                    cc, uc = (self.gated_branches or self._branches)(
-                        x[cold], sigma[cold], self.cond[cold], self.uncond[cold]
-                    )
-                with record_function("amg/decode+embed"):
-                    emb[cold] = self.detector(self._probe(cc, uc, s0[cold]), cold)
-            x0_c[cold], x0_u[cold] = cc, uc
-        return x0_c, x0_u, emb, tape
+                x0_c[cold], x0_u[cold], emb[cold] = self._predict(
+                    branches, x[cold], sigma[cold], self.cond[cold], self.uncond[cold], cold
+                )
+        return x0_c, x0_u, emb, (warm, xw, emb_w)
 
-    def _gated_terms(self, x, sigma, gated, nn, x0_n, grad, tape=None) -> None:
-        """Fill the neighbour prediction and the similarity gradient for the gated rows only."""
+    def _gated_terms(self, x, sigma, gated, nn, x0_n, grad, tape=None) -> torch.Tensor:
+        """Fill the neighbour prediction and the similarity gradient for the gated rows only; return
+        the rows that needed the gradient."""
         p = self.params[gated]
         need_n = gated[p.c2 > 0]
         if need_n.numel():
@@ -192,7 +187,8 @@ class AMGDenoiser:
                 x0_n[need_n] = self._denoise(x[need_n], sigma[need_n], self.neighbour_cond(nn[need_n]))
         need_g = gated[p.c3 > 0]
         if not need_g.numel():
-            return
+            return need_g
+        cold = need_g
         with record_function("amg/gradient"):
             if tape is not None:
                 warm, xw, emb_w = tape
@@ -202,12 +198,14 @@ class AMGDenoiser:
                     sim_w = (emb_w.float() * self.index_vectors[nn[warm]]).sum(dim=1)
                     (g,) = torch.autograd.grad((sim_w * hit).sum(), xw)
                     grad[warm[hit]] = g[hit]
-                need_g = need_g[~torch.isin(need_g, warm)]  # the rest: forward again with autograd
-            if need_g.numel():
-                grad[need_g] = self.similarity_grad(x[need_g], sigma[need_g], need_g, nn[need_g])
+                cold = need_g[~torch.isin(need_g, warm)]  # the rest: forward again with autograd
+            if cold.numel():
+                grad[cold] = self.similarity_grad(x[cold], sigma[cold], cold, nn[cold])
+        return need_g
 
     def similarity_grad(self, x, sigma, rows, nn) -> torch.Tensor:
-        """∇_x σ_t for the given rows, with the neighbour held fixed (rows are independent)."""
+        """∇_x σ_t for the given rows, with the neighbour held fixed (rows are independent). Its forward
+        is timed as part of the gradient, so it does not go through the labelled ``_predict``."""
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             cond, uncond = self.cond[rows], self.uncond[rows]
