@@ -127,11 +127,6 @@ def _plan(clips: list[Clip], embedder, batch_size: int) -> dict:
     }
 
 
-def _open_build(out_dir: Path, plan: dict, restart: bool) -> Path:
-    """The build folder for ``plan``: reused after an interruption, refused if it holds another plan."""
-    return open_plan_dir(out_dir / BUILD_DIR, plan, restart, "an unfinished build")
-
-
 def _read_for(embedder, clip: Clip) -> tuple[torch.Tensor, float]:
     fill = getattr(embedder, "fill", "zeros")
     try:
@@ -173,7 +168,9 @@ def build_index_resumable(
         raise ValueError("no clips to index")
     out_dir = Path(out_dir)
     device = torch.device(device) if device is not None else _device_of(embedder)
-    work = _open_build(out_dir, _plan(clips, embedder, batch_size), restart)
+    work = open_plan_dir(
+        out_dir / BUILD_DIR, _plan(clips, embedder, batch_size), restart, "an unfinished build"
+    )
     starts = range(0, len(clips), batch_size)
     parts = [work / f"part-{k // batch_size:06d}.safetensors" for k in starts]
     done = sum(p.exists() for p in parts)

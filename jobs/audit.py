@@ -136,10 +136,6 @@ def row_schema():
     ])  # fmt: skip
 
 
-def _open_parts(out_dir: Path, plan: dict, restart: bool) -> Path:
-    return open_plan_dir(out_dir / PARTS, plan, restart, "an audit")
-
-
 def _read(item: Item, embedder) -> torch.Tensor | str:
     try:
         return read_clip(
@@ -210,7 +206,7 @@ def embed_all(
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    work = _open_parts(out_dir, _plan(items, index, config), restart)
+    work = open_plan_dir(out_dir / PARTS, _plan(items, index, config), restart, "an audit")
     searcher = make_searcher(index, config.search)
     starts = range(0, len(items), config.batch_size)
     parts = [work / f"part-{s // config.batch_size:06d}" for s in starts]
