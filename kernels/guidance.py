@@ -13,6 +13,8 @@ with the m = 0 case **selected**, not multiplied by zero: the engine does not co
 ``grad`` for ungated rows and may leave garbage (NaN, inf) there, which must not leak into D. The kernel
 does not even read those rows. Arithmetic is fp32; D comes back contiguous in the input dtype.
 One pass over memory: each input element is read at most once and each D element written once.
+Contiguous latents (what the engine passes) are addressed by flat offset; other layouts pay a
+per-element divide to split the offset into channel and time.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def _amg_combine_kernel(
     sg_c,
     sg_t,
     BLOCK: tl.constexpr,
+    CONTIGUOUS: tl.constexpr,  # all four latents contiguous: flat offsets, no per-element divide
 ):
     row = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -76,13 +79,21 @@ def _amg_combine_kernel(
 
     offs = tile * BLOCK + tl.arange(0, BLOCK)  # flat index into the row's C*T elements
     mask = offs < CT
-    ch = offs // T
-    t = offs - ch * T
-    u = tl.load(u_ptr + row * su_b + ch * su_c + t * su_t, mask=mask, other=0.0).to(tl.float32)
-    xc = tl.load(c_ptr + row * sc_b + ch * sc_c + t * sc_t, mask=mask, other=0.0).to(tl.float32)
     gated = mask & gate  # ungated rows: x0_n and grad are never read
-    xn = tl.load(n_ptr + row * sn_b + ch * sn_c + t * sn_t, mask=gated, other=0.0).to(tl.float32)
-    gr = tl.load(g_ptr + row * sg_b + ch * sg_c + t * sg_t, mask=gated, other=0.0).to(tl.float32)
+    if CONTIGUOUS:  # the engine's case: consecutive offsets, so the loads vectorise
+        flat = row * CT + offs
+        u_at, c_at, n_at, g_at = u_ptr + flat, c_ptr + flat, n_ptr + flat, g_ptr + flat
+    else:
+        ch = offs // T
+        t = offs - ch * T
+        u_at = u_ptr + row * su_b + ch * su_c + t * su_t
+        c_at = c_ptr + row * sc_b + ch * sc_c + t * sc_t
+        n_at = n_ptr + row * sn_b + ch * sn_c + t * sn_t
+        g_at = g_ptr + row * sg_b + ch * sg_c + t * sg_t
+    u = tl.load(u_at, mask=mask, other=0.0).to(tl.float32)
+    xc = tl.load(c_at, mask=mask, other=0.0).to(tl.float32)
+    xn = tl.load(n_at, mask=gated, other=0.0).to(tl.float32)
+    gr = tl.load(g_at, mask=gated, other=0.0).to(tl.float32)
     dc = xc - u
     plain = u + s0 * dc
     guided = u + (s0 - s1) * dc - s2 * (xn - u) - g_coef * gr
@@ -139,14 +150,15 @@ def _amg_combine_triton(
     s1 = torch.empty((B,), dtype=torch.float32, device=x0_u.device)
     s2 = torch.empty((B,), dtype=torch.float32, device=x0_u.device)
     gate = torch.empty((B,), dtype=torch.bool, device=x0_u.device)
-    strides = [s for x in (x0_u, x0_c, x0_n, grad) for s in x.stride()]
+    latents = (x0_u, x0_c, x0_n, grad)
+    strides = [s for x in latents for s in x.stride()]
     sim, lam, alpha_bar, cfg_scale, c1, c2, c3 = (
         r.contiguous() for r in (sim, lam, alpha_bar, cfg_scale, c1, c2, c3)
     )  # the kernel indexes rows with stride 1 (an expanded scalar has stride 0)
     grid = (B, triton.cdiv(CT, block))
     launcher(_amg_combine_kernel)[grid](
         x0_u, x0_c, x0_n, grad, D, sim, lam, alpha_bar, cfg_scale, c1, c2, c3, s1, s2, gate,
-        T, CT, *strides, BLOCK=block, num_warps=4,
+        T, CT, *strides, BLOCK=block, CONTIGUOUS=all(x.is_contiguous() for x in latents), num_warps=4,
     )  # fmt: skip
     return D, s1, s2, gate
 

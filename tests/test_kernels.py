@@ -11,11 +11,13 @@ an element the kernel forgets to write fails the comparison.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import subprocess
 import sys
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -340,6 +342,73 @@ def test_dispatch_rule():
         interpreted_kernel = importlib.import_module("kernels.nn_search")._nn_search_kernel
         assert use_triton(op, interpreted_kernel, cpu, cpu)
         assert not use_triton(op, interpreted_kernel, cpu, meta)
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("strided", [None, 0, 3], ids=["all-contiguous", "x0_u-strided", "grad-strided"])
+def test_amg_combine_contiguous_fast_path_only_when_every_latent_is(strided, monkeypatch):
+    """Contiguous latents take the flat-offset path (no per-element divide); one strided latent sends
+    the call to the general path. Both equal the twin and the float64 reference."""
+    guidance = importlib.import_module("kernels.guidance")
+    seen = []
+    real = guidance.launcher
+
+    class Spy:  # launcher(kernel)[grid](*args, **kwargs), recording which path each launch takes
+        def __init__(self, kernel):
+            self.launch = real(kernel)
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append(kwargs["CONTIGUOUS"])
+                return self.launch[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(guidance, "launcher", Spy)
+    B, C, T = 3, 4, 300  # 2 tiles per row
+    g = _gen("fast-path", strided)
+    lat = [
+        _latent(B, C, T, "strided" if k == strided else "contiguous", k, g, torch.float32) for k in range(4)
+    ]
+    lat[3].mul_(1e-3)
+    r = _rows(B, g)
+    out = torch.ops.amg.amg_combine(*lat, **r)
+    assert seen == [strided is None]
+    ref = _combine64(lat, r)
+    _assert_combine_matches(out, ref, torch.float32)
+    _assert_combine_matches(amg_combine_ref(*lat, **r), ref, torch.float32)
+
+
+def test_a_kernel_that_fails_to_register_warns(caplog):
+    """Falling back to the twin is never silent: the failed registration logs a warning."""
+    from kernels._dispatch import register_op
+
+    def impl(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    with caplog.at_level(logging.WARNING, logger="kernels._dispatch"):
+        op = register_op(
+            "amg::not a valid op name",
+            impl,
+            impl,
+            importlib.import_module("kernels.guidance")._amg_combine_kernel,
+        )
+    assert op is None
+    assert any(
+        r.levelno == logging.WARNING and "torch twin runs instead" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_cuda_inputs_to_an_interpreted_kernel_warn(caplog):
+    """TRITON_INTERPRET=1 on a GPU machine would send CUDA tensors to the twin: warned, once per op."""
+    from kernels import _dispatch
+
+    interpreted = object()  # anything that is not a compiled JITFunction
+    on_cuda = SimpleNamespace(device=torch.device("cuda"))  # the rule reads only .device
+    with caplog.at_level(logging.WARNING, logger="kernels._dispatch"):
+        assert not _dispatch.use_triton("amg::probe", interpreted, on_cuda)
+        assert not _dispatch.use_triton("amg::probe", interpreted, on_cuda)
+    assert len([r for r in caplog.records if "TRITON_INTERPRET=1" in r.getMessage()]) == 1
 
 
 def test_bad_inputs_raise_value_errors_that_name_the_fix():
