@@ -11,6 +11,11 @@ Per step (σ shared, B rows):
 Skipping (4) for closed rows gives the same D as computing everything and multiplying by m = 0:
 the combine selects rather than multiplies, so the unused rows never enter the result.
 
+Host syncs: one per AMG step. After (3) the gate and the neighbour ids come to the host in one read
+(``engine.transfer.host_read``); which rows get (4), which are warm and which are cold is decided
+there, and the row indices go back to the device without blocking (``engine.transfer.to_device``).
+Plain CFG and the transition strategy read nothing back.
+
 The gradient needs the forward of (1)-(2) with autograd. Gates stay open for runs of steps, so the
 rows whose gradient was needed at the previous step ("warm" rows) run (1)-(2) with autograd as their
 own sub-batch, and if their gate is open again (4) is only the backward pass; the other rows run
@@ -30,6 +35,7 @@ from torch.profiler import record_function
 
 from engine.compile import cfg_branches
 from engine.models import Conditioning, v_denoise
+from engine.transfer import host_read, to_device
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,21 @@ class RowParams:
 
     def __getitem__(self, idx) -> RowParams:
         return RowParams(self.cfg_scale[idx], self.c1[idx], self.c2[idx], self.c3[idx])
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Row indices of a batch, on the host (where the step decides) and on the device (to index)."""
+
+    host: torch.Tensor  # [n] int64 on the CPU
+    dev: torch.Tensor  # [n] int64 on the batch's device
+
+    @staticmethod
+    def on(host: torch.Tensor, device: torch.device) -> Rows:
+        return Rows(host, to_device(host, device))
+
+    def __len__(self) -> int:
+        return self.host.numel()
 
 
 @dataclass(frozen=True)
@@ -89,7 +110,8 @@ class AMGDenoiser:
     params: RowParams
     detector: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     index_vectors: torch.Tensor  # [N, D]
-    neighbour_cond: Callable[[torch.Tensor], Conditioning]  # training indices [G] -> conditioning
+    # training indices [G] (a host tensor: the cache is keyed on the host) -> conditioning
+    neighbour_cond: Callable[[torch.Tensor], Conditioning]
     amg: bool = True
     reference: bool = False
     lambda_min: float = 0.4
@@ -101,7 +123,13 @@ class AMGDenoiser:
     denoise: Callable | None = None  # (x, sigma, cond) -> x0, one branch
     # keep autograd on the forward of rows whose gate was open at the previous step (see _forward_split)
     reuse_forward: bool = True
-    _warm: torch.Tensor | None = field(default=None, init=False, repr=False)  # [W] row indices
+    _warm: Rows | None = field(default=None, init=False, repr=False)  # [W] rows gated at the last step
+
+    def __post_init__(self) -> None:
+        # which rows have the neighbour branch (c2 > 0) and the gradient (c3 > 0) on, on the host:
+        # read once per batch, so that the per-step decisions need no further device reads
+        if self.amg:
+            self._terms_on = host_read(torch.stack([self.params.c2 > 0, self.params.c3 > 0]))  # [2, B]
 
     def _branches(self, x, sigma, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
         return cfg_branches(self.model, x, sigma, cond, uncond)
@@ -121,7 +149,7 @@ class AMGDenoiser:
                 x0_c, x0_u = (self.branches or self._branches)(x, sigma, self.cond, self.uncond)
             return x0_u + s0[:, None, None] * (x0_c - x0_u), None
         warm = self._warm if self.reuse_forward else None
-        if warm is None or not warm.numel():
+        if warm is None or not len(warm):
             tape = None
             with torch.no_grad():
                 rows = torch.arange(x.shape[0], device=x.device)
@@ -134,11 +162,14 @@ class AMGDenoiser:
             sim, nn = search_fn(x.device)(emb, self.index_vectors)  # [B], [B]; no host sync
         alpha_bar = 1 / (1 + sigma.float() ** 2)
         lam = lambda_t(alpha_bar, self.lambda_min, self.lambda_max)
-        gated = (sim > lam).nonzero().squeeze(1)  # host sync: the gated subset decides the work
+        # The step's one host sync: which gates are open (and the neighbours of those rows, whose
+        # conditioning is looked up by training id) decides the work that follows.
+        gate_host, nn_host = host_read(torch.stack([(sim > lam).long(), nn])).unbind(0)
+        gated = gate_host.nonzero().squeeze(1)  # [G] on the host
         x0_n = torch.zeros_like(x0_c)
         grad = torch.zeros_like(x0_c)
         # the rows whose gradient is needed now are the warm rows of the next step
-        self._warm = self._gated_terms(x, sigma, gated, nn, x0_n, grad, tape) if gated.numel() else gated
+        self._warm = self._gated_terms(x, sigma, gated, nn, nn_host, x0_n, grad, tape)
         combine = combine_fn(x.device)
         p = self.params
         with record_function("amg/combine"):
@@ -161,47 +192,52 @@ class AMGDenoiser:
         backward pass instead of a second forward. Returns x0_c, x0_u, emb (detached, all rows) and
         the tape (warm rows, their input with grad, their embeddings with grad)."""
         branches = self.gated_branches or self._branches
-        cold_mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        cold_mask[warm] = False
-        cold = cold_mask.nonzero().squeeze(1)
+        cold_mask = torch.ones(x.shape[0], dtype=torch.bool)  # host
+        cold_mask[warm.host] = False
+        cold, w = Rows.on(cold_mask.nonzero().squeeze(1), x.device), warm.dev
         with torch.enable_grad():
-            xw = x[warm].detach().requires_grad_(True)
-            cw, uw, emb_w = self._predict(branches, xw, sigma[warm], self.cond[warm], self.uncond[warm], warm)
+            xw = x[w].detach().requires_grad_(True)
+            cw, uw, emb_w = self._predict(branches, xw, sigma[w], self.cond[w], self.uncond[w], w)
         x0_c, x0_u = torch.empty_like(x), torch.empty_like(x)
         emb = emb_w.new_empty((x.shape[0], emb_w.shape[1]))
-        x0_c[warm], x0_u[warm], emb[warm] = cw.detach(), uw.detach(), emb_w.detach()
-        if cold.numel():
+        x0_c[w], x0_u[w], emb[w] = cw.detach(), uw.detach(), emb_w.detach()
+        if len(cold):
+            c = cold.dev
             with torch.no_grad():
-                x0_c[cold], x0_u[cold], emb[cold] = self._predict(
-                    branches, x[cold], sigma[cold], self.cond[cold], self.uncond[cold], cold
+                x0_c[c], x0_u[c], emb[c] = self._predict(
+                    branches, x[c], sigma[c], self.cond[c], self.uncond[c], c
                 )
         return x0_c, x0_u, emb, (warm, xw, emb_w)
 
-    def _gated_terms(self, x, sigma, gated, nn, x0_n, grad, tape=None) -> torch.Tensor:
-        """Fill the neighbour prediction and the similarity gradient for the gated rows only; return
-        the rows that needed the gradient."""
-        p = self.params[gated]
-        need_n = gated[p.c2 > 0]
+    def _gated_terms(self, x, sigma, gated, nn, nn_host, x0_n, grad, tape=None) -> Rows | None:
+        """Fill the neighbour prediction and the similarity gradient for the gated rows only (``gated``
+        and ``nn_host`` on the host; every decision here is taken there); return the rows that needed
+        the gradient."""
+        c2_on, c3_on = self._terms_on[:, gated]
+        need_n = gated[c2_on]
         if need_n.numel():
+            n = to_device(need_n, x.device)
             with torch.no_grad(), record_function("amg/neighbour"):
-                x0_n[need_n] = self._denoise(x[need_n], sigma[need_n], self.neighbour_cond(nn[need_n]))
-        need_g = gated[p.c3 > 0]
+                x0_n[n] = self._denoise(x[n], sigma[n], self.neighbour_cond(nn_host[need_n]))
+        need_g = gated[c3_on]
         if not need_g.numel():
-            return need_g
+            return None
         cold = need_g
         with record_function("amg/gradient"):
             if tape is not None:
                 warm, xw, emb_w = tape
-                hit = torch.isin(warm, need_g)  # [W] warm rows whose gradient is needed
+                hit = torch.isin(warm.host, need_g)  # [W] warm rows whose gradient is needed
                 if hit.any():
                     # rows are independent, so one backward of the masked sum gives each its own gradient
-                    sim_w = (emb_w.float() * self.index_vectors[nn[warm]]).sum(dim=1)
-                    (g,) = torch.autograd.grad((sim_w * hit).sum(), xw)
-                    grad[warm[hit]] = g[hit]
-                cold = need_g[~torch.isin(need_g, warm)]  # the rest: forward again with autograd
+                    sim_w = (emb_w.float() * self.index_vectors[nn[warm.dev]]).sum(dim=1)
+                    (g,) = torch.autograd.grad((sim_w * to_device(hit, x.device)).sum(), xw)
+                    pos = to_device(hit.nonzero().squeeze(1), x.device)
+                    grad[warm.dev[pos]] = g[pos]
+                cold = need_g[~torch.isin(need_g, warm.host)]  # the rest: forward again with autograd
             if cold.numel():
-                grad[cold] = self.similarity_grad(x[cold], sigma[cold], cold, nn[cold])
-        return need_g
+                c = to_device(cold, x.device)
+                grad[c] = self.similarity_grad(x[c], sigma[c], c, nn[c])
+        return Rows.on(need_g, x.device)
 
     def similarity_grad(self, x, sigma, rows, nn) -> torch.Tensor:
         """∇_x σ_t for the given rows, with the neighbour held fixed (rows are independent). Its forward

@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from engine.transfer import uses_pinned_memory
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -314,8 +316,9 @@ class RowNoise:
     batch size: this is what makes batch invariance possible (a prompt sampled alone or in any
     batch, at any position, gets the same noise and hence the same audio). Noise is drawn in
     float32 on the CPU, so the stream does not depend on device or dtype either, then moved to
-    ``device`` / ``dtype``. Call :meth:`initial` first for the starting latent, then :meth:`draw`
-    once per sampler step.
+    ``device`` / ``dtype``; for a CUDA device it is drawn into pinned memory and copied without
+    blocking, so a draw inside the step does not wait for the GPU (nothing is pinned on CPU). Call
+    :meth:`initial` first for the starting latent, then :meth:`draw` once per sampler step.
     """
 
     def __init__(
@@ -333,6 +336,7 @@ class RowNoise:
         self.dtype = dtype
         self._generators = [torch.Generator(device="cpu").manual_seed(s) for s in self.seeds]
         self._draws = 0
+        self._pinned = uses_pinned_memory(self.device)
 
     def initial(self) -> Tensor:
         """The starting latent noise ``[B, *shape]``: each row's first draw."""
@@ -342,9 +346,14 @@ class RowNoise:
 
     def draw(self) -> Tensor:
         """The next standard-normal tensor ``[B, *shape]``, row ``i`` from generator ``seeds[i]``."""
-        rows = [torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self._generators]
+        shape = (len(self._generators), *self.shape)
+        buf = torch.empty(shape, dtype=torch.float32, pin_memory=self._pinned)
+        for row, g in zip(buf, self._generators, strict=True):
+            torch.randn(self.shape, generator=g, out=row)
         self._draws += 1
-        return torch.stack(rows).to(device=self.device, dtype=self.dtype)
+        # float32 to the device without blocking, then the cast there (a cast on the host would
+        # stage through pageable memory)
+        return buf.to(self.device, non_blocking=self._pinned).to(self.dtype)
 
 
 class BrownianRowNoise:

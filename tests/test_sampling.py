@@ -161,6 +161,29 @@ def test_row_noise_device_dtype_and_order():
         S.RowNoise([], (2, 5))
 
 
+def test_row_noise_pins_host_memory_only_for_cuda(monkeypatch):
+    """Noise for a CUDA device is drawn into pinned memory (its copy then does not block the step);
+    on a CPU-only machine pinning is never attempted (it raises there). The draws equal plain
+    per-row torch.randn whatever the buffer (the same op on the same generator: compared exactly)."""
+    from engine.transfer import uses_pinned_memory
+
+    assert uses_pinned_memory("cuda") and uses_pinned_memory("cuda:1") and not uses_pinned_memory("cpu")
+    asked = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        asked.append(kwargs.get("pin_memory", False))
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    noise = S.RowNoise([4, 11], (C, T), device="cpu")
+    draws = [noise.initial(), noise.draw()]
+    assert asked == [False, False]
+    gens = [torch.Generator().manual_seed(s) for s in (4, 11)]
+    for d in draws:
+        assert torch.equal(d, torch.stack([torch.randn(C, T, generator=g) for g in gens]))
+
+
 @pytest.mark.parametrize("name", list(S.SAMPLERS))
 def test_step_is_per_row(name):
     """Rows on different schedules in one batch equal each row stepped alone."""
