@@ -5,7 +5,8 @@ with ``fullgraph=True``, so a graph break is an error rather than a silent slowd
 model calls (the neighbour branch, and the forward + backward of the similarity gradient) have a
 data-dependent batch size, the number of open gates, so they are compiled with ``dynamic=True``: one
 graph serves every count instead of a recompile per new count (dynamo still specialises a count of 1).
-The detector (decode + embedding) and the search stay eager.
+The detector (decode + embedding) and the search stay eager. Under bf16/fp16 the autocast context
+is inside each compiled unit (engine/precision.py), so it is part of the traced graph.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from functools import partial
 import torch
 
 from engine.models import Conditioning, v_denoise
+from engine.precision import Precision
 
 
 def cfg_branches(
@@ -34,11 +36,16 @@ def maybe_compile(fn: Callable, compile: bool, dynamic: bool | None = None) -> C
     return torch.compile(fn, fullgraph=True, dynamic=dynamic) if compile else fn
 
 
-def compiled_branches(model, compile: bool, dynamic: bool | None = None) -> Callable:
-    """branches(x, sigma, cond, uncond) -> (x0_c, x0_u) for ``model``."""
-    return maybe_compile(partial(cfg_branches, model), compile, dynamic)
+def compiled_branches(
+    model, compile: bool, dynamic: bool | None = None, precision: Precision | None = None
+) -> Callable:
+    """branches(x, sigma, cond, uncond) -> (x0_c, x0_u) for ``model``, the model call under
+    ``precision``'s autocast (inside the compiled graph); x0 comes back float32."""
+    fn = partial(cfg_branches, model)
+    return maybe_compile(precision.wrap(fn) if precision else fn, compile, dynamic)
 
 
-def compiled_denoise(model, compile: bool) -> Callable:
+def compiled_denoise(model, compile: bool, precision: Precision | None = None) -> Callable:
     """denoise(x, sigma, cond) -> x0, one conditioning branch, for batches of any size."""
-    return maybe_compile(partial(v_denoise, model), compile, dynamic=True)
+    fn = partial(v_denoise, model)
+    return maybe_compile(precision.wrap(fn) if precision else fn, compile, dynamic=True)

@@ -112,20 +112,44 @@ class EngineConfig:
     # rows gated at the previous step keep autograd on their forward, so the gradient needs only the
     # backward pass (same outputs; off recomputes the forward for every gated row)
     reuse_forward: bool = True
+    # numeric precision of the model calls, decoder and embedder (engine/precision.py): fp32, tf32,
+    # bf16 or fp16; None: the device's default, bf16 on CUDA and fp32 elsewhere
+    precision: str | None = None
 
     def __post_init__(self) -> None:
+        from engine.precision import PRECISIONS
+
         _check(
             isinstance(self.batch_size, int) and self.batch_size >= 1,
             f"batch_size={self.batch_size!r}: need a positive integer",
         )
+        _check(
+            self.precision is None or self.precision in PRECISIONS,
+            f"precision={self.precision!r}: choose one of {PRECISIONS}, or None for the device's "
+            "default (bf16 on CUDA, fp32 on CPU)",
+        )
+
+    @property
+    def resolved_precision(self) -> str:
+        """The precision the engine runs in: the configured one, else the device's default."""
+        from engine.precision import default_precision
+
+        return self.precision or default_precision(self.device)
 
     def config_hash(self) -> str:
-        """Identity of everything that changes outputs (device excluded): keys resumable results."""
+        """Identity of everything that changes outputs (device excluded): keys resumable results.
+
+        A configured precision is part of it. An unset one (the device's default) is left out, like
+        the device it is derived from: the driver of a Ray run plans on a CPU config while its actors
+        may run on GPUs, and results written before the field existed keep their hash.
+        """
         d = asdict(self)
         d.pop("device")
         d.pop("compile")
         d.pop("reuse_forward")  # same outputs either way
         d.pop("batch_size")  # outputs are batch-invariant by design
+        if d["precision"] is None:
+            d.pop("precision")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -8,6 +8,7 @@ turn non-finite is flagged, its batch-mates are unaffected.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from engine.compile import compiled_branches, compiled_denoise, maybe_compile
 from engine.config import EngineConfig
 from engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser, search_fn
 from engine.models import DEFAULT_MODEL_DIR, Conditioning, encode_conditioning, load_model
+from engine.precision import Precision
 from engine.sampling import SCHEDULES, BrownianRowNoise, RowNoise, get_sampler
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,15 @@ class Generated:
 DECODE_MARGIN_FRAMES = 16
 
 
+# The final decode: rows decoded together (its memory is that of a few rows: SAO's Oobleck decoder
+# ends in 128-channel activations at the audio rate, 1.1 GB per fp32 tensor for a full 47.5 s window),
+# and the time chunks of the autoencoder's own chunked decode for long latents (stable-audio-tools'
+# defaults; half the overlap, trimmed at each inner edge, is DECODE_MARGIN_FRAMES).
+FINAL_DECODE_ROWS = 4
+VAE_CHUNK_FRAMES = 128
+VAE_OVERLAP_FRAMES = 2 * DECODE_MARGIN_FRAMES
+
+
 def decode_margin(pretransform) -> int:
     """Extra latent frames to decode so that a cut decode equals the full decode where it is used."""
     return 0 if type(pretransform).__name__ == "PatchedPretransform" else DECODE_MARGIN_FRAMES
@@ -80,9 +91,12 @@ class Engine:
         self.embedder = load_embedder(self.index.embedder, embedder_checkpoint).to(self.device)
         self.model_id = f"{Path(model_dir).resolve().name}:{self._weights_digest(model_dir)}"
         self._nbr_cache = ConditioningCache(self._encode_training_captions, max_items=4096)
-        self._branches = compiled_branches(self.model, config.compile)
-        self._gated_branches = compiled_branches(self.model, config.compile, dynamic=True)
-        self._denoise = compiled_denoise(self.model, config.compile)
+        self.precision = Precision(config.resolved_precision, self.device.type)
+        self._branches = compiled_branches(self.model, config.compile, precision=self.precision)
+        self._gated_branches = compiled_branches(
+            self.model, config.compile, dynamic=True, precision=self.precision
+        )
+        self._denoise = compiled_denoise(self.model, config.compile, precision=self.precision)
         self._steps: dict[str, object] = {}  # sampler name -> (compiled) step function
 
     @staticmethod
@@ -94,7 +108,8 @@ class Engine:
 
     # -- audio side -------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.model.pretransform.decode(latents) / self.audio_scale  # [B, C, T]
+        with self.precision.autocast():  # the decoder runs in the engine's precision
+            return self.model.pretransform.decode(latents) / self.audio_scale  # [B, C, T]
 
     def embed(self, audio: torch.Tensor, seconds: torch.Tensor, reference: bool = False) -> torch.Tensor:
         """Mask each row beyond its duration, peak-normalise per row, embed. audio [B, C, T]."""
@@ -102,7 +117,8 @@ class Engine:
         audio = audio * (t[None, None, :] < seconds[:, None, None])
         peak = audio.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
         rate = self.embedder.info.sample_rate if reference else self.sample_rate  # quirk Q3
-        return self.embedder(audio / peak, rate)
+        with self.precision.autocast():  # the embedder runs in the engine's precision
+            return self.embedder(audio / peak, rate)
 
     def _detector(self, seconds: torch.Tensor, reference: bool):
         ds = self.model.pretransform.downsampling_ratio
@@ -165,46 +181,89 @@ class Engine:
     def _sample(self, denoiser: AMGDenoiser, requests: list[Request]):
         s = self.config.sampler
         sampler = get_sampler(s.sampler)
-        sigmas = SCHEDULES[s.schedule](s.steps, s.sigma_min, s.sigma_max, s.rho).to(self.device)
+        schedule = SCHEDULES[s.schedule](s.steps, s.sigma_min, s.sigma_max, s.rho)  # [steps + 1], host
+        # the device copy feeds the step; the host copy feeds the noise source (no device reads)
+        sigmas, host_sigmas = schedule.to(self.device), schedule.tolist()
         shape = (self.model.io_channels, self.window // self.model.pretransform.downsampling_ratio)
         rows = RowNoise([r.seed for r in requests], shape, device=self.device)
         x = rows.initial() * sigmas[0]
-        draw = self._noise_source(rows, x, sigmas) if sampler.uses_noise else None
+        draw = self._noise_source(rows, x, host_sigmas) if sampler.uses_noise else None
         if s.sampler not in self._steps:
             self._steps[s.sampler] = maybe_compile(sampler.step, self.config.compile)
         step = self._steps[s.sampler]
         state = sampler.init_state(x)
         b, traces = len(requests), []
-        for i in range(s.steps):
-            sigma, sigma_next = sigmas[i].expand(b), sigmas[i + 1].expand(b)
-            denoised, trace = denoiser(x, sigma)
-            last = i == s.steps - 1  # the final step (to sigma = 0) uses no noise
-            step_noise = torch.zeros_like(x) if draw is None or last else draw(sigmas[i], sigmas[i + 1])
-            with record_function("sampler/step"):
-                x, state = step(x, denoised, sigma, sigma_next, state, step_noise)
-            if trace is not None:
-                traces.append(trace)
+        with self.precision.flags():
+            for i in range(s.steps):
+                sigma, sigma_next = sigmas[i].expand(b), sigmas[i + 1].expand(b)
+                denoised, trace = denoiser(x, sigma)
+                last = i == s.steps - 1  # the final step (to sigma = 0) uses no noise
+                noise = torch.zeros_like(x) if draw is None or last else draw(*host_sigmas[i : i + 2])
+                with record_function("sampler/step"):
+                    x, state = step(x, denoised, sigma, sigma_next, state, noise)
+                if trace is not None:
+                    traces.append(trace)
         return x, traces
 
-    def _noise_source(self, rows: RowNoise, x: torch.Tensor, sigmas: torch.Tensor):
+    def _noise_source(self, rows: RowNoise, x: torch.Tensor, sigmas):
+        """noise(sigma, sigma_next) for SDE samplers; ``sigmas`` the schedule (host floats keep the
+        Brownian tree's queries off the device)."""
         if self.config.sampler.noise == "brownian":
             return BrownianRowNoise(rows, x, sigmas[-2], sigmas[0])  # tree over [sigma_min, sigma_max]
         return lambda sigma, sigma_next: rows.draw()
 
     def _finish(self, requests, latents, traces: list[StepTrace], seconds) -> list[Generated]:
-        with torch.no_grad():
-            audio = self.decode(latents)
-            finite = torch.isfinite(audio).flatten(1).all(dim=1)
-            emb = self.embed(torch.nan_to_num(audio), seconds)
-            sim, nn = search_fn(self.device)(emb, self.index.vectors)
+        """Decode, embed and search ``FINAL_DECODE_ROWS`` rows at a time (the final decode's memory
+        is that of a few rows, whatever the batch size), trim each row to its duration."""
         per_step = _stack_traces(traces)
         out = []
-        for i, r in enumerate(requests):
-            n = min(audio.shape[-1], round(r.seconds * self.sample_rate))
-            trace = [{k: v[i] for k, v in step.items()} for step in per_step]
-            err = None if finite[i] else "non-finite audio (latents diverged); row discarded"
-            out.append(Generated(r, audio[i, :, :n].cpu(), float(sim[i]), int(nn[i]), trace, err))
+        for a in range(0, len(requests), FINAL_DECODE_ROWS):
+            rows = slice(a, a + FINAL_DECODE_ROWS)
+            with torch.no_grad(), self.precision.flags():
+                audio = self.decode_final(latents[rows], [r.seconds for r in requests[rows]])
+                finite = torch.isfinite(audio).flatten(1).all(dim=1).tolist()
+                emb = self.embed(torch.nan_to_num(audio), seconds[rows])
+                sim, nn = (t.tolist() for t in search_fn(self.device)(emb, self.index.vectors))
+            longest = min(audio.shape[-1], round(max(r.seconds for r in requests[rows]) * self.sample_rate))
+            audio = audio[..., :longest].cpu()  # one copy to the host per chunk
+            for j, r in enumerate(requests[rows]):
+                n = min(longest, round(r.seconds * self.sample_rate))
+                trace = [{k: v[a + j] for k, v in step.items()} for step in per_step]
+                err = None if finite[j] else "non-finite audio (latents diverged); row discarded"
+                out.append(Generated(r, audio[j, :, :n].clone(), sim[j], nn[j], trace, err))
         return out
+
+    def decode_final(self, latents: torch.Tensor, seconds: list[float]) -> torch.Tensor:
+        """Audio [B, C, L·ds] of latents [B, C, L]: decoded up to the longest duration in ``seconds``
+        plus the decoder's margin (DECODE_MARGIN_FRAMES), zeros after it, so the embedder gets the
+        same input as from a full decode. Long decodes go through the autoencoder's own chunked decode
+        (``decode_audio(chunked=True)``, stable-audio-tools) where it has one."""
+        ds = self.model.pretransform.downsampling_ratio
+        length = latents.shape[-1]
+        frames = min(length, math.ceil(max(seconds) * self.sample_rate / ds))
+        cut = latents[..., : min(length, frames + decode_margin(self.model.pretransform))]
+        audio = self._decode_chunked(cut) if self._can_chunk(cut) else self.decode(cut)
+        return torch.nn.functional.pad(audio[..., : frames * ds], (0, (length - frames) * ds))
+
+    def _can_chunk(self, latents: torch.Tensor) -> bool:
+        pt = self.model.pretransform
+        decode_audio = getattr(getattr(pt, "model", None), "decode_audio", None)
+        return (
+            latents.shape[-1] > 2 * VAE_CHUNK_FRAMES
+            and decode_audio is not None
+            and "chunked" in inspect.signature(decode_audio).parameters
+            and not getattr(pt, "model_half", False)
+        )
+
+    def _decode_chunked(self, latents: torch.Tensor) -> torch.Tensor:
+        """``decode`` through the autoencoder's overlapping-chunk decode (what AutoencoderPretransform
+        .decode does with chunked=True: scale, decode_audio), in the engine's precision."""
+        pt = self.model.pretransform
+        with self.precision.autocast():
+            audio = pt.model.decode_audio(
+                latents * pt.scale, chunked=True, chunk_size=VAE_CHUNK_FRAMES, overlap=VAE_OVERLAP_FRAMES
+            )
+        return audio / self.audio_scale
 
 
 def _stack_traces(traces: list[StepTrace]) -> list[dict[str, list]]:

@@ -5,7 +5,9 @@ This is what the released code does per step (amg-reference.md §1): three separ
 embedding and the backward pass whatever the gate says, then the gated combine. It is the reference
 semantics the tests hold the batched engine to, and the baseline ``benchmarks/bench_engine.py``
 measures against. It is faithful, not slowed down on purpose; it shares the engine's model, decoder,
-embedder, index, schedule and noise so that its outputs are directly comparable.
+embedder, index, schedule, noise and precision (``EngineConfig.precision``: model calls, decoder and
+embedder under its autocast, guidance arithmetic in float32) so that its outputs and timings are
+directly comparable.
 """
 
 from __future__ import annotations
@@ -32,21 +34,23 @@ def published_amg(engine, request) -> torch.Tensor:
     x = rows.initial() * sigmas[0]
     draw = engine._noise_source(rows, x, sigmas) if sampler.uses_noise else None
     state = sampler.init_state(x)
-    for i in range(s.steps):
-        sigma, sigma_next = sigmas[i : i + 1], sigmas[i + 1 : i + 2]
-        d = (
-            _published_step(engine, x, sigma, cond, uncond, seconds)
-            if g.amg
-            else _plain(model, x, sigma, cond, uncond, g)
-        )
-        noise = torch.zeros_like(x) if draw is None or i == s.steps - 1 else draw(sigmas[i], sigmas[i + 1])
-        x, state = sampler.step(x, d, sigma, sigma_next, state, noise)
+    with engine.precision.flags():
+        for i in range(s.steps):
+            sigma, sigma_next = sigmas[i : i + 1], sigmas[i + 1 : i + 2]
+            d = (
+                _published_step(engine, x, sigma, cond, uncond, seconds)
+                if g.amg
+                else _plain(engine, x, sigma, cond, uncond, g)
+            )
+            last = draw is None or i == s.steps - 1
+            noise = torch.zeros_like(x) if last else draw(sigmas[i], sigmas[i + 1])
+            x, state = sampler.step(x, d, sigma, sigma_next, state, noise)
     return x
 
 
-def _plain(model, x, sigma, cond, uncond, g) -> torch.Tensor:
-    with torch.no_grad():
-        x0_c, x0_u = v_denoise(model, x, sigma, cond), v_denoise(model, x, sigma, uncond)
+def _plain(engine, x, sigma, cond, uncond, g) -> torch.Tensor:
+    with torch.no_grad(), engine.precision.autocast():
+        x0_c, x0_u = v_denoise(engine.model, x, sigma, cond), v_denoise(engine.model, x, sigma, uncond)
     return x0_u + g.cfg_scale * (x0_c - x0_u)
 
 
@@ -55,8 +59,9 @@ def _published_step(engine, x, sigma, cond, uncond, seconds) -> torch.Tensor:
     reference = g.mode == "reference"
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        x0_c = v_denoise(model, xg, sigma, cond)
-        x0_u = v_denoise(model, xg, sigma, uncond)
+        with engine.precision.autocast():  # the model calls in the engine's precision
+            x0_c = v_denoise(model, xg, sigma, cond)
+            x0_u = v_denoise(model, xg, sigma, uncond)
         probe = x0_c if reference else x0_u + g.cfg_scale * (x0_c - x0_u)
         e = engine.embed(engine.decode(probe), seconds, reference=reference)
         sims = e @ index.vectors.T  # [1, N]
@@ -65,7 +70,9 @@ def _published_step(engine, x, sigma, cond, uncond, seconds) -> torch.Tensor:
         (grad,) = torch.autograd.grad(sim_t, xg)
     meta = [{"prompt": index.captions[nn], "seconds_total": index.seconds[nn]}]
     with torch.no_grad():
-        x0_n = v_denoise(model, x, sigma, encode_conditioning(model, meta, engine.device))
+        n_cond = encode_conditioning(model, meta, engine.device)
+        with engine.precision.autocast():
+            x0_n = v_denoise(model, x, sigma, n_cond)
     a_bar = 1 / (1 + sigma**2)
     st = float(sim_t.detach())
     m = float(st > float(lambda_t(a_bar, g.lambda_min, g.lambda_max)))

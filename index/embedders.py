@@ -126,7 +126,9 @@ class MelEmbedder(torch.nn.Module):
         if sample_rate != self.sample_rate:
             x = torchaudio.functional.resample(x, sample_rate, self.sample_rate)
         x = torch.nn.functional.pad(x[:, : self.window], (0, max(0, self.window - x.shape[-1])))
-        power = self.mel(x)  # [B, M, F]
+        # float32 from here on: under autocast the filterbank product may come back in bf16, and a log,
+        # mean and centring in bf16 would quantise the pattern (CUDA autocast upcasts these; CPU's does not)
+        power = self.mel(x).float()  # [B, M, F]
         # Floor relative to the clip's own mean energy: gain-invariant, and hides what lies 30 dB down.
         ref = power.mean(dim=(1, 2), keepdim=True)
         logmel = torch.log(power + self.floor * ref + 1e-10)

@@ -28,6 +28,7 @@ EXAMPLE_MANIFEST = Path(__file__).parent / "examples" / "manifest.parquet"
 
 def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     from engine.config import PRESETS
+    from engine.precision import PRECISIONS
 
     p.add_argument("--out", type=Path, required=True, help="output folder (audio/ and results.parquet)")
     p.add_argument(
@@ -56,6 +57,12 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", help="dpmpp-3m-sde, dpmpp-2m-sde, dpmpp-2m or euler")
     p.add_argument("--batch-size", type=int, help="rows per denoising batch")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="model, decoder and embedder precision (default: bf16 on CUDA, fp32 on CPU); "
+        "sampler state, guidance and gates stay fp32",
+    )
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the batched model call and sampler step"
     )
@@ -88,6 +95,8 @@ def _engine_config(args):
     )  # fmt: skip
     sampler = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
     top = {k: v for k, v in (("batch_size", args.batch_size), ("device", args.device)) if v is not None}
+    if args.precision is not None:
+        top["precision"] = args.precision
     if args.compile:
         top["compile"] = True
     return replace(cfg, sampler=replace(cfg.sampler, **sampler), **top)

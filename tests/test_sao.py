@@ -3,6 +3,7 @@ saves, loads back and runs through the engine (autoencoder pretransform, stereo 
 total timing conditioners)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -105,3 +106,68 @@ def test_detector_decodes_a_cut_that_equals_the_full_decode(tiny_sao):
         finally:
             engine_mod.DECODE_MARGIN_FRAMES = margin
     assert (bare - full).abs().max() > 1e-3
+
+
+def test_final_decode_in_chunks_equals_the_whole_decode(tiny_sao, monkeypatch):
+    """Engine.decode_final decodes up to the longest row (+ the decoder's margin) through the
+    autoencoder's own overlapping-chunk decode when the latents are long, and pads zeros after.
+
+    Tolerance: the overlap trims 16 latent frames at each inner chunk edge (DECODE_MARGIN_FRAMES); the
+    decoder's receptive field beyond that moves samples by ~4e-7 of the peak (measured on this random
+    decoder, as for the detector's cut), plus float32 rounding; 1e-5 of the peak leaves room for other
+    weights, while chunks without overlap are off by far more (checked, so the test can fail)."""
+    from engine import engine as engine_mod
+    from index.embedders import MelEmbedder
+    from index.store import build_index
+
+    root, _ = tiny_sao
+    build_index(MelEmbedder(), torch.randn(1, 1, 8192) * 0.1, 8000, ["a"], ["a warm pad"], [1.0]).save(
+        root / "index-final"
+    )
+    engine = Engine(EngineConfig(), root / "model", root / "index-final")
+    length, ds = 520, 2048  # 70% of it plus the margin is > 2 chunks of 128 frames: the chunked path
+    z = torch.randn(2, 64, length, generator=torch.Generator().manual_seed(1))
+    seconds = [length * ds / 44100 * 0.7, 1.0]  # the longest row sets the decoded frames
+    frames = math.ceil(seconds[0] * 44100 / ds)
+    assert engine._can_chunk(z[..., : frames + engine_mod.DECODE_MARGIN_FRAMES])
+    with torch.no_grad():
+        whole = engine.decode(z)
+        final = engine.decode_final(z, seconds)
+        monkeypatch.setattr(engine_mod, "VAE_OVERLAP_FRAMES", 0)
+        no_overlap = engine.decode_final(z, seconds)
+    assert final.shape == whole.shape
+    kept = frames * ds
+    tol = 1e-5 * whole.abs().max().item()
+    torch.testing.assert_close(final[..., :kept], whole[..., :kept], atol=tol, rtol=0)
+    assert torch.equal(final[..., kept:], torch.zeros_like(final[..., kept:]))
+    assert (no_overlap[..., :kept] - whole[..., :kept]).abs().max() > 100 * tol
+
+
+def test_generate_decodes_a_few_rows_at_a_time(tiny_sao, monkeypatch):
+    """The final decode runs FINAL_DECODE_ROWS rows at a time; the audio equals decoding the batch's
+    latents at once (rows are independent; float32 batch-size rounding only: 1e-5 of the peak)."""
+    from engine import engine as engine_mod
+    from index.embedders import MelEmbedder
+    from index.store import build_index
+
+    root, _ = tiny_sao
+    build_index(
+        MelEmbedder(), torch.randn(2, 1, 8192) * 0.1, 8000, ["a", "b"], ["a warm pad", "x"], [1.0, 1.0]
+    ).save(root / "index-rows")
+    g = GuidanceConfig(amg=False, cfg_scale=3.0)
+    cfg = EngineConfig(g, SamplerConfig(sampler="dpmpp-2m", steps=2, sigma_min=0.3, sigma_max=50.0))
+    engine = Engine(cfg, root / "model", root / "index-rows")
+    decoded = []
+    real = engine.decode_final
+    monkeypatch.setattr(engine, "decode_final", lambda z, s: decoded.append(z.shape[0]) or real(z, s))
+    monkeypatch.setattr(engine_mod, "FINAL_DECODE_ROWS", 2)
+    reqs = [Request(f"r{i}", "a warm pad", 0.1 + 0.05 * i, i) for i in range(5)]
+    out = engine.generate(reqs)
+    assert decoded == [2, 2, 1]
+    latents, _ = engine.sample(reqs)
+    with torch.no_grad():
+        whole = engine.decode(latents)
+    for i, g_ in enumerate(out):
+        assert g_.error is None and g_.audio.shape == (2, round(reqs[i].seconds * 44100))
+        ref = whole[i, :, : g_.audio.shape[-1]]
+        torch.testing.assert_close(g_.audio, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
