@@ -108,8 +108,10 @@ class Engine:
 
     # -- audio side -------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Audio [B, C, T], float32 whatever the precision the decoder ran in."""
         with self.precision.autocast():  # the decoder runs in the engine's precision
-            return self.model.pretransform.decode(latents) / self.audio_scale  # [B, C, T]
+            audio = self.model.pretransform.decode(latents)
+        return audio.float() / self.audio_scale
 
     def embed(self, audio: torch.Tensor, seconds: torch.Tensor, reference: bool = False) -> torch.Tensor:
         """Mask each row beyond its duration, peak-normalise per row, embed. audio [B, C, T]."""
@@ -117,8 +119,9 @@ class Engine:
         audio = audio * (t[None, None, :] < seconds[:, None, None])
         peak = audio.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
         rate = self.embedder.info.sample_rate if reference else self.sample_rate  # quirk Q3
-        with self.precision.autocast():  # the embedder runs in the engine's precision
-            return self.embedder(audio / peak, rate)
+        with self.precision.autocast():  # the embedder runs in the engine's precision...
+            emb = self.embedder(audio / peak, rate)
+        return emb.float()  # ...and its embedding comes back float32, as the similarity and gate are
 
     def _detector(self, seconds: torch.Tensor, reference: bool):
         ds = self.model.pretransform.downsampling_ratio
@@ -263,7 +266,7 @@ class Engine:
             audio = pt.model.decode_audio(
                 latents * pt.scale, chunked=True, chunk_size=VAE_CHUNK_FRAMES, overlap=VAE_OVERLAP_FRAMES
             )
-        return audio / self.audio_scale
+        return audio.float() / self.audio_scale
 
 
 def _stack_traces(traces: list[StepTrace]) -> list[dict[str, list]]:

@@ -26,8 +26,8 @@ import precision_agreement as agreement  # noqa: E402
 # bound leaves 2.5x that for other CPUs and prompts; a wrong cast (fp16 overflow, a dropped term,
 # garbage) moves them by O(1).
 PLAIN_CFG_REL = 5e-2
-# The detector's similarity on the same latents, bf16 against fp32: |difference| at most 5.0e-3 over
-# 960 row-steps (median 4e-4). A gate can only differ where σ_t is that close to λ_t; bound 2e-2.
+# The detector's similarity on the same latents, bf16 against fp32: |difference| at most 5.1e-3 over
+# 960 row-steps (median 3e-4). A gate can only differ where σ_t is that close to λ_t; bound 2e-2.
 SIM_RESOLUTION = 2e-2
 # Share of row-steps (teacher-forced: same latents) whose gate agrees with fp32: 100% of 960 measured.
 GATE_AGREEMENT = 0.98
@@ -104,6 +104,8 @@ def test_bf16_gates_agree_with_fp32_and_guidance_stays_fp32(engines, reqs):
     assert latents.dtype == torch.float32 and torch.isfinite(latents).all()
     assert all(t.sim.dtype == t.lam.dtype == t.s1.dtype == torch.float32 for t in traces)
     assert any(t.gate.any() for t in traces), "the gradient path must have run"
+    (out,) = low.generate(reqs[:1])
+    assert out.audio.dtype == torch.float32 and out.error is None  # audio files are written from it
 
 
 def test_bf16_batch_invariance(engines, reqs):
@@ -112,8 +114,9 @@ def test_bf16_batch_invariance(engines, reqs):
     Plain CFG: the model calls see other batch shapes, whose bf16 products may round differently on
     other hardware (on this CPU they were bit-identical), so at most the bf16-vs-fp32 bound. AMG: the
     similarity gradient is a bf16 backward pass through sub-batches whose composition depends on the
-    batch, and c3 = 6000 scales its rounding; rows end up to 7% apart (relative L2, this CPU) with the
-    same gates, where fp32 agrees to 1e-4. A gate may flip only where σ_t is within the similarity's
+    batch, and c3 = 6000 scales its rounding; rows end up to 12% apart (relative L2, 3 rows of 32 on
+    this CPU) with the same gates, where fp32 agrees to 1e-4; bound 0.3, where another row's latents
+    are of order 1 away. A gate may flip only where σ_t is within the similarity's
     bf16 resolution of λ_t, after which the row follows another trajectory.
     """
     _, low = engines
@@ -128,7 +131,7 @@ def test_bf16_batch_invariance(engines, reqs):
             step = int(flips[0])
             assert abs(float(t1[step].sim[0] - t1[step].lam[0])) <= SIM_RESOLUTION
         else:
-            assert agreement.rel_diff(batch[i : i + 1], alone).item() <= 0.2
+            assert agreement.rel_diff(batch[i : i + 1], alone).item() <= 0.3
     with agreement.with_config(low, plain):
         batch, _ = low.sample(reqs)
         for i in (0, 3):
