@@ -72,6 +72,19 @@ def tiny_assets(tmp_path_factory) -> Path:
     return root
 
 
+# Gates are exact comparisons σ_t > λ_t, but σ_t itself differs by float32 rounding between code
+# paths, batch compositions, thread counts or processes (≲ 1e-5 on these tiny models). Comparing gates
+# across two such runs is only sound when no σ_t lies that close to λ_t: assert the margin first.
+GATE_MARGIN = 1e-4
+
+
+def assert_gates_are_clear(sims, lams, margin: float = GATE_MARGIN) -> None:
+    """Every σ_t is at least ``margin`` away from its λ_t (nested lists or tensors, same shape), so
+    rounding cannot flip a gate and the gates of two runs may be compared exactly."""
+    gap = (torch.as_tensor(sims, dtype=torch.float64) - torch.as_tensor(lams, dtype=torch.float64)).abs()
+    assert gap.min() > margin, f"a σ_t lies {gap.min():.2g} from λ_t: pick thresholds with a clear margin"
+
+
 def write_manifest(path: Path, columns: dict) -> Path:
     pq.write_table(pa.table(columns), path)
     return path
