@@ -2,11 +2,20 @@
 
 - TRITON_INTERPRET=1 must be set before any @triton.jit decorator runs, so kernels run on CPU.
 - HF_HUB_OFFLINE=1: no test may touch a model hub (laion-clap fetches tokenizers at import).
+- TORCHINDUCTOR_CACHE_DIR: one inductor cache per ATEN_CPU_CAPABILITY. torch 2.11 reuses compiled
+  CPU code across capabilities: a cache written by a default run crashed (SIGSEGV) the compile tests of a
+  later ``ATEN_CPU_CAPABILITY=avx2`` run on the same machine; with a fresh cache both pass.
 There is deliberately no tests/__init__.py: laion-clap installs a top-level ``tests`` package.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+_capability = os.environ.get("ATEN_CPU_CAPABILITY") or "native"
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"torchinductor_{os.getuid()}", f"amg-tests-{_capability}"),
+)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
