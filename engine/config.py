@@ -120,7 +120,8 @@ class EngineConfig:
         )
 
     def config_hash(self) -> str:
-        """Identity of everything that changes outputs (device excluded): keys resumable results."""
+        """Identity of the configuration fields that change outputs: with the model's and the index's
+        own ids (``model_id``, ``index_id``) and each row's inputs, it keys resumable results."""
         d = asdict(self)
         d.pop("device")
         d.pop("compile")
@@ -140,13 +141,13 @@ PRESETS: dict[str, EngineConfig] = {
         GuidanceConfig(
             mode="reference", cfg_scale=7.0, c1=6.0, c2=6.0, c3=1000.0, lambda_min=0.4, lambda_max=0.5
         ),
-        SamplerConfig(),
+        SamplerConfig(noise="brownian"),  # as stable-audio-tools' dpmpp-3m-sde samples
     ),
     "sao-demo": EngineConfig(
         GuidanceConfig(
             mode="reference", cfg_scale=7.0, c1=4.0, c2=3.0, c3=100.0, lambda_min=0.7, lambda_max=0.8
         ),
-        SamplerConfig(),
+        SamplerConfig(noise="brownian"),
     ),
 }
 

@@ -101,7 +101,7 @@ def run_row(
     run_dir = out / slug(row.name)
     engine = Engine(row_config(row, steps=steps), model_dirs[row.model], DEFAULT_INDEX_DIR)
     run_generate(manifest, run_dir, engine, JobConfig(progress=progress))
-    threshold = engine.embedder.replication_threshold
+    threshold = engine.replication_threshold
     summary = run_audit(
         run_dir / "results.parquet", DEFAULT_INDEX_DIR, run_dir / "audit", AuditConfig(pairs=4),
         train_audio=DEFAULT_INDEX_DIR.parent / "train" / "train.parquet", progress=False,

@@ -90,10 +90,12 @@ def items_from_source(source: str | Path) -> list[Item]:
     if source.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(source).to_pydict()
-        missing = [c for c in ("id", "audio_path") if c not in rows]
+        names = pq.read_schema(source).names
+        missing = [c for c in ("id", "audio_path") if c not in names]
         if missing:
             raise ValueError(f"{source} lacks column(s) {missing}: give an `amg generate` results.parquet")
+        wanted = [c for c in ("id", "audio_path", "prompt", "status") if c in names]  # not the traces
+        rows = pq.read_table(source, columns=wanted).to_pydict()
         status = rows.get("status") or ["ok"] * len(rows["id"])
         prompts = rows.get("prompt") or [""] * len(rows["id"])
         items = [
@@ -138,9 +140,7 @@ def row_schema():
 
 def _read(item: Item, embedder) -> torch.Tensor | str:
     try:
-        return read_clip(
-            item.path, embedder.sample_rate, embedder.window, getattr(embedder, "fill", "zeros")
-        )[0]
+        return read_clip(item.path, embedder)[0]
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes an error row
         return f"cannot read {item.path}: {type(e).__name__}: {e}"
 
@@ -162,17 +162,23 @@ def _embed_batch(items, embedder, searcher, index, k, text_embedder, pool) -> tu
     if not ok:
         return cols, torch.zeros(0, index.embedder.dim)
     with torch.no_grad():
-        e = embedder(torch.stack([loaded[i] for i in ok]), embedder.sample_rate).float().cpu()  # [n_ok, D]
+        e = embedder.embed_window(torch.stack([loaded[i] for i in ok])).float().cpu()  # [n_ok, D]
         res = searcher.search(e, k)
         scores = _clap_scores(e, [items[i].prompt for i in ok], text_embedder)
     D, I = res.D.cpu().tolist(), res.I.cpu().tolist()  # noqa: E741
     for j, i in enumerate(ok):
+        found = [(t, d) for t, d in zip(I[j], D[j], strict=True) if t >= 0]  # faiss: -1 is "no neighbour"
         cols["status"][i] = "ok"
-        cols["neighbour_ids"][i] = [index.ids[t] for t in I[j]]
-        cols["neighbour_captions"][i] = [index.captions[t] for t in I[j]]
-        cols["neighbour_similarities"][i] = D[j]
-        cols["nearest_id"][i], cols["nearest_caption"][i] = index.ids[I[j][0]], index.captions[I[j][0]]
-        cols["similarity"][i] = D[j][0]
+        cols["neighbour_ids"][i] = [index.ids[t] for t, _ in found]
+        cols["neighbour_captions"][i] = [index.captions[t] for t, _ in found]
+        cols["neighbour_similarities"][i] = [d for _, d in found]
+        if found:  # else similarity and nearest stay null: the search found nothing to compare with
+            t, d = found[0]
+            cols["nearest_id"][i], cols["nearest_caption"][i], cols["similarity"][i] = (
+                index.ids[t],
+                index.captions[t],
+                d,
+            )
         cols["clap_score"][i] = None if scores is None else scores[j]
     return cols, e
 
@@ -274,6 +280,7 @@ class Summary:
     n_files: int
     n_ok: int
     n_error: int
+    n_no_neighbour: int  # ok files for which the (approximate) search returned no training clip
     embedder: dict
     thresholds: list[float]
     generated: dict
@@ -309,7 +316,7 @@ def aggregate(
     # floats made while reading it, would pin its memory: measured +0.5 to +3 GB at 10^5 files)
     sims_a, clap_a = np.empty(total), np.empty(total)
     kad_x = torch.empty(len(keep), index.embedder.dim)
-    n_files = n_ok = n_clap = n_kad = 0
+    n_files = n_ok = n_sim = n_clap = n_kad = 0
     pairs: list = []
     tmp = out_dir / "audit.parquet.tmp"
     writer = None
@@ -319,8 +326,9 @@ def aggregate(
         writer = writer or pq.ParquetWriter(tmp, table.schema)
         writer.write_table(table)
         ok = np.flatnonzero(pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False))
-        sim = table["similarity"].to_numpy(zero_copy_only=False)[ok]
-        sims_a[n_ok : n_ok + len(ok)] = sim
+        sim = table["similarity"].to_numpy(zero_copy_only=False)[ok].astype(np.float64)  # NaN: no neighbour
+        found = ~np.isnan(sim)
+        sims_a[n_sim : n_sim + found.sum()], n_sim = sim[found], n_sim + int(found.sum())
         clap = table["clap_score"].to_numpy(zero_copy_only=False)[ok].astype(np.float64)
         clap = clap[~np.isnan(clap)]
         clap_a[n_clap : n_clap + len(clap)], n_clap = clap, n_clap + len(clap)
@@ -328,14 +336,15 @@ def aggregate(
             moments.add(e)
             sel = np.flatnonzero(np.isin(n_ok + np.arange(len(ok)), keep))
             kad_x[n_kad : n_kad + len(sel)], n_kad = e[torch.from_numpy(sel)], n_kad + len(sel)
-        for j in np.argsort(-sim, kind="stable")[: config.pairs]:  # this part's candidates only
-            _offer(pairs, config.pairs, float(sim[j]), n_files + int(ok[j]), table.slice(int(ok[j]), 1))
+        for j in np.argsort(-np.nan_to_num(sim, nan=-np.inf), kind="stable")[: config.pairs]:  # this part's
+            if found[j]:  # candidates only
+                _offer(pairs, config.pairs, float(sim[j]), n_files + int(ok[j]), table.slice(int(ok[j]), 1))
         n_files += table.num_rows
         n_ok += len(ok)
     if writer is not None:
         writer.close()
         tmp.replace(out_dir / "audit.parquet")
-    sims_a, clap_a, kad_x = sims_a[:n_ok], clap_a[:n_clap], kad_x[:n_kad]
+    sims_a, clap_a, kad_x = sims_a[:n_sim], clap_a[:n_clap], kad_x[:n_kad]
     background = background_similarities(index, config.search)
     ref = reference if reference is not None else index
     fad_v = kad_v = None
@@ -346,7 +355,7 @@ def aggregate(
     edges = np.linspace(min(-0.0, float(background.min(initial=0)), float(sims_a.min(initial=0))), 1.0,
                         HIST_BINS + 1)  # fmt: skip
     return Summary(
-        n_files=n_files, n_ok=n_ok, n_error=n_files - n_ok,
+        n_files=n_files, n_ok=n_ok, n_error=n_files - n_ok, n_no_neighbour=n_ok - n_sim,
         embedder=json.loads(index.embedder.to_json()), thresholds=list(thresholds),
         generated=similarity_stats(sims_a, thresholds), background=similarity_stats(background, thresholds),
         fad=fad_v, kad=kad_v, reference="training index" if reference is None else "reference index",
@@ -393,15 +402,19 @@ def run_audit(
     text_embedder: Callable[[list[str]], torch.Tensor] | None = None,
     progress: bool = True,
     restart: bool = False,
+    trust_checkpoint: bool = False,
 ) -> Summary:
-    """Audit ``source`` against the index in ``index_dir``; write audit.parquet, summary, plots, report."""
+    """Audit ``source`` against the index in ``index_dir``; write audit.parquet, summary, plots, report.
+
+    The inputs are checked (index, embedder and checkpoint, reference index, source) before anything
+    is written: bad input leaves ``out_dir`` untouched.
+    """
     from index.embedders import load_embedder
     from jobs.report import write_report
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     index = EmbeddingIndex.load(index_dir)
-    embedder = load_embedder(index.embedder, embedder_checkpoint)
+    embedder = load_embedder(index.embedder, embedder_checkpoint, trust_checkpoint)
     if hasattr(embedder, "eval"):
         embedder.eval()
     reference = None
@@ -409,6 +422,7 @@ def run_audit(
         reference = EmbeddingIndex.load(reference_dir)
         reference.check_embedder(index.embedder)
     items = items_from_source(source)
+    out_dir.mkdir(parents=True, exist_ok=True)
     parts = embed_all(items, index, embedder, out_dir, config, text_embedder, progress, restart)
     summary = aggregate(parts, index, out_dir, config, thresholds_for(config, embedder), reference)
     atomic_write(out_dir / "summary.json", lambda p: Path(p).write_text(summary.to_json()))
@@ -432,6 +446,10 @@ def format_summary(summary: Summary) -> str:
         f"audited {summary.n_ok} files ({summary.n_error} errors) "
         f"against the {summary.embedder['name']} index"
     ]
+    if summary.n_no_neighbour:
+        lines.append(
+            f"{summary.n_no_neighbour} files had no training neighbour in the search (approximate index)"
+        )
     if g.get("n"):
         lines.append(
             f"nearest-training similarity: mean {g['mean']:.3f}, median {g['median']:.3f}, "

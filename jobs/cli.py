@@ -62,6 +62,19 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="flac", choices=("flac", "wav"), help="audio file format")
     p.add_argument("--model", type=Path, help="model directory (model_config.json + model.safetensors)")
     p.add_argument("--index", type=Path, help="training-set index folder")
+    p.add_argument(
+        "--embedder-checkpoint",
+        type=Path,
+        help="weights of the index's learned embedder (LAION-CLAP: the 630k-audioset-best.pt the index "
+        "was built with)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="similarity at or above which the summary counts an output as a replica "
+        "(default: the index embedder's own, 0.9 for the mel default, 0.5 for CLAP)",
+    )
+    _add_trust_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--retry-failed", action="store_true", help="also regenerate rows recorded as errors")
     p.add_argument("--shard", default="0/1", help="i/n: run only manifest rows k with k mod n = i")
@@ -73,6 +86,15 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
         "--ray-gpus-per-actor",
         type=float,
         help="GPUs each actor reserves (default: 1 if the cluster has any)",
+    )
+
+
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow .ckpt/.pt files that need full unpickling (weights_only=False): they can run code, "
+        "so only for files you trust; by default such a file is refused",
     )
 
 
@@ -98,19 +120,27 @@ def cmd_generate(args) -> int:
     from engine.models import DEFAULT_MODEL_DIR
     from jobs.generate import JobConfig, Shard, run_generate
 
-    job = JobConfig(args.format, args.retry_failed, Shard.parse(args.shard), progress=not args.quiet)
+    job = JobConfig(
+        args.format,
+        args.retry_failed,
+        Shard.parse(args.shard),
+        progress=not args.quiet,
+        threshold=args.threshold,
+    )
     model, index = args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR
+    checkpoint, trust = args.embedder_checkpoint, args.trust_checkpoint
     if args.engine == "ray":
-        from jobs.ray_run import EngineSpec, RayOptions, run_generate_ray
+        from jobs.ray_run import EngineSpec, RayOptions, import_ray, run_generate_ray
 
         opts = RayOptions(
             args.ray_address, args.ray_actors, args.ray_cpus_per_actor, args.ray_gpus_per_actor, args.device
         )
-        summary = run_generate_ray(
-            args.manifest, args.out, EngineSpec(_engine_config(args), model, index), job, opts
-        )
+        import_ray()  # the first thing to know: whether --engine ray can run at all
+        spec = EngineSpec(_engine_config(args), model, index, checkpoint, trust)
+        summary = run_generate_ray(args.manifest, args.out, spec, job, opts)
     else:
-        summary = run_generate(args.manifest, args.out, Engine(_engine_config(args), model, index), job)
+        engine = Engine(_engine_config(args), model, index, checkpoint, trust)
+        summary = run_generate(args.manifest, args.out, engine, job)
     for line in summary.lines():
         print(line)
     print(f"results: {args.out / 'results.parquet'}")
@@ -134,6 +164,7 @@ def cmd_audit(args) -> int:
     summary = run_audit(
         args.source, index, args.out, config, args.embedder_checkpoint, args.reference_index,
         train_audio, text, progress=not args.quiet, restart=args.restart,
+        trust_checkpoint=args.trust_checkpoint,
     )  # fmt: skip
     print(format_summary(summary))
     print(f"report: {args.out / 'report.html'}")
@@ -146,7 +177,9 @@ def _clap_text(args):
 
     if args.embedder_checkpoint is None:
         raise ValueError("--clap-text-encoder needs --embedder-checkpoint (the CLAP checkpoint)")
-    clap = ClapEmbedder(args.embedder_checkpoint, text_encoder=args.clap_text_encoder).eval()
+    clap = ClapEmbedder(
+        args.embedder_checkpoint, text_encoder=args.clap_text_encoder, trust_checkpoint=args.trust_checkpoint
+    ).eval()
     return clap.embed_text
 
 
@@ -187,6 +220,7 @@ def _add_audit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search", choices=("exact", "faiss"), default="exact", help="nearest-neighbour search")
     p.add_argument("--faiss-factory", default="Flat", help="faiss index_factory string, with --search faiss")
     p.add_argument("--restart", action="store_true", help="discard an unfinished audit of other inputs")
+    _add_trust_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

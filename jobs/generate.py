@@ -76,10 +76,30 @@ class JobConfig:
     retry_failed: bool = False  # regenerate rows whose recorded status is error
     shard: Shard = Shard()
     progress: bool = True  # tqdm bar on stderr
+    # similarity at or above which the summary counts an output as a replica (None: the embedder's own)
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.audio_format not in AUDIO_FORMATS:
             raise ValueError(f"audio_format={self.audio_format!r}: choose one of {AUDIO_FORMATS}")
+        t = self.threshold
+        if t is not None and not (isinstance(t, int | float) and -1.0 <= t <= 1.0):
+            raise ValueError(
+                f"threshold={t!r}: give a cosine similarity in [-1, 1], e.g. 0.9 (mel) or 0.5 (CLAP)"
+            )
+
+
+@dataclass(frozen=True)
+class RunIds:
+    """What keys a run's results besides each row's own inputs, and the embedder's replica threshold."""
+
+    model_id: str
+    index_id: str
+    threshold: float
+
+    @classmethod
+    def of(cls, engine) -> RunIds:
+        return cls(engine.model_id, engine.index_id, engine.replication_threshold)
 
 
 @dataclass(frozen=True)
@@ -94,7 +114,9 @@ class Plan:
     reused: int  # rows of this shard done by earlier runs
     expected: dict[str, tuple]  # valid id -> its resume key (see jobs.results.KEY)
     model_id: str
+    index_id: str
     base: EngineConfig  # the run's configuration, before per-row overrides
+    threshold: float  # similarity at or above which an output counts as a replica (the summary's)
 
 
 @dataclass(frozen=True)
@@ -121,7 +143,7 @@ class Summary:
         ]
 
 
-def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, model_id: str, job: JobConfig) -> Plan:
+def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, ids: RunIds, job: JobConfig) -> Plan:
     """Validate the manifest and decide which of this shard's rows still need generating."""
     table = read_manifest(manifest)
     rows = validate(table.to_pylist(), limits)
@@ -131,7 +153,7 @@ def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, model_id:
         if r.error is None:
             if r.overrides not in hashes:
                 hashes[r.overrides] = r.config(limits.base).config_hash()
-            expected[r.id] = (hashes[r.overrides], model_id, r.prompt, r.seconds, r.seed)
+            expected[r.id] = (hashes[r.overrides], ids.model_id, ids.index_id, r.prompt, r.seconds, r.seed)
     mine = [r for r in rows if job.shard.owns(r.index)]
     done = _done_ids(store, expected, job.retry_failed)
     todo = _group_order([r for r in mine if r.error is None and r.id not in done])
@@ -145,7 +167,9 @@ def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, model_id:
     log.info("manifest %s: %d rows, %d in this shard, %d invalid, %d to generate, %d done before",
              manifest, len(rows), len(mine), len(invalid), len(todo), reused)  # fmt: skip
     schema = result_schema(table.schema)
-    return Plan(table, schema, rows, todo, len(mine), reused, expected, model_id, limits.base)
+    threshold = ids.threshold if job.threshold is None else job.threshold
+    return Plan(table, schema, rows, todo, len(mine), reused, expected, ids.model_id, ids.index_id,
+                limits.base, threshold)  # fmt: skip
 
 
 def _done_ids(store: ResultStore, expected: dict[str, tuple], retry_failed: bool) -> set[str]:
@@ -227,7 +251,7 @@ def run_generate(manifest: str | Path, out_dir: str | Path, engine, job: JobConf
     with run_log(store.dir / "run.log"):
         store.prepare()
         log.info("run: engine local, config %s, shard %s", engine.config, job.shard)
-        plan = plan_run(manifest, store, Limits.from_engine(engine), engine.model_id, job)
+        plan = plan_run(manifest, store, Limits.from_engine(engine), RunIds.of(engine), job)
         runner = BatchRunner(engine, store, plan.schema, job.audio_format)
         start, counts = time.perf_counter(), {"ok": 0, "error": 0}
         with progress_bar(len(plan.todo), job.progress) as bar:
@@ -237,16 +261,14 @@ def run_generate(manifest: str | Path, out_dir: str | Path, engine, job: JobConf
                 bar.update(len(batch))
                 bar.set_postfix(counts, refresh=False)
                 log.info("batch of %d rows done (%d ok, %d error so far)", len(batch), *counts.values())
-        return finish_run(
-            plan, store, job, time.perf_counter() - start, engine.embedder.replication_threshold
-        )
+        return finish_run(plan, store, job, time.perf_counter() - start)
 
 
-def finish_run(plan: Plan, store: ResultStore, job: JobConfig, seconds: float, threshold: float) -> Summary:
+def finish_run(plan: Plan, store: ResultStore, job: JobConfig, seconds: float) -> Summary:
     """Merge every shard into ``results.parquet`` and summarise this shard's rows."""
     merged = merge_results(plan, store)
     mine = merged.filter(pa.array([job.shard.owns(r) for r in merged["row"].to_pylist()], pa.bool_()))
-    summary = summarise(mine, plan, seconds, threshold)
+    summary = summarise(mine, plan, seconds, plan.threshold)
     missing = plan.mine - mine.num_rows
     if missing:  # cannot happen unless another process deleted shards under us
         log.error("%d rows of this shard have no result; rerun the same command", missing)
@@ -261,8 +283,8 @@ def merge_results(plan: Plan, store: ResultStore) -> pa.Table:
     parts = store.read()
     latest = newest_matching(parts, plan.expected)
     picks = {r.index: latest[r.id] for r in plan.rows if r.error is None and r.id in latest}
-    errors = [error_result(r, r.error, config_hash=r.config_hash(plan.base), model_id=plan.model_id)
-              for r in plan.rows if r.error]  # fmt: skip
+    errors = [error_result(r, r.error, config_hash=r.config_hash(plan.base), model_id=plan.model_id,
+                           index_id=plan.index_id) for r in plan.rows if r.error]  # fmt: skip
     merged = assemble(parts, picks, plan.manifest, errors, plan.schema)
     store.write_merged(merged)
     return merged

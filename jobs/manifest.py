@@ -8,7 +8,8 @@ column          type   meaning
 id              string required; unique (also ignoring case); a safe file name: 1–128 letters,
                        digits, ``.``, ``_``, ``-``, starting with a letter or digit
 prompt          string required; non-empty; at most the text conditioner's ``max_length`` tokens
-                       (counted without special tokens): longer is an error, not a silent cut
+                       (counted as the encoder sees them, with T5's end-of-text token): longer is
+                       an error, not a silent cut
 seconds         float  duration in (0, model window]; default: the model's window
 seed            int    in [0, 2**63); default: derived from the id, so reruns are reproducible
 negative_prompt string must be empty or null: the engine has no negative-prompt branch yet
@@ -93,7 +94,9 @@ class Limits:
         tok, max_len = getattr(cond, "tokenizer", None), getattr(cond, "max_length", None)
         count = None
         if tok is not None and isinstance(max_len, int):
-            count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+            # as the conditioner tokenizes (special tokens included: T5 appends </s>), so a prompt that
+            # fits here is never cut by the encoder's max_length truncation
+            count = lambda text: len(tok(text)["input_ids"])  # noqa: E731
         return cls(engine.window / engine.sample_rate, engine.config, max_len if count else None, count)
 
 
@@ -209,8 +212,8 @@ def token_problem(prompt: str, limits: Limits) -> str | None:
     if n <= limits.max_tokens:
         return None
     return (
-        f"prompt has {n} tokens but the text encoder reads at most {limits.max_tokens} "
-        "(the rest would be cut off silently); shorten the prompt"
+        f"prompt has {n} tokens but the text encoder reads at most {limits.max_tokens} (special tokens "
+        "such as T5's end-of-text included; the rest would be cut off silently); shorten the prompt"
     )
 
 

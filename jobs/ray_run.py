@@ -31,7 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from engine.config import EngineConfig
-from jobs.generate import JobConfig, Plan, Summary, finish_run, plan_run, progress_bar, run_log
+from jobs.generate import JobConfig, Plan, RunIds, Summary, finish_run, plan_run, progress_bar, run_log
 from jobs.manifest import Limits
 from jobs.results import ResultStore
 
@@ -58,32 +58,51 @@ def import_ray():
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What an actor needs to load its own engine."""
+    """What an actor needs to load its own engine. Built on the driver, it checks the model's files,
+    the index and the embedder checkpoint against it at once (no weights loaded), so bad input fails
+    before any actor starts or anything is written."""
 
     config: EngineConfig
     model_dir: Path
     index_dir: Path
+    embedder_checkpoint: Path | None = None
+    trust_checkpoint: bool = False
 
     def __post_init__(self) -> None:
-        for what, path, need in (("model", self.model_dir, "model_config.json"),
-                                 ("index", self.index_dir, "embedder.json")):  # fmt: skip
-            if not (Path(path) / need).is_file():
-                raise FileNotFoundError(f"{what} folder {path} has no {need}; pass --{what} DIR")
+        from engine.models import check_model_files
+        from index.embedders import check_embedder
+
+        check_model_files(self.model_dir)
+        check_embedder(self.embedder_info(), self.embedder_checkpoint)
+
+    def embedder_info(self):
+        from index.clip import EmbedderInfo
+
+        path = Path(self.index_dir) / "embedder.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"index folder {self.index_dir} has no embedder.json; pass --index DIR")
+        return EmbedderInfo(**json.loads(path.read_text()))
 
     def load(self):
         from engine.engine import Engine
 
-        return Engine(self.config, self.model_dir, self.index_dir)
+        return Engine(
+            self.config, self.model_dir, self.index_dir, self.embedder_checkpoint, self.trust_checkpoint
+        )
 
     def window_seconds(self) -> float:
         cfg = json.loads((Path(self.model_dir) / "model_config.json").read_text())
         return cfg["sample_size"] / cfg["sample_rate"]
 
-    def model_id(self) -> str:
-        """The id :class:`engine.engine.Engine` gives this model (actors check that they agree)."""
-        from engine.engine import Engine
+    def ids(self) -> RunIds:
+        """The ids and threshold an :class:`engine.engine.Engine` of this spec has (actors check them)."""
+        from engine.models import model_id
+        from index.embedders import replication_threshold
+        from index.store import index_id
 
-        return f"{Path(self.model_dir).resolve().name}:{Engine._weights_digest(self.model_dir)}"
+        return RunIds(
+            model_id(self.model_dir), index_id(self.index_dir), replication_threshold(self.embedder_info())
+        )
 
 
 @dataclass(frozen=True)
@@ -107,14 +126,15 @@ class GenerateActor:
     """A Ray Data map_batches callable: one engine, one batch of manifest rows per call."""
 
     def __init__(self, spec: EngineSpec, out_dir: str, tag: str, schema: pa.Schema, audio_format: str,
-                 model_id: str) -> None:  # fmt: skip
+                 ids: RunIds) -> None:  # fmt: skip
         from jobs.runner import BatchRunner
 
         self._log = run_log(Path(out_dir) / "run.log")
         self._log.__enter__()  # for the actor's lifetime
         engine = spec.load()
-        if engine.model_id != model_id:
-            raise RuntimeError(f"actor loaded model {engine.model_id}, the driver planned for {model_id}")
+        loaded = (engine.model_id, engine.index_id)
+        if loaded != (ids.model_id, ids.index_id):
+            raise RuntimeError(f"actor loaded model, index {loaded}; the driver planned for {ids}")
         self.runner = BatchRunner(engine, ResultStore(out_dir, tag), schema, audio_format)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -133,7 +153,7 @@ def run_generate_ray(
     with run_log(store.dir / "run.log"):
         store.prepare()
         log.info("run: engine ray, config %s, shard %s, %s", spec.config, job.shard, opts)
-        plan = plan_run(manifest, store, Limits(spec.window_seconds(), spec.config), spec.model_id(), job)
+        plan = plan_run(manifest, store, Limits(spec.window_seconds(), spec.config), spec.ids(), job)
         start = time.perf_counter()
         if plan.todo:
             started = not ray.is_initialized()
@@ -144,7 +164,7 @@ def run_generate_ray(
             finally:
                 if started:
                     ray.shutdown()
-        return finish_run(plan, store, job, time.perf_counter() - start, _replication_threshold())
+        return finish_run(plan, store, job, time.perf_counter() - start)
 
 
 def _execute(ray, plan: Plan, spec: EngineSpec, store: ResultStore, job: JobConfig, opts: RayOptions) -> None:
@@ -161,7 +181,8 @@ def _execute(ray, plan: Plan, spec: EngineSpec, store: ResultStore, job: JobConf
     results = ray.data.from_arrow(todo).map_batches(
         GenerateActor,
         fn_constructor_kwargs=dict(spec=replace(spec, config=config), out_dir=str(store.dir), tag=store.tag,
-                                   schema=plan.schema, audio_format=job.audio_format, model_id=plan.model_id),
+                                   schema=plan.schema, audio_format=job.audio_format,
+                                   ids=RunIds(plan.model_id, plan.index_id, plan.threshold)),
         batch_size=config.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=opts.cpus_per_actor, num_gpus=gpus,
     )  # fmt: skip
@@ -172,9 +193,3 @@ def _execute(ray, plan: Plan, spec: EngineSpec, store: ResultStore, job: JobConf
                 counts[status] += 1
             bar.update(out.num_rows)
             bar.set_postfix(counts, refresh=False)
-
-
-def _replication_threshold() -> float:
-    from index.embedders import MelEmbedder
-
-    return MelEmbedder.replication_threshold  # the embedder every Engine loads today (engine/engine.py)

@@ -40,6 +40,8 @@ audio_mtime_ns                     regenerates the row if the file is gone or no
 config_hash        string          hash of the row's engine configuration, overrides applied (null if they
                                    are invalid); device, batch size and compilation excluded
 model_id           string          model folder name and weights digest
+index_id           string          the training index: embedder name and a digest of its identity
+                                   (checkpoint digest included), vectors, ids and captions
 finished_at        timestamp (UTC) when the result was written
 trace_similarity,  list<float32>   per step: σ_t, λ_t, s1, s2 (empty without AMG)
 trace_lambda,
@@ -49,8 +51,8 @@ trace_neighbour_id list<string>    per step: the index id of the detector's near
 ================== =============== =============================================================
 
 A row counts as done, and is skipped by a rerun, when the newest shard row of its ``id`` has the same
-``config_hash``, ``model_id``, ``prompt``, ``seconds`` and ``seed`` and, for an ok row, its audio file
-is still the one written (same size and modification time); error rows are retried only with
+``config_hash``, ``model_id``, ``index_id``, ``prompt``, ``seconds`` and ``seed`` and, for an ok row,
+its audio file is still the one written (same size and modification time); error rows are retried only with
 ``--retry-failed``. "Newest" is by shard number, which grows with every batch written to the folder.
 """
 
@@ -79,14 +81,14 @@ OUTPUT_TYPES: dict[str, pa.DataType] = {
     "final_similarity": pa.float64(), "max_similarity": pa.float64(), "neighbour_id": pa.string(),
     "neighbour_caption": pa.string(), "guided_steps": pa.int64(), "timing": pa.float64(),
     "audio_bytes": pa.int64(), "audio_mtime_ns": pa.int64(), "config_hash": pa.string(),
-    "model_id": pa.string(), "finished_at": pa.timestamp("us", tz="UTC"),
+    "model_id": pa.string(), "index_id": pa.string(), "finished_at": pa.timestamp("us", tz="UTC"),
     "trace_similarity": pa.list_(pa.float32()), "trace_lambda": pa.list_(pa.float32()),
     "trace_gate": pa.list_(pa.bool_()), "trace_s1": pa.list_(pa.float32()),
     "trace_s2": pa.list_(pa.float32()), "trace_neighbour_id": pa.list_(pa.string()),
 }  # fmt: skip
 RESERVED = frozenset({"row", *OUTPUT_TYPES})
 FIXED_SCHEMA = pa.schema([("row", pa.int64()), *INPUT_TYPES.items(), *OUTPUT_TYPES.items()])
-KEY = ("id", "config_hash", "model_id", "prompt", "seconds", "seed")
+KEY = ("id", "config_hash", "model_id", "index_id", "prompt", "seconds", "seed")
 PART = re.compile(r"^part-(\d+)\.parquet$")
 
 
@@ -116,7 +118,8 @@ def base_result(position: int, values: dict[str, Any], inputs: dict[str, Any] | 
 
 
 def error_result(row, message: str, **fields: Any) -> dict:
-    """The result of a row that failed (validation, engine, audio); ``fields``: config_hash, model_id..."""
+    """The result of a row that failed (validation, engine, audio); ``fields``: config_hash, model_id,
+    index_id..."""
     out = base_result(row.index, row.values)
     out.update(status="error", error=message, finished_at=now(), **fields)
     return out
@@ -230,8 +233,8 @@ def newest_matching(parts: pa.Table, expected: dict[str, tuple]) -> dict[str, in
 
     Only the newest row of an id counts: the audio file on disk is the one its generation wrote, so an
     older row under another configuration no longer describes it. ``parts`` needs the :data:`KEY`
-    columns and ``_part``; ``expected`` maps each valid id to (config_hash, model_id, prompt, seconds,
-    seed).
+    columns and ``_part``; ``expected`` maps each valid id to (config_hash, model_id, index_id, prompt,
+    seconds, seed).
     """
     cols = parts.select([*KEY, "_part"]).to_pydict()
     newest: dict[str, tuple[int, int]] = {}

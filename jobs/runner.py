@@ -50,6 +50,9 @@ class BatchRunner:
             self._hashes[overrides] = overrides.apply(self.engine.config).config_hash()
         return self._hashes[overrides]
 
+    def _ids(self) -> dict[str, str]:
+        return dict(model_id=self.engine.model_id, index_id=self.engine.index_id)
+
     def run(self, records: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
         """``records``: (manifest position, row values). Returns the result rows (also written as a shard)."""
         results, groups = self._check(records)
@@ -66,16 +69,14 @@ class BatchRunner:
         """
         untokenized = replace(self.limits, count_tokens=None, max_tokens=None)
         rows = [check_row(values, position, untokenized) for position, values in records]
-        model_id, base = self.engine.model_id, self.engine.config
-        errors = [self._failed(r, r.error, None, config_hash=r.config_hash(base), model_id=model_id)
+        ids, base = self._ids(), self.engine.config
+        errors = [self._failed(r, r.error, None, config_hash=r.config_hash(base), **ids)
                   for r in rows if r.error]  # fmt: skip
         groups: dict[Overrides, list[Row]] = {}
         for r in (r for r in rows if r.error is None):
             if err := token_problem(r.prompt, self.limits):
                 config, cfg_hash = r.config(self.engine.config), self.config_hash(r.overrides)
-                errors.append(
-                    self._failed(r, f"row {r.index}: {err}", config, config_hash=cfg_hash, model_id=model_id)
-                )
+                errors.append(self._failed(r, f"row {r.index}: {err}", config, config_hash=cfg_hash, **ids))
             else:
                 groups.setdefault(r.overrides, []).append(r)
         return errors, groups
@@ -84,7 +85,7 @@ class BatchRunner:
         from engine.engine import Request
 
         config = overrides.apply(self.engine.config)
-        common = dict(config_hash=self.config_hash(overrides), model_id=self.engine.model_id)
+        common = dict(config_hash=self.config_hash(overrides), **self._ids())
         start = time.perf_counter()
         try:
             outs = engine_view(self.engine, config).generate(

@@ -137,7 +137,8 @@ class FakeEngine:
         self.config = config or fast_config()
         self.window, self.sample_rate = 8192, 8000
         self.index, self.embedder, self.model = _Index(), _Embedder(), _Model()
-        self.model_id = "fake:000000000000"
+        self.model_id, self.index_id = "fake:000000000000", "fake-index:000000000000"
+        self.replication_threshold = 0.9
         self.fail_ids, self.raise_on = set(fail_ids), set(raise_on)
         self.calls: list[list[str]] = []  # ids of each generate call (shared with engine views)
         self.configs: list[EngineConfig] = []  # the configuration each call ran with

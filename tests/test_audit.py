@@ -252,3 +252,32 @@ def test_clap_score_is_the_cosine_with_the_prompts_text_embedding(folder, tmp_pa
             assert r["clap_score"] is None  # no prompt (sub/quiet.wav has no sidecar) or unreadable
     assert all("" not in batch for batch in calls)
     assert summary.clap_score["n"] == 8 and summary.clap_score["mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_search_that_finds_no_neighbour_is_not_the_last_clip(folder, tmp_path, monkeypatch):
+    """FAISS answers -1 (with similarity -3.4e38) where an approximate index finds fewer than k: those
+    slots are dropped, and a file with none at all has no nearest clip and no similarity, instead of
+    "the last training clip at -3.4e38"; the statistics leave it out and count it."""
+    from index.search import SearchResult
+
+    class Sparse:  # finds one neighbour for the first file of a batch, none for the others
+        def __init__(self, index, config):
+            self.index = index
+
+        def search(self, xq, k=1):
+            d = torch.full((xq.shape[0], k), -3.4e38)
+            i = torch.full((xq.shape[0], k), -1, dtype=torch.long)
+            sims = xq @ self.index.vectors.T
+            d[0, 0], i[0, 0] = sims[0].max(), sims[0].argmax()
+            return SearchResult(d, i, self.index.ids)
+
+    monkeypatch.setattr(audit_mod, "make_searcher", Sparse)
+    summary = _run(folder, tmp_path / "out", k=3)
+    rows = [r for r in pq.read_table(tmp_path / "out" / "audit.parquet").to_pylist() if r["status"] == "ok"]
+    found = [r for r in rows if r["nearest_id"] is not None]
+    assert 0 < len(found) < len(rows)
+    for r in rows:
+        assert len(r["neighbour_ids"]) == len(r["neighbour_similarities"]) <= 1
+        assert (r["similarity"] is None) == (r["nearest_id"] is None) == (r["neighbour_ids"] == [])
+    assert summary.n_no_neighbour == len(rows) - len(found) and summary.generated["n"] == len(found)
+    assert summary.generated["mean"] > -1  # no -3.4e38 leaked into the statistics
