@@ -263,8 +263,8 @@ def _chromium() -> dict:
 
 
 def test_report_renders_in_headless_chromium(folder, tmp_path):
-    """The report opens offline in a real browser: it renders, the players and the histogram load, and
-    the console shows no error."""
+    """The report opens offline in a real browser: it renders, the players, the histogram and the pairs'
+    spectrograms load, and the console shows no error."""
     from playwright.sync_api import sync_playwright
 
     spec = _chromium()
@@ -282,6 +282,10 @@ def test_report_renders_in_headless_chromium(folder, tmp_path):
         assert page.locator("table#pairs tr.pair").count() == 3
         assert page.locator("table#stats tr").count() >= 5
         assert page.locator("img#histogram").evaluate("i => i.complete && i.naturalWidth") > 100
+        spectrograms = page.locator("img.spectrogram")
+        assert spectrograms.count() == 3
+        for k in range(3):  # each pair's side-by-side spectrograms decode and are drawn
+            assert spectrograms.nth(k).evaluate("i => i.complete && i.naturalWidth") > 300
         players = page.locator("audio")
         assert players.count() == 6
         for k in range(players.count()):  # each player loads its inline FLAC and knows its duration
