@@ -76,6 +76,13 @@ def test_tempo_outside_the_octave_is_read_an_octave_off(spec, octave):
     assert A.check(A.spec_target(spec), audio(spec), SAMPLE_RATE)["tempo"] is False
 
 
+def test_folding_lands_in_the_octave_at_its_edges():
+    lo, hi = A.TEMPO_RANGE
+    for bpm, folded in ((lo, lo), (hi, lo), (2 * hi, lo), (lo / 4, lo), (86.0, 172.0), (180.0, 90.0)):
+        assert A.fold_tempo(bpm) == pytest.approx(folded, rel=1e-12)  # powers of two: exact up to rounding
+        assert lo <= A.fold_tempo(bpm) < hi
+
+
 def test_a_semitone_off_is_a_miss_and_the_estimate_names_the_played_chord():
     for family, instrument in (("pad", "warm"), ("arpeggio", "marimba")):
         played = Spec(family, instrument, "C", "major", 120 if family == "arpeggio" else None)

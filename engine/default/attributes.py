@@ -156,8 +156,8 @@ def estimate_tempo(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float |
 
 def fold_tempo(bpm: float) -> float:
     """``bpm`` times a power of two, in [TEMPO_RANGE[0], TEMPO_RANGE[1])."""
-    lo, hi = TEMPO_RANGE
-    return float(bpm * 2.0 ** np.floor(np.log2(hi / bpm)) if bpm < lo or bpm >= hi else bpm)
+    lo, hi = TEMPO_RANGE  # hi = 2 lo
+    return float(bpm / 2.0 ** np.floor(np.log2(bpm / lo)))
 
 
 # -- chord or key ----------------------------------------------------------------------------------
