@@ -18,8 +18,12 @@ Outputs in OUT:
 - ``summary.json``: mean / median / 95th percentile / maximum of the nearest-neighbour similarity,
   the share of files at or above each threshold, the same statistics for the training set against
   itself (nearest *other* clip: the background), FAD and KAD against a reference set (default: the
-  training set itself), and the most similar pairs.
-- ``similarity.png`` (histograms) and ``report.html`` (self-contained: plots and audio inline).
+  training set itself) and, when a held-out index is given, against held-out audio too, and the most
+  similar pairs.
+- ``attributes.parquet`` and the summary's ``adherence``: for files whose prompt is a default-model
+  prompt, whether the audio has the tempo, chord or key and instrument it asked for (jobs/adherence.py).
+- ``similarity.png`` (histograms) and ``report.html`` (self-contained: plots, spectrograms and audio
+  inline).
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ HIST_BINS = 50
 class AuditConfig:
     """How to audit. thresholds: similarity levels whose exceedance share is reported (the
     embedder's own replication threshold is added when it has one); k: neighbours kept per file;
-    pairs: most similar pairs listed and played in the report."""
+    pairs: most similar pairs listed and played in the report; attributes: check the prompts' tempo,
+    chord and instrument where they can be parsed (jobs/adherence.py)."""
 
     k: int = 5
     batch_size: int = 32
@@ -61,6 +66,7 @@ class AuditConfig:
     pairs: int = 12
     workers: int = 4
     search: SearchConfig = field(default_factory=SearchConfig)
+    attributes: bool = True
 
     def __post_init__(self) -> None:
         for name in ("k", "batch_size", "workers"):
@@ -291,6 +297,9 @@ class Summary:
     clap_score: dict | None
     top_pairs: list[dict]
     histogram: dict
+    fad_heldout: float | None = None  # against the held-out index, when one is given
+    kad_heldout: float | None = None
+    adherence: dict | None = None  # jobs.adherence.adherence_summary, where prompts parse
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -303,6 +312,7 @@ def aggregate(
     config: AuditConfig,
     thresholds: Sequence[float],
     reference: EmbeddingIndex | None = None,
+    heldout: EmbeddingIndex | None = None,
 ) -> Summary:
     """Stream the parts into ``audit.parquet`` and the summary statistics (bounded memory)."""
     import pyarrow.compute as pc
@@ -346,12 +356,8 @@ def aggregate(
         tmp.replace(out_dir / "audit.parquet")
     sims_a, clap_a, kad_x = sims_a[:n_sim], clap_a[:n_clap], kad_x[:n_kad]
     background = background_similarities(index, config.search)
-    ref = reference if reference is not None else index
-    fad_v = kad_v = None
-    if n_ok >= 2 and len(ref) >= 2:
-        fad_v = fad(moments, ref.vectors)
-        ref_rows = sorted(_kad_rows(len(ref)))
-        kad_v = kad(kad_x, ref.vectors[ref_rows])
+    fad_v, kad_v = _distances(moments, kad_x, reference if reference is not None else index)
+    fad_h, kad_h = _distances(moments, kad_x, heldout)
     edges = np.linspace(min(-0.0, float(background.min(initial=0)), float(sims_a.min(initial=0))), 1.0,
                         HIST_BINS + 1)  # fmt: skip
     return Summary(
@@ -367,7 +373,15 @@ def aggregate(
             "generated": np.histogram(np.clip(sims_a, edges[0], edges[-1]), edges)[0].tolist(),
             "background": np.histogram(np.clip(background, edges[0], edges[-1]), edges)[0].tolist(),
         },
+        fad_heldout=fad_h, kad_heldout=kad_h,
     )  # fmt: skip
+
+
+def _distances(moments: Moments, kad_x: torch.Tensor, ref: EmbeddingIndex | None) -> tuple:
+    """(FAD, KAD) of the audited embeddings against ``ref``; (None, None) without two of each."""
+    if ref is None or moments.n < 2 or len(ref) < 2:
+        return None, None
+    return fad(moments, ref.vectors), kad(kad_x, ref.vectors[sorted(_kad_rows(len(ref)))])
 
 
 PAIR_FIELDS = ("id", "path", "prompt", "nearest_id", "nearest_caption", "similarity")
@@ -403,11 +417,13 @@ def run_audit(
     progress: bool = True,
     restart: bool = False,
     trust_checkpoint: bool = False,
+    heldout_dir: str | Path | None = None,
 ) -> Summary:
     """Audit ``source`` against the index in ``index_dir``; write audit.parquet, summary, plots, report.
 
-    The inputs are checked (index, embedder and checkpoint, reference index, source) before anything
-    is written: bad input leaves ``out_dir`` untouched.
+    ``heldout_dir``: an index of held-out audio (same embedder) for FAD/KAD beside the reference's.
+    The inputs are checked (index, embedder and checkpoint, reference and held-out indexes, source)
+    before anything is written: bad input leaves ``out_dir`` untouched.
     """
     from index.embedders import load_embedder
     from jobs.report import write_report
@@ -417,17 +433,27 @@ def run_audit(
     embedder = load_embedder(index.embedder, embedder_checkpoint, trust_checkpoint)
     if hasattr(embedder, "eval"):
         embedder.eval()
-    reference = None
-    if reference_dir is not None:
-        reference = EmbeddingIndex.load(reference_dir)
-        reference.check_embedder(index.embedder)
+    reference, heldout = (_load_like(d, index) for d in (reference_dir, heldout_dir))
     items = items_from_source(source)
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = embed_all(items, index, embedder, out_dir, config, text_embedder, progress, restart)
-    summary = aggregate(parts, index, out_dir, config, thresholds_for(config, embedder), reference)
+    summary = aggregate(parts, index, out_dir, config, thresholds_for(config, embedder), reference, heldout)
+    if config.attributes:
+        from jobs.adherence import adherence_summary, attribute_rows
+
+        summary.adherence = adherence_summary(attribute_rows(items, out_dir, progress))
     atomic_write(out_dir / "summary.json", lambda p: Path(p).write_text(summary.to_json()))
     write_report(summary, out_dir, train_audio=_train_paths(train_audio))
     return summary
+
+
+def _load_like(folder: str | Path | None, index: EmbeddingIndex) -> EmbeddingIndex | None:
+    """The index in ``folder`` (None for None), refused unless built with ``index``'s embedder."""
+    if folder is None:
+        return None
+    other = EmbeddingIndex.load(folder)
+    other.check_embedder(index.embedder)
+    return other
 
 
 def _train_paths(train_audio: str | Path | None) -> dict[str, Path]:
@@ -463,6 +489,13 @@ def format_summary(summary: Summary) -> str:
         lines.append(f"training-to-training background: median {b['median']:.3f}, p95 {b['p95']:.3f}")
     if summary.fad is not None:
         lines.append(f"FAD {summary.fad:.4g}, KAD {summary.kad:.4g} (vs the {summary.reference})")
+    if summary.fad_heldout is not None:
+        lines.append(f"FAD {summary.fad_heldout:.4g}, KAD {summary.kad_heldout:.4g} (vs the held-out index)")
+    if summary.adherence:
+        a = summary.adherence
+        shares = [f"{k} {100 * v['share']:.0f}% of {v['n']}" for k, v in a.items()
+                  if isinstance(v, dict) and v["share"] is not None]  # fmt: skip
+        lines.append(f"attribute adherence ({a['files']} files with parsed prompts): " + ", ".join(shares))
     if summary.clap_score:
         lines.append(f"CLAP score: mean {summary.clap_score['mean']:.3f}")
     return "\n".join(lines)

@@ -153,18 +153,21 @@ def cmd_audit(args) -> int:
     from jobs.audit import AuditConfig, format_summary, run_audit
 
     index = args.index or DEFAULT_INDEX_DIR
-    train_audio = args.train_audio
-    if train_audio is None and args.index is None:  # the bundled index: its training clips ship too
-        train_audio = DEFAULT_INDEX_DIR.parent / "train" / "train.parquet"
+    train_audio, heldout = args.train_audio, args.heldout_index
+    if args.index is None:  # the bundled index: its training clips and held-out set ship too
+        from engine.default.heldout import HELDOUT_INDEX_DIR
+
+        train_audio = train_audio or DEFAULT_INDEX_DIR.parent / "train" / "train.parquet"
+        heldout = heldout or HELDOUT_INDEX_DIR
     config = AuditConfig(
         k=args.k, batch_size=args.batch_size, thresholds=tuple(args.thresholds), pairs=args.pairs,
-        search=SearchConfig(kind=args.search, factory=args.faiss_factory),
+        search=SearchConfig(kind=args.search, factory=args.faiss_factory), attributes=not args.no_attributes,
     )  # fmt: skip
     text = _clap_text(args) if args.clap_text_encoder else None
     summary = run_audit(
         args.source, index, args.out, config, args.embedder_checkpoint, args.reference_index,
         train_audio, text, progress=not args.quiet, restart=args.restart,
-        trust_checkpoint=args.trust_checkpoint,
+        trust_checkpoint=args.trust_checkpoint, heldout_dir=heldout,
     )  # fmt: skip
     print(format_summary(summary))
     print(f"report: {args.out / 'report.html'}")
@@ -206,6 +209,18 @@ def _add_audit_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="index of the reference set for FAD/KAD (default: the training index)",
+    )
+    p.add_argument(
+        "--heldout-index",
+        type=Path,
+        default=None,
+        help="index of held-out audio for FAD/KAD beside the reference's (default: the bundled held-out "
+        "set, with the bundled index)",
+    )
+    p.add_argument(
+        "--no-attributes",
+        action="store_true",
+        help="skip the tempo/chord/instrument adherence check of default-model prompts",
     )
     p.add_argument("-k", type=int, default=5, help="nearest training examples kept per file")
     p.add_argument(
