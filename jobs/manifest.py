@@ -46,7 +46,7 @@ from engine.config import EngineConfig, with_overrides
 REQUIRED = ("id", "prompt")
 OVERRIDES = ("cfg_scale", "steps", "sampler", "c1", "c2", "c3", "negative_prompt")
 OPTIONAL = ("seconds", "seed", *OVERRIDES)
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # the whole id: use fullmatch
 NEGATIVE_PROMPT_UNSUPPORTED = (
     "negative_prompt is not supported yet (the engine has no negative-prompt branch); "
     "leave the column empty or drop it"
@@ -185,7 +185,7 @@ _KIND = {"cfg_scale": _number, "c1": _number, "c2": _number, "c3": _number, "ste
 def _id_problem(rid: Any) -> str | None:
     if not isinstance(rid, str):
         return f"id {rid!r} is not text"
-    if not SAFE_ID.match(rid):
+    if not SAFE_ID.fullmatch(rid):
         return (
             f"id {rid!r} is not a safe file name (1–128 letters, digits, '.', '_', '-', starting with "
             "a letter or digit; no separators, spaces or control characters)"
