@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from engine.config import EngineConfig
 from jobs.manifest import Limits, Overrides, Row, read_manifest, validate
-from jobs.merge import compact, matching, newest, write_results
+from jobs.merge import ResultsWriter, compact, matching, newest, write_results
 from jobs.results import (
     AUDIO_IDENTITY,
     KEY,
@@ -278,23 +278,24 @@ def run_and_finish(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderL
 
 def finish_run(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderLock, seconds: float,
                threshold: float, generated: int) -> Summary:  # fmt: skip
-    """If no other run holds the folder, compact the shards and write ``results.parquet`` (see the
-    module docstring); summarise this shard's rows."""
+    """If no other run holds the folder, compact the shards and stream ``results.parquet`` in the
+    same pass (see the module docstring); summarise this shard's rows."""
     alone = lock.try_exclusive()
     scan = store.scan([*KEY, "status", "final_similarity"])
-    if alone and len(scan.files) > 1:
-        scan = compact(store, scan, _manifest_order(plan))
     picks = matching(scan, newest(scan), plan.expected)
     by_row = {r.index: picks[r.id] for r in plan.rows if r.error is None and r.id in picks}
+    summary = summarise(scan.table, plan, by_row, job.shard, seconds, threshold, generated)
     if alone is False:
         log.info("other runs are working in %s: the last to finish writes results.parquet", store.dir)
     else:
         errors = {r.index: error_result(r, r.error, config_hash=r.config_hash(plan.base),
                                         model_id=plan.model_id) for r in plan.rows if r.error}  # fmt: skip
-        write_results(store.dir / "results.parquet", store.tag, plan.schema, plan.manifest, scan, by_row,
-                      errors)  # fmt: skip
-        log.info("results: %s (%d rows)", store.dir / "results.parquet", len(by_row) + len(errors))
-    summary = summarise(scan.table, plan, by_row, job.shard, seconds, threshold, generated)
+        writer = ResultsWriter(store.dir / "results.parquet", store.tag, plan.schema, plan.manifest, errors)
+        if alone and len(scan.files) > 1:
+            compact(store, scan, _manifest_order(plan), (writer, by_row))
+        else:
+            write_results(writer, scan, by_row)
+        log.info("results: %s (%d rows)", writer.path, writer.rows)
     for line in summary.lines():
         log.info("%s", line)
     return summary

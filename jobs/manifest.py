@@ -33,6 +33,7 @@ stops the run: it becomes a result row with status ``error`` and a message ``row
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -244,11 +245,17 @@ def _overrides(v: dict[str, Any], limits: Limits) -> tuple[Overrides | None, str
     ov = Overrides(**vals)
     if ov.negative_prompt and ov.negative_prompt.strip():
         return ov, NEGATIVE_PROMPT_UNSUPPORTED
+    return ov, _override_problem(ov, limits.base)
+
+
+@functools.lru_cache(maxsize=1024)
+def _override_problem(ov: Overrides, base: EngineConfig) -> str | None:
+    """Whether ``base`` accepts ``ov`` (a manifest repeats a few override sets over many rows)."""
     try:
-        ov.apply(limits.base)
+        ov.apply(base)
     except ValueError as e:  # the config's own message names the value and the allowed range
-        return ov, str(e)
-    return ov, None
+        return str(e)
+    return None
 
 
 def check_row(v: dict[str, Any], index: int, limits: Limits) -> Row:

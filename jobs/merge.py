@@ -37,7 +37,8 @@ from jobs.results import FIXED_SCHEMA, KEY, ResultStore, Scan, conform, fsync_re
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 8192  # rows per streamed chunk and per row group written (~25 MB with 100-step traces)
-CACHE_BYTES = 256 << 20  # decoded row groups kept for the next chunk
+CACHE_BYTES = 64 << 20  # decoded row groups kept for the next chunk
+READERS = 4  # threads reading row groups (pyarrow releases the GIL)
 
 
 def newest(scan: Scan) -> np.ndarray:
@@ -89,36 +90,114 @@ class RowReader:
             group[sel] = np.searchsorted(starts[f], pos_idx[sel], side="right") - 1
         key = file_idx.astype(np.int64) << 32 | group
         order = np.argsort(key, kind="stable")
-        bounds = np.flatnonzero(np.diff(key[order])) + 1
-        pieces = []
-        for seg in np.split(order, bounds):
-            f, g = int(file_idx[seg[0]]), int(group[seg[0]])
-            local = pos_idx[seg] - starts[f][g]
-            pieces.append(self._row_group(f, g).take(pa.array(local, pa.int64())))
-        out = pa.concat_tables(pieces)
-        return out.take(pa.array(np.argsort(order, kind="stable"), pa.int64()))
+        segments = np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
+        wanted = [(int(file_idx[seg[0]]), int(group[seg[0]])) for seg in segments]
+        tables = self._row_groups(wanted)
+        pieces = [
+            _rows(t, pos_idx[seg] - starts[f][g])
+            for seg, (f, g), t in zip(segments, wanted, tables, strict=True)
+        ]
+        return _rows(pa.concat_tables(pieces), np.argsort(order, kind="stable"))
 
-    def _row_group(self, f: int, g: int) -> pa.Table:
-        import pyarrow.parquet as pq
+    def _row_groups(self, wanted: list[tuple[int, int]]) -> list[pa.Table]:
+        """The decoded row groups ``wanted`` ((file, group) pairs), the missing ones read in parallel
+        threads (many small shards: the time goes into opening and decoding each)."""
+        from concurrent.futures import ThreadPoolExecutor
 
-        if (f, g) in self._cache:
-            self._cache.move_to_end((f, g))
-            return self._cache[(f, g)]
-        pf = pq.ParquetFile(self.scan.files[f])
-        present = [c for c in self.schema.names if c in pf.schema_arrow.names]
-        table = conform(pf.read_row_group(g, columns=present), self.schema)
-        self._cache[(f, g)] = table
-        self._cached += table.nbytes
-        while self._cached > self.cache_bytes and len(self._cache) > 1:
+        missing = [fg for fg in wanted if fg not in self._cache]
+        with ThreadPoolExecutor(READERS) as pool:
+            for fg, table in zip(missing, pool.map(self._read, missing), strict=True):
+                self._cache[fg] = table
+                self._cached += table.nbytes
+        out = [self._cache[fg] for fg in wanted]
+        for fg in wanted:
+            self._cache.move_to_end(fg)
+        while self._cached > self.cache_bytes and len(self._cache) > len(wanted):
             _, old = self._cache.popitem(last=False)
             self._cached -= old.nbytes
-        return table
+        return out
+
+    def _read(self, fg: tuple[int, int]) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(self.scan.files[fg[0]])
+        present = [c for c in self.schema.names if c in pf.schema_arrow.names]
+        return conform(pf.read_row_group(fg[1], columns=present, use_threads=False), self.schema)
 
 
-def compact(store: ResultStore, scan: Scan, position: Callable[[list[str]], np.ndarray]) -> Scan:
+def _rows(table: pa.Table, idx: np.ndarray) -> pa.Table:
+    """``table.take(idx)``, without a copy where ``idx`` is a contiguous ascending run (the usual case:
+    shards read in the order they were written)."""
+    if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and (len(idx) == 1 or (np.diff(idx) == 1).all()):
+        return table.slice(int(idx[0]), len(idx))
+    return table.take(pa.array(idx, pa.int64()))
+
+
+class ResultsWriter:
+    """Streams ``results.parquet`` in manifest order: :meth:`add` chunks of chosen shard rows (their
+    outputs; ``row`` and the carried-through columns come from ``manifest`` as it is now) at
+    ascending manifest positions; the fresh error rows of invalid manifest rows (``errors``,
+    position -> row) are slotted in between; :meth:`close` publishes the file (fsync, rename)."""
+
+    def __init__(self, path: Path, tag: str, schema: pa.Schema, manifest: pa.Table, errors: dict[int, dict]):
+        import pyarrow.parquet as pq
+
+        self.path, self.tmp, self.schema = path, tmp_name(path, tag), schema
+        self.extra = manifest.select([f.name for f in schema if f.name not in FIXED_SCHEMA.names])
+        self.errors, self._error_pos, self._next_error = errors, sorted(errors), 0
+        self.rows = 0
+        self._writer = pq.ParquetWriter(self.tmp, schema)
+
+    def add(self, done: pa.Table, positions: np.ndarray) -> None:
+        """``done``: shard rows (fixed schema) for the manifest ``positions`` (ascending, after the
+        previous chunk's)."""
+        if len(positions) == 0:
+            return
+        where = pa.array(positions, pa.int64())
+        here = self.extra.take(where)
+        cols = [where if f.name == "row" else (done.column(f.name) if f.name in FIXED_SCHEMA.names
+                else here.column(f.name)) for f in self.schema]  # fmt: skip
+        chunk = pa.Table.from_arrays([c.cast(f.type) for c, f in zip(cols, self.schema, strict=True)],
+                                     schema=self.schema)  # fmt: skip
+        self._write(chunk, upto=int(positions[-1]))
+
+    def _write(self, chunk: pa.Table, upto: int | None) -> None:
+        """``chunk``, with the error rows at positions up to ``upto`` (None: all that are left)."""
+        stop = len(self._error_pos) if upto is None else int(np.searchsorted(self._error_pos, upto, "right"))
+        errs = [self.errors[p] for p in self._error_pos[self._next_error : stop]]
+        self._next_error = stop
+        if errs:
+            chunk = pa.concat_tables([chunk, pa.Table.from_pylist(errs, schema=self.schema)]).sort_by("row")
+        if chunk.num_rows:
+            self._writer.write_table(chunk, row_group_size=CHUNK_ROWS)
+            self.rows += chunk.num_rows
+
+    def close(self) -> None:
+        self._write(self.schema.empty_table(), upto=None)
+        self._writer.close()
+        fsync_replace(self.tmp, self.path)
+
+
+def write_results(writer: ResultsWriter, scan: Scan, picks: dict[int, int]) -> None:
+    """Stream the shard rows ``picks`` (manifest position -> position in ``scan.table``) into
+    ``writer``, chunk by chunk in manifest order, and close it."""
+    done_pos = np.array(sorted(picks), np.int64)
+    done_idx = np.array([picks[p] for p in done_pos], np.int64)
+    files, pos = scan.table.column("_file").to_numpy(), scan.table.column("_pos").to_numpy()
+    reader = RowReader(scan)
+    for lo, hi in iter_chunks(len(done_pos), CHUNK_ROWS):
+        sel = done_idx[lo:hi]
+        writer.add(reader.take(files[sel], pos[sel]), done_pos[lo:hi])
+    writer.close()
+
+
+def compact(store: ResultStore, scan: Scan, position: Callable[[list[str]], np.ndarray],
+            results: tuple[ResultsWriter, dict[int, int]] | None = None) -> None:  # fmt: skip
     """Replace the folder's shards by one holding the newest row of every id (see the module
-    docstring); returns the scan of the result. ``position(ids)`` orders the rows (the ids'
-    manifest positions; ids not in the manifest sort last). Call only under the exclusive lock."""
+    docstring). ``position(ids)`` orders the rows (the ids' manifest positions; ids not in the
+    manifest sort last). ``results``: (a writer, manifest position -> position in ``scan.table``)
+    to stream ``results.parquet`` from the same pass (and close it). Call only under the exclusive
+    lock."""
     import pyarrow.parquet as pq
 
     picked = newest(scan)
@@ -126,55 +205,22 @@ def compact(store: ResultStore, scan: Scan, position: Callable[[list[str]], np.n
     picked = picked[np.argsort(position(ids), kind="stable")]
     target = scan.files[-1]  # the highest number: the compacted rows stay the newest of their ids
     tmp = tmp_name(target, store.tag or "run")
-    reader, files, pos = RowReader(scan), scan.table.column("_file").to_numpy(), scan.table.column("_pos")
-    pos = pos.to_numpy()
+    reader = RowReader(scan)
+    files, pos = scan.table.column("_file").to_numpy(), scan.table.column("_pos").to_numpy()
+    chosen = np.full(scan.table.num_rows, -1, np.int64)  # scan row -> its manifest position in results
+    if results is not None:
+        chosen[list(results[1].values())] = list(results[1])
     with pq.ParquetWriter(tmp, FIXED_SCHEMA) as writer:
         for lo, hi in iter_chunks(len(picked), CHUNK_ROWS):
-            writer.write_table(
-                reader.take(files[picked[lo:hi]], pos[picked[lo:hi]]), row_group_size=CHUNK_ROWS
-            )
+            rows = reader.take(files[picked[lo:hi]], pos[picked[lo:hi]])
+            writer.write_table(rows, row_group_size=CHUNK_ROWS)
+            if results is not None:
+                keep = np.flatnonzero(chosen[picked[lo:hi]] >= 0)
+                results[0].add(_rows(rows, keep), chosen[picked[lo:hi]][keep])
     fsync_replace(tmp, target)
     for old in scan.files[:-1]:
         old.unlink(missing_ok=True)
     log.info("compacted %d shards (%d rows) into %s (%d rows)", len(scan.files), scan.table.num_rows,
              target.name, len(picked))  # fmt: skip
-    n = len(picked)
-    table = scan.table.take(pa.array(picked, pa.int64()))
-    table = table.set_column(table.schema.get_field_index("_file"), "_file", pa.array(np.zeros(n, np.int32)))
-    table = table.set_column(
-        table.schema.get_field_index("_pos"), "_pos", pa.array(np.arange(n, dtype=np.int64))
-    )
-    starts = np.arange(0, n, CHUNK_ROWS, dtype=np.int64) if n else np.zeros(1, np.int64)
-    return Scan([target], [starts], table)
-
-
-def write_results(path: Path, tag: str, schema: pa.Schema, manifest: pa.Table, scan: Scan,
-                  picks: dict[int, int], errors: dict[int, dict]) -> None:  # fmt: skip
-    """Stream ``results.parquet``: for each manifest position, the shard row ``picks[position]``
-    (its outputs; ``row`` and the carried-through columns from ``manifest`` as it is now) or the
-    fresh error row ``errors[position]``, in manifest order."""
-    import pyarrow.parquet as pq
-
-    done_pos = np.array(sorted(picks), np.int64)
-    done_idx = np.array([picks[p] for p in done_pos], np.int64)
-    files = scan.table.column("_file").to_numpy()
-    pos = scan.table.column("_pos").to_numpy()
-    extra = [f.name for f in schema if f.name not in FIXED_SCHEMA.names]
-    reader = RowReader(scan)
-    tmp = tmp_name(path, tag)
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for lo, hi in iter_chunks(max(manifest.num_rows, 1), CHUNK_ROWS):
-            a, b = np.searchsorted(done_pos, [lo, hi])
-            rows = reader.take(files[done_idx[a:b]], pos[done_idx[a:b]])
-            positions = pa.array(done_pos[a:b], pa.int64())
-            here = manifest.select(extra).take(positions)
-            cols = [positions if f.name == "row" else (rows.column(f.name) if f.name in FIXED_SCHEMA.names
-                    else here.column(f.name)) for f in schema]  # fmt: skip
-            chunk = pa.Table.from_arrays(
-                [c.cast(f.type) for c, f in zip(cols, schema, strict=True)], schema=schema
-            )
-            errs = [errors[p] for p in range(lo, hi) if p in errors]
-            if errs:
-                chunk = pa.concat_tables([chunk, pa.Table.from_pylist(errs, schema=schema)]).sort_by("row")
-            writer.write_table(chunk, row_group_size=CHUNK_ROWS)
-    fsync_replace(tmp, path)
+    if results is not None:
+        results[0].close()

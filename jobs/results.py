@@ -279,9 +279,11 @@ SCAN_EXTRA = pa.schema([("_part", pa.int64()), ("_file", pa.int32()), ("_pos", p
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """``table`` with exactly ``schema``'s columns: missing ones null (older shards), types cast."""
-    cols = []
+    if table.schema.equals(schema, check_metadata=False):
+        return table
+    names, cols = set(table.column_names), []
     for f in schema:
-        if f.name in table.column_names:
+        if f.name in names:
             col = table.column(f.name)
             cols.append(col if col.type == f.type else col.cast(f.type))
         else:
@@ -295,7 +297,9 @@ def _scan_file(path: Path, columns: list[str]) -> tuple[pa.Table, np.ndarray]:
     pf = pq.ParquetFile(path)
     sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
     present = [c for c in columns if c in pf.schema_arrow.names]
-    table = conform(pf.read(columns=present), pa.schema([FIXED_SCHEMA.field(c) for c in columns]))
+    table = conform(
+        pf.read(columns=present, use_threads=False), pa.schema([FIXED_SCHEMA.field(c) for c in columns])
+    )
     return table, np.cumsum([0, *sizes[:-1]], dtype=np.int64)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from jobs.results import ResultStore, base_result, error_result, now, write_audi
 log = logging.getLogger(__name__)
 
 AUDIO_FORMATS = ("flac", "wav")
+AUDIO_WRITERS = 4  # threads writing a batch's audio files (libsndfile and file I/O release the GIL)
 
 
 class CircuitOpen(RuntimeError):
@@ -148,7 +150,9 @@ class BatchRunner:
             return [self._failed(r, f"row {r.index}: engine failed on its batch: {failure}", config,
                                  timing=timing, **common) for r in rows], failure  # fmt: skip
         timing = (time.perf_counter() - start) / len(rows)
-        return [self._finished(r, g, config, timing, common) for r, g in zip(rows, outs, strict=True)], None
+        finish = lambda pair: self._finished(*pair, config, timing, common)  # noqa: E731
+        with ThreadPoolExecutor(min(AUDIO_WRITERS, len(rows))) as pool:  # encoding and file creation overlap
+            return list(pool.map(finish, zip(rows, outs, strict=True))), None
 
     def _finished(self, row: Row, g, config: EngineConfig, timing: float, common: dict) -> dict[str, Any]:
         if g.error:

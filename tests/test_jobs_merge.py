@@ -16,7 +16,7 @@ from jobs_helpers import FakeEngine, good_manifest
 
 import jobs.merge
 from jobs.generate import JobConfig, run_generate
-from jobs.merge import RowReader, compact, matching, newest, write_results
+from jobs.merge import ResultsWriter, RowReader, compact, matching, newest, write_results
 from jobs.results import FIXED_SCHEMA, KEY, ResultStore
 
 POOL = [f"id{k:02d}" for k in range(30)]
@@ -135,7 +135,9 @@ def test_results_are_streamed_in_chunks_with_the_same_content(tmp_path, monkeypa
     scan = ResultStore(out).scan(list(KEY))
     picks = matching(scan, newest(scan), plan.expected)
     by_row = {r.index: picks[r.id] for r in plan.rows}
-    write_results(tmp_path / "chunked.parquet", "", plan.schema, plan.manifest, scan, by_row, {})
+    write_results(
+        ResultsWriter(tmp_path / "chunked.parquet", "", plan.schema, plan.manifest, {}), scan, by_row
+    )
     assert pq.ParquetFile(tmp_path / "chunked.parquet").num_row_groups == 8
     assert pq.read_table(tmp_path / "chunked.parquet").equals(whole)  # the same bytes copied: exact
 
