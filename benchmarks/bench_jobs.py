@@ -8,7 +8,8 @@ resident memory is that process's):
 
 - ``run``: a fresh folder, every row generated: rows/s, job overhead in ms a row, peak memory, and
   the share of the time spent in the final compaction + merge;
-- ``resume``: the same command again with every row done (what a rerun costs before any work);
+- ``resume``: the same command again with every row done (what a rerun costs before any work: it
+  validates the manifest, checks every audio file and rewrites ``results.parquet``);
 - at the largest size, the merge of the folder as the run left it before its final merge (all of
   its per-batch shards), by the old path (every column of every shard read into memory, newest
   rows chosen with Python objects, taken, sorted, written: the merge of commit 21087a2, kept below as
@@ -103,6 +104,8 @@ if mode in ("run", "resume"):
     t = time.perf_counter()
     s = g.run_generate(manifest, out, StubEngine(batch), g.JobConfig(progress=False))
     timing.update(seconds=time.perf_counter() - t - timing["keep_s"], ok=s.ok, generated=s.generated)
+elif mode == "idle":  # what the imports alone take: the floor under every peak
+    timing.update(seconds=0.0)
 else:
     rows, seconds = (old_merge if mode == "merge-old" else new_merge)(manifest, out, StubEngine(batch))
     timing.update(seconds=seconds, rows=rows)
@@ -210,7 +213,18 @@ def _merge_copy(out: Path, target: Path) -> None:
         (target / "results" / p.name).hardlink_to(p)
 
 
-HEADER = ("rows", "rows/s", "ms/row", "CPU ms/row", "vs first", "merge s", "peak MB", "resume s", "resume MB")
+HEADER = (
+    "rows",
+    "rows/s",
+    "ms/row",
+    "CPU ms/row",
+    "vs first",
+    "merge s",
+    "peak MB",
+    "resume s",
+    "of it merge s",
+    "resume MB",
+)
 
 
 def _line(n: int, run: dict, resume: dict, first_ms: float) -> str:
@@ -218,7 +232,7 @@ def _line(n: int, run: dict, resume: dict, first_ms: float) -> str:
     cpu = 1000 * run["cpu_s"] / n
     cells = (n, f"{n / run['seconds']:.0f}", f"{ms:.2f}", f"{cpu:.2f}", f"{ms / first_ms:.2f}x",
              f"{run['finish_s']:.1f}", f"{run['peak_rss_mb']:.0f}", f"{resume['seconds']:.1f}",
-             f"{resume['peak_rss_mb']:.0f}")  # fmt: skip
+             f"{resume['finish_s']:.1f}", f"{resume['peak_rss_mb']:.0f}")  # fmt: skip
     return " | ".join(f"{c:>{len(h)}}" for c, h in zip(cells, HEADER, strict=True))
 
 
@@ -258,6 +272,9 @@ def main() -> int:
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="bench-jobs-"))
     scratch.mkdir(parents=True, exist_ok=True)
     when, env = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), environment("cpu")
+    idle = _child("idle", scratch / "none", scratch / "none", args.batch_size)
+    print(f"a process that only imports the job layer peaks at {idle['peak_rss_mb']:.0f} MB", flush=True)
+    _record(args, when, env, "idle", 0, idle)
     print(" | ".join(HEADER), flush=True)
     per_row = {}
     for n in sorted(args.rows):

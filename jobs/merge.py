@@ -18,7 +18,9 @@ and what is left of the older shards is superseded. So a kill at any point leave
 reads the same, and the next compaction finishes the job. Superseded rows (an id's older results)
 are dropped; rows of ids absent from the current manifest are kept, newest wins for them too.
 
-:func:`write_results` streams ``results.parquet`` in manifest order, chunk by chunk.
+:class:`ResultsWriter` streams ``results.parquet`` in manifest order, chunk by chunk: from the
+compaction's own chunks when the run compacts (one read of every row, two writes), else from the
+shards through :func:`write_results`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.results import FIXED_SCHEMA, KEY, ResultStore, Scan, conform, fsync_replace, iter_chunks, tmp_name
+from jobs.results import (
+    FIXED_SCHEMA,
+    KEY,
+    ResultStore,
+    Scan,
+    conform,
+    fsync_replace,
+    iter_chunks,
+    parquet_options,
+    tmp_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +158,7 @@ class ResultsWriter:
         self.extra = manifest.select([f.name for f in schema if f.name not in FIXED_SCHEMA.names])
         self.errors, self._error_pos, self._next_error = errors, sorted(errors), 0
         self.rows = 0
-        self._writer = pq.ParquetWriter(self.tmp, schema)
+        self._writer = pq.ParquetWriter(self.tmp, schema, **parquet_options(schema))
 
     def add(self, done: pa.Table, positions: np.ndarray) -> None:
         """``done``: shard rows (fixed schema) for the manifest ``positions`` (ascending, after the
@@ -210,7 +222,7 @@ def compact(store: ResultStore, scan: Scan, position: Callable[[list[str]], np.n
     chosen = np.full(scan.table.num_rows, -1, np.int64)  # scan row -> its manifest position in results
     if results is not None:
         chosen[list(results[1].values())] = list(results[1])
-    with pq.ParquetWriter(tmp, FIXED_SCHEMA) as writer:
+    with pq.ParquetWriter(tmp, FIXED_SCHEMA, **parquet_options(FIXED_SCHEMA)) as writer:
         for lo, hi in iter_chunks(len(picked), CHUNK_ROWS):
             rows = reader.take(files[picked[lo:hi]], pos[picked[lo:hi]])
             writer.write_table(rows, row_group_size=CHUNK_ROWS)
