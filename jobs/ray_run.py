@@ -15,7 +15,8 @@ Failures: an actor that dies (killed, out of host memory, a crashed driver libra
 Ray and its batch is retried on the pool; a batch whose worker died :data:`MAX_ATTEMPTS` times is
 not run again but recorded as a batch failed in the engine (``WorkerLost``), which the circuit
 breaker counts. The breaker's streaks are per actor; when it stops the run the driver stops feeding
-the pool, merges what finished and raises :class:`~jobs.runner.CircuitOpen`.
+the pool, merges what finished and raises :class:`~jobs.runner.CircuitOpen` (actors still finishing
+a batch while Ray stops them may leave a temporary file behind: the next run deletes it).
 
 Resources: each actor asks for ``gpus_per_actor`` GPUs (default: 1 when the cluster has GPUs, and
 the engine then runs on ``cuda``; else 0 and ``cpu``) and ``cpus_per_actor`` CPUs. The pool has

