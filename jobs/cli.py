@@ -11,6 +11,10 @@ amg ablate --out DIR                         the AMG ablation table on the embed
 Rerunning the same command resumes: rows already done under the same configuration are skipped
 (--retry-failed also regenerates error rows). --shard i/n runs rows k with k mod n = i only;
 --engine ray runs the batches on a Ray actor pool (RAY_ADDRESS or --ray-address for a cluster).
+
+Exit codes: 0 done (bad rows are error rows, not failures); 2 bad input (the message names it);
+3 stopped because the engine failed on --max-failed-batches batches in a row (the message names the
+error; finished rows are kept and the same command resumes).
 """
 
 from __future__ import annotations
@@ -78,6 +82,13 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--retry-failed", action="store_true", help="also regenerate rows recorded as errors")
     p.add_argument("--shard", default="0/1", help="i/n: run only manifest rows k with k mod n = i")
+    p.add_argument(
+        "--max-failed-batches",
+        type=int,
+        default=3,
+        help="stop the run (exit code 3) after this many batches in a row failed in the engine "
+        "(out of memory, a missing file...); bad rows never count; 0: never stop",
+    )
     p.add_argument("--engine", default="local", choices=("local", "ray"), help="where batches run")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--ray-actors", type=int, help="actor pool size (default: one per cluster GPU, else 1)")
@@ -121,12 +132,9 @@ def cmd_generate(args) -> int:
     from jobs.generate import JobConfig, Shard, run_generate
 
     job = JobConfig(
-        args.format,
-        args.retry_failed,
-        Shard.parse(args.shard),
-        progress=not args.quiet,
+        args.format, args.retry_failed, Shard.parse(args.shard), not args.quiet, args.max_failed_batches,
         threshold=args.threshold,
-    )
+    )  # fmt: skip
     model, index = args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR
     checkpoint, trust = args.embedder_checkpoint, args.trust_checkpoint
     if args.engine == "ray":
@@ -269,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from jobs.manifest import ManifestError
     from jobs.ray_run import RayUnavailable
+    from jobs.runner import CircuitOpen
 
     args = build_parser().parse_args(argv)
     root = logging.getLogger()
@@ -283,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, ValueError, FileNotFoundError, RayUnavailable) as e:
         print(f"amg: error: {e}", file=sys.stderr)
         return 2
+    except CircuitOpen as e:
+        print(f"amg: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

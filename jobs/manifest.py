@@ -34,6 +34,7 @@ stops the run: it becomes a result row with status ``error`` and a message ``row
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -47,7 +48,7 @@ from engine.config import EngineConfig, with_overrides
 REQUIRED = ("id", "prompt")
 OVERRIDES = ("cfg_scale", "steps", "sampler", "c1", "c2", "c3", "negative_prompt")
 OPTIONAL = ("seconds", "seed", *OVERRIDES)
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # the whole id: use fullmatch
 NEGATIVE_PROMPT_UNSUPPORTED = (
     "negative_prompt is not supported yet (the engine has no negative-prompt branch); "
     "leave the column empty or drop it"
@@ -188,7 +189,7 @@ _KIND = {"cfg_scale": _number, "c1": _number, "c2": _number, "c3": _number, "ste
 def _id_problem(rid: Any) -> str | None:
     if not isinstance(rid, str):
         return f"id {rid!r} is not text"
-    if not SAFE_ID.match(rid):
+    if not SAFE_ID.fullmatch(rid):
         return (
             f"id {rid!r} is not a safe file name (1–128 letters, digits, '.', '_', '-', starting with "
             "a letter or digit; no separators, spaces or control characters)"
@@ -247,11 +248,17 @@ def _overrides(v: dict[str, Any], limits: Limits) -> tuple[Overrides | None, str
     ov = Overrides(**vals)
     if ov.negative_prompt and ov.negative_prompt.strip():
         return ov, NEGATIVE_PROMPT_UNSUPPORTED
+    return ov, _override_problem(ov, limits.base)
+
+
+@functools.lru_cache(maxsize=1024)
+def _override_problem(ov: Overrides, base: EngineConfig) -> str | None:
+    """Whether ``base`` accepts ``ov`` (a manifest repeats a few override sets over many rows)."""
     try:
-        ov.apply(limits.base)
+        ov.apply(base)
     except ValueError as e:  # the config's own message names the value and the allowed range
-        return ov, str(e)
-    return ov, None
+        return str(e)
+    return None
 
 
 def check_row(v: dict[str, Any], index: int, limits: Limits) -> Row:
