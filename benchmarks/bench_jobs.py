@@ -55,7 +55,8 @@ class StubEngine:
 
         self.config = replace(EngineConfig(), sampler=SamplerConfig(steps=STEPS), batch_size=batch_size)
         self.window, self.sample_rate = 8192, 8000
-        self.model, self.model_id = None, "stub:000000000000"
+        self.model, self.model_id, self.index_id = None, "stub:000000000000", "stub-index:000000000000"
+        self.replication_threshold = 0.9
         ids = [f"clip-{k:03d}" for k in range(36)]
         self.index = type("Index", (), {"ids": ids, "captions": [f"caption {i}" for i in ids]})()
         self.embedder = type("Embedder", (), {"replication_threshold": 0.9})()
@@ -116,12 +117,12 @@ print(json.dumps(timing))
 
 
 def _plan(manifest, out, engine):
-    from jobs.generate import JobConfig, plan_run
+    from jobs.generate import JobConfig, RunIds, plan_run
     from jobs.manifest import Limits
     from jobs.results import ResultStore
 
     store = ResultStore(out)
-    return plan_run(manifest, store, Limits.from_engine(engine), engine.model_id, JobConfig()), store
+    return plan_run(manifest, store, Limits.from_engine(engine), RunIds.of(engine), JobConfig()), store
 
 
 def new_merge(manifest, out, engine) -> tuple[int, float]:
@@ -135,7 +136,7 @@ def new_merge(manifest, out, engine) -> tuple[int, float]:
     plan, store = _plan(manifest, out, engine)
     start = time.perf_counter()
     with FolderLock(store.dir) as lock:
-        rows = finish_run(plan, store, JobConfig(progress=False), lock, 0.0, 0.9, 0).ok
+        rows = finish_run(plan, store, JobConfig(progress=False), lock, 0.0, 0).ok
     return rows, time.perf_counter() - start
 
 
@@ -170,8 +171,8 @@ def old_merge(manifest, out, engine) -> tuple[int, float]:
         rid: i for rid, (_, i) in newest.items() if tuple(cols[k][i] for k in KEY[1:]) == plan.expected[rid]
     }
     picks = {r.index: latest[r.id] for r in plan.rows if r.error is None and r.id in latest}
-    errors = [error_result(r, r.error, config_hash=r.config_hash(plan.base), model_id=plan.model_id)
-              for r in plan.rows if r.error]  # fmt: skip
+    errors = [error_result(r, r.error, config_hash=r.config_hash(plan.base), model_id=plan.model_id,
+                           index_id=plan.index_id) for r in plan.rows if r.error]  # fmt: skip
     positions = sorted(picks)
     done = parts.take(pa.array([picks[p] for p in positions], pa.int64()))
     extra = plan.manifest.take(pa.array(positions, pa.int64()))

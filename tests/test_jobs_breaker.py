@@ -75,7 +75,9 @@ def test_zero_never_stops_and_negative_is_refused(tmp_path):
 def test_the_cli_exits_with_code_3_naming_the_error(tmp_path, monkeypatch, capsys):
     import engine.engine
 
-    monkeypatch.setattr(engine.engine, "Engine", lambda config, model, index: FakeEngine(raise_calls=ALWAYS))
+    monkeypatch.setattr(
+        engine.engine, "Engine", lambda config, model, index, *checkpoint: FakeEngine(raise_calls=ALWAYS)
+    )
     m = good_manifest(tmp_path / "m.parquet", 40)
     argv = ["generate", str(m), "--out", str(tmp_path / "out"), "--quiet", "--max-failed-batches", "2"]
     assert main(argv) == 3

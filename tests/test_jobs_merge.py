@@ -127,11 +127,11 @@ def test_results_are_streamed_in_chunks_with_the_same_content(tmp_path, monkeypa
     whole = pq.read_table(out / "results.parquet")
     assert pq.ParquetFile(out / "results.parquet").num_row_groups == 1
     monkeypatch.setattr(jobs.merge, "CHUNK_ROWS", 4)
-    from jobs.generate import plan_run
+    from jobs.generate import RunIds, plan_run
     from jobs.manifest import Limits
 
     engine = FakeEngine()
-    plan = plan_run(m, ResultStore(out), Limits.from_engine(engine), engine.model_id, JobConfig())
+    plan = plan_run(m, ResultStore(out), Limits.from_engine(engine), RunIds.of(engine), JobConfig())
     scan = ResultStore(out).scan(list(KEY))
     picks = matching(scan, newest(scan), plan.expected)
     by_row = {r.index: picks[r.id] for r in plan.rows}
