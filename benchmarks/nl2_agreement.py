@@ -43,7 +43,7 @@ def main() -> None:
         raise SystemExit("the index has no training latents (latents.safetensors); rebuild it with train.py")
     rows = pq.read_table(caption_manifest(ROOT / "out" / "nl2" / "captions.parquet")).to_pylist()
     reqs = [Request(r["id"], r["prompt"], r["seconds"], r["seed"]) for r in rows]
-    seconds = torch.tensor([r.seconds for r in reqs])
+    lengths = engine.lengths([r.seconds for r in reqs])
     captured = []
     original = engine._branches
 
@@ -58,7 +58,7 @@ def main() -> None:
     print(f"{'sigma':>8s} {'same NN':>8s} {'spearman':>9s} {'gates agree':>12s}")
     for sigma, x0 in captured:
         with torch.no_grad():
-            emb = engine.embed(engine.decode(x0), seconds)
+            emb = engine.embed(engine.decode(x0), lengths)
         lam = float(lambda_t(torch.tensor(1 / (1 + sigma**2)), g.lambda_min, g.lambda_max))
         a = nl2_agreement(x0, emb, engine.index.vectors, engine.index.latents, (lam, args.nl2_threshold))
         print(f"{sigma:8.3f} {a.nearest:8.2f} {a.rank_correlation:9.2f} {a.gate:12.2f}")

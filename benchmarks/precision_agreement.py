@@ -97,8 +97,7 @@ def teacher_forced(e32, low, reqs) -> dict:
     from engine.guidance import search_fn
 
     g = e32.config.guidance
-    seconds = torch.tensor([r.seconds for r in reqs], device=e32.device)
-    detect = low._detector(seconds, reference=False)
+    detect = low.detector([r.seconds for r in reqs], reference=False)
     rows = torch.arange(len(reqs), device=e32.device)
     s0 = g.cfg_scale
     original, low_sims = e32._branches, []

@@ -137,7 +137,8 @@ class EngineConfig:
         return self.precision or default_precision(self.device)
 
     def config_hash(self) -> str:
-        """Identity of everything that changes outputs (device excluded): keys resumable results.
+        """Identity of the configuration fields that change outputs: with the model's and the index's
+        own ids (``model_id``, ``index_id``) and each row's inputs, it keys resumable results.
 
         A configured precision is part of it. An unset one (the device's default) is left out, like
         the device it is derived from: the driver of a Ray run plans on a CPU config while its actors
@@ -164,13 +165,13 @@ PRESETS: dict[str, EngineConfig] = {
         GuidanceConfig(
             mode="reference", cfg_scale=7.0, c1=6.0, c2=6.0, c3=1000.0, lambda_min=0.4, lambda_max=0.5
         ),
-        SamplerConfig(),
+        SamplerConfig(noise="brownian"),  # as stable-audio-tools' dpmpp-3m-sde samples
     ),
     "sao-demo": EngineConfig(
         GuidanceConfig(
             mode="reference", cfg_scale=7.0, c1=4.0, c2=3.0, c3=100.0, lambda_min=0.7, lambda_max=0.8
         ),
-        SamplerConfig(),
+        SamplerConfig(noise="brownian"),
     ),
 }
 

@@ -20,9 +20,18 @@ from torch.profiler import record_function
 from engine.compile import compiled_branches, compiled_denoise, maybe_compile
 from engine.config import EngineConfig
 from engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser, search_fn
-from engine.models import DEFAULT_MODEL_DIR, Conditioning, encode_conditioning, load_model
+from engine.models import (
+    DEFAULT_MODEL_DIR,
+    Conditioning,
+    check_model_files,
+    encode_conditioning,
+    load_model,
+    model_id,
+)
 from engine.precision import Precision
 from engine.sampling import SCHEDULES, BrownianRowNoise, RowNoise, get_sampler
+from index.clip import input_span, prepare_clips
+from index.embedders import replication_threshold
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +84,31 @@ class Engine:
         model_dir=DEFAULT_MODEL_DIR,
         index_dir=DEFAULT_INDEX_DIR,
         embedder_checkpoint=None,
+        trust_checkpoint: bool = False,
     ):
-        """``embedder_checkpoint``: weights of a learned embedder (LAION-CLAP) the index was built with."""
+        """``embedder_checkpoint``: weights of a learned embedder (LAION-CLAP) the index was built with.
+        ``trust_checkpoint``: allow checkpoints that need full unpickling (they can run code).
+
+        The cheap checks come first (the index, the embedder's identity against it, the model's files),
+        so bad input fails before gigabytes of weights are read.
+        """
         from index.cond_cache import ConditioningCache
-        from index.embedders import load_embedder
-        from index.store import EmbeddingIndex
+        from index.embedders import check_embedder, load_embedder
+        from index.store import EmbeddingIndex, index_id
 
         self.config = config
         self.device = torch.device(config.device)
-        self.model, self.model_config = load_model(model_dir, self.device)
+        index = EmbeddingIndex.load(index_dir)
+        check_embedder(index.embedder, embedder_checkpoint)
+        check_model_files(model_dir)
+        self.model, self.model_config = load_model(model_dir, self.device, trust_checkpoint)
         self.sample_rate = self.model_config["sample_rate"]
         self.window = self.model_config["sample_size"]
         self.audio_scale = self.model_config.get("amg_default", {}).get("audio_scale", 1.0)
-        self.index = EmbeddingIndex.load(index_dir).to(self.device)
-        self.embedder = load_embedder(self.index.embedder, embedder_checkpoint).to(self.device)
-        self.model_id = f"{Path(model_dir).resolve().name}:{self._weights_digest(model_dir)}"
+        self.index = index.to(self.device)
+        self.embedder = load_embedder(index.embedder, embedder_checkpoint, trust_checkpoint).to(self.device)
+        self.replication_threshold = replication_threshold(index.embedder)
+        self.model_id, self.index_id = model_id(model_dir), index_id(index_dir)
         self._nbr_cache = ConditioningCache(self._encode_training_captions, max_items=4096)
         self.precision = Precision(config.resolved_precision, self.device.type)
         self._branches = compiled_branches(self.model, config.compile, precision=self.precision)
@@ -99,13 +118,6 @@ class Engine:
         self._denoise = compiled_denoise(self.model, config.compile, precision=self.precision)
         self._steps: dict[str, object] = {}  # sampler name -> (compiled) step function
 
-    @staticmethod
-    def _weights_digest(model_dir) -> str:
-        import hashlib
-
-        path = Path(model_dir) / "model.safetensors"
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.exists() else "unknown"
-
     # -- audio side -------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Audio [B, C, T], float32 whatever the precision the decoder ran in."""
@@ -113,26 +125,65 @@ class Engine:
             audio = self.model.pretransform.decode(latents)
         return audio.float() / self.audio_scale
 
-    def embed(self, audio: torch.Tensor, seconds: torch.Tensor, reference: bool = False) -> torch.Tensor:
-        """Mask each row beyond its duration, peak-normalise per row, embed. audio [B, C, T]."""
-        t = torch.arange(audio.shape[-1], device=audio.device) / self.sample_rate
-        audio = audio * (t[None, None, :] < seconds[:, None, None])
-        peak = audio.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
-        rate = self.embedder.info.sample_rate if reference else self.sample_rate  # quirk Q3
-        with self.precision.autocast():  # the embedder runs in the engine's precision...
-            emb = self.embedder(audio / peak, rate)
-        return emb.float()  # ...and its embedding comes back float32, as the similarity and gate are
+    def lengths(self, seconds: list[float]) -> torch.Tensor:
+        """Samples of each clip at the model's rate, as the final trim cuts them: round(seconds·rate)."""
+        return torch.tensor([round(s * self.sample_rate) for s in seconds], device=self.device)
 
-    def _detector(self, seconds: torch.Tensor, reference: bool):
-        ds = self.model.pretransform.downsampling_ratio
-        frames = math.ceil(min(float(seconds.max()), self.embedder.window / self.embedder.sample_rate)
-                           * self.sample_rate / ds)  # fmt: skip
+    def embed(self, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The embedding of each clip (index/clip.py): audio [B, C, T] at the model's rate, each row's
+        first ``lengths`` [B] samples. The same definition as the index build and the audit."""
+        return self._embed(audio, self.sample_rate, lengths)
+
+    def _embed(self, audio: torch.Tensor, rate: int, lengths: torch.Tensor) -> torch.Tensor:
+        """index.clip.embed_clips with the embedder in the engine's precision: the clip is prepared in
+        float32, the embedder runs under the precision's autocast, the embedding comes back float32
+        (as the similarity and the gate are)."""
+        e = self.embedder
+        x = prepare_clips(audio, rate, lengths, e.sample_rate, e.window, e.fill)
+        with self.precision.autocast():
+            emb = e.embed_window(x)
+        return emb.float()
+
+    def detector(self, seconds: list[float], reference: bool):
+        """detect(x0 [b, C, L], rows [b]) -> embeddings [b, D] of the rows' decoded predictions."""
+        if reference:
+            return self._reference_detector(seconds)
+        lengths, ds = self.lengths(seconds), self.model.pretransform.downsampling_ratio
+        span = input_span(self.sample_rate, self.embedder.sample_rate, self.embedder.window)
+        frames = math.ceil(min(max(round(s * self.sample_rate) for s in seconds), span) / ds)
         margin = decode_margin(self.model.pretransform)
 
         def detect(x0: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             # decode only the latent frames the embedder can see, plus the decoder's receptive field
             audio = self.decode(x0[..., : frames + margin])[..., : frames * ds]
-            return self.embed(audio, seconds[rows], reference)
+            return self.embed(audio, lengths[rows])
+
+        return detect
+
+    def _reference_detector(self, seconds: list[float]):
+        """The published cut (quirks Q2/Q3): each row's first ⌊seconds·rate⌋ // ds latent frames (at least
+        one) decoded, mono, taken as audio at the embedder's own rate, fitted to its window."""
+        ds, win = self.model.pretransform.downsampling_ratio, self.embedder.window
+        cuts = [max(1, int(s * self.sample_rate) // ds) for s in seconds]
+        # past the window only the frames it sees are decoded, plus the decoder's receptive field
+        decoded = [min(c, math.ceil(win / ds) + decode_margin(self.model.pretransform)) for c in cuts]
+        lengths = torch.tensor([c * ds for c in cuts], device=self.device)
+        rate = self.embedder.sample_rate
+
+        def detect(x0: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            picked = rows.tolist()  # a host sync, reference mode only: rows of one cut share a decode
+            groups: dict[int, list[int]] = {}
+            for j, r in enumerate(picked):
+                groups.setdefault(decoded[r], []).append(j)
+            if len(groups) == 1:  # the usual case: one duration per batch
+                audio = self.decode(x0[..., : next(iter(groups))])[..., :win]
+            else:  # rows decoded at their own cut, zero-padded to one buffer (lengths mask the rest)
+                parts = {f: self.decode(x0[g, :, :f])[..., :win] for f, g in groups.items()}
+                width = max(a.shape[-1] for a in parts.values())
+                audio = x0.new_zeros(x0.shape[0], next(iter(parts.values())).shape[1], width)
+                for f, g in groups.items():
+                    audio[g, :, : parts[f].shape[-1]] = parts[f]
+            return self._embed(audio, rate, lengths[rows])
 
         return detect
 
@@ -142,7 +193,7 @@ class Engine:
         meta = [{"prompt": self.index.captions[i], "seconds_total": self.index.seconds[i]} for i in rows]
         with torch.no_grad():
             enc = encode_conditioning(self.model, meta, self.device)
-        return [enc[j : j + 1] for j in range(len(rows))]
+        return [enc[j : j + 1].clone() for j in range(len(rows))]  # copies: a view would pin the batch
 
     def _neighbour_cond(self, idx: torch.Tensor) -> Conditioning:
         """Conditioning of training rows' captions, from a bounded LRU cache keyed by index row."""
@@ -152,14 +203,12 @@ class Engine:
     def generate(self, requests: list[Request]) -> list[Generated]:
         """One batch: sample, decode, measure the final similarity, trim each row to its duration."""
         latents, traces = self.sample(requests)
-        seconds = torch.tensor([r.seconds for r in requests], device=self.device)
-        return self._finish(requests, latents, traces, seconds)
+        return self._finish(requests, latents, traces)
 
     def sample(self, requests: list[Request]) -> tuple[torch.Tensor, list[StepTrace]]:
         """Final latents [B, C, L] and the per-step traces (empty without a detector), undecoded."""
         g = self.config.guidance
         b = len(requests)
-        seconds = torch.tensor([r.seconds for r in requests], device=self.device)
         with torch.no_grad():
             meta = [{"prompt": r.prompt, "seconds_total": r.seconds} for r in requests]
             cond = encode_conditioning(self.model, meta, self.device)
@@ -174,7 +223,8 @@ class Engine:
             return self._sample(denoiser, requests)
         denoiser = AMGDenoiser(
             self.model, cond, uncond, RowParams(full(g.cfg_scale), full(g.c1), full(g.c2), full(g.c3)),
-            self._detector(seconds, reference), self.index.vectors, self._neighbour_cond,
+            self.detector([r.seconds for r in requests], reference), self.index.vectors,
+            self._neighbour_cond,
             amg=g.amg, reference=reference, lambda_min=g.lambda_min, lambda_max=g.lambda_max,
             branches=self._branches, gated_branches=self._gated_branches, denoise=self._denoise,
             reuse_forward=self.config.reuse_forward,
@@ -215,7 +265,7 @@ class Engine:
             return BrownianRowNoise(rows, x, sigmas[-2], sigmas[0])  # tree over [sigma_min, sigma_max]
         return lambda sigma, sigma_next: rows.draw()
 
-    def _finish(self, requests, latents, traces: list[StepTrace], seconds) -> list[Generated]:
+    def _finish(self, requests, latents, traces: list[StepTrace]) -> list[Generated]:
         """Decode, embed and search ``FINAL_DECODE_ROWS`` rows at a time (the final decode's memory
         is that of a few rows, whatever the batch size), trim each row to its duration."""
         per_step = _stack_traces(traces)
@@ -225,7 +275,7 @@ class Engine:
             with torch.no_grad(), self.precision.flags():
                 audio = self.decode_final(latents[rows], [r.seconds for r in requests[rows]])
                 finite = torch.isfinite(audio).flatten(1).all(dim=1).tolist()
-                emb = self.embed(torch.nan_to_num(audio), seconds[rows])
+                emb = self.embed(torch.nan_to_num(audio), self.lengths([r.seconds for r in requests[rows]]))
                 sim, nn = (t.tolist() for t in search_fn(self.device)(emb, self.index.vectors))
             longest = min(audio.shape[-1], round(max(r.seconds for r in requests[rows]) * self.sample_rate))
             audio = audio[..., :longest].cpu()  # one copy to the host per chunk

@@ -1,10 +1,11 @@
 """Loading stable-audio-tools ``diffusion_cond`` models from a local directory, and calling them.
 
 A model directory holds ``model_config.json`` and ``model.safetensors`` (or a ``.ckpt`` loaded with
-``weights_only=True``). Relative ``tokenizer_name`` paths in ``lut`` conditioners are resolved
-against the directory. A ``t5`` conditioner's ``t5_model_name`` is either a folder holding a saved
-T5 encoder and tokenizer (absolute, or relative to the directory) or a known hub name such as
-``t5-base``, read from the local Hugging Face cache. Nothing is ever fetched from a hub: a missing
+``weights_only=True``; one that needs full unpickling only with ``trust_checkpoint=True``). Relative
+``tokenizer_name`` paths in ``lut`` conditioners are resolved against the directory. A ``t5``
+conditioner's ``t5_model_name`` is either a folder holding a saved T5 encoder and tokenizer (absolute,
+or relative to the directory) or a known hub name such as ``t5-base``, read from the local Hugging
+Face cache. Nothing is ever fetched from a hub: a missing
 file is an error naming it and how to obtain it.
 """
 
@@ -146,10 +147,25 @@ def build_model(config: dict[str, Any], model_dir: str | Path = ".") -> torch.nn
     return model
 
 
-def load_model(model_dir: str | Path = DEFAULT_MODEL_DIR, device: str | torch.device = "cpu"):
-    """Build the model from ``model_config.json`` and load its weights. Returns (model, config)."""
+def load_model(
+    model_dir: str | Path = DEFAULT_MODEL_DIR,
+    device: str | torch.device = "cpu",
+    trust_checkpoint: bool = False,
+):
+    """Build the model from ``model_config.json`` and load its weights. Returns (model, config).
+
+    ``trust_checkpoint``: allow a ``*.ckpt`` that needs full unpickling (it can run code).
+    """
     model_dir = Path(model_dir)
-    config_path = model_dir / "model_config.json"
+    config = read_config(model_dir)
+    model = build_model(config, model_dir)
+    model.load_state_dict(load_weights(model_dir, trust_checkpoint), strict=True)
+    return model.to(device).eval().requires_grad_(False), config
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """``model_config.json`` of a model directory, checked to be a ``diffusion_cond`` model."""
+    config_path = Path(model_dir) / "model_config.json"
     if not config_path.exists():
         raise ModelFilesError(
             f"{config_path} not found: a model directory needs model_config.json and model.safetensors "
@@ -158,22 +174,49 @@ def load_model(model_dir: str | Path = DEFAULT_MODEL_DIR, device: str | torch.de
     config = json.loads(config_path.read_text())
     if config.get("model_type") != "diffusion_cond":
         raise ValueError(f"{config_path}: model_type {config.get('model_type')!r}, expected 'diffusion_cond'")
-    model = build_model(config, model_dir)
-    model.load_state_dict(load_weights(model_dir), strict=True)
-    return model.to(device).eval().requires_grad_(False), config
+    return config
 
 
-def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def check_model_files(model_dir: str | Path) -> dict[str, Any]:
+    """Every file a model directory needs is there (config, weights, tokenizer and T5 folders), without
+    loading anything heavy; raises :class:`ModelFilesError` naming the first one missing."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    _resolve_local_paths(config, model_dir)
+    weights_file(model_dir)
+    return config
 
+
+def weights_file(model_dir: str | Path) -> Path:
+    """The weights file :func:`load_weights` reads: ``model.safetensors``, else the first ``*.ckpt``."""
+    model_dir = Path(model_dir)
     st = model_dir / "model.safetensors"
     if st.exists():
-        return load_file(st)
+        return st
     ckpts = sorted(model_dir.glob("*.ckpt"))
     if ckpts:
-        state = torch.load(ckpts[0], map_location="cpu", weights_only=True)
-        return state.get("state_dict", state)
+        return ckpts[0]
     raise ModelFilesError(f"no model.safetensors (or *.ckpt) in {model_dir}")
+
+
+def load_weights(model_dir: Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from index.files import load_checkpoint
+
+    path = weights_file(model_dir)
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    state = load_checkpoint(path, trust_checkpoint)
+    return state.get("state_dict", state)
+
+
+def model_id(model_dir: str | Path) -> str:
+    """``<folder name>:<first 12 hex of the weights file's sha256>`` (streamed, cached: index/files.py),
+    whatever the weights file's type: part of every result's resume key."""
+    from index.files import file_digest
+
+    return f"{Path(model_dir).resolve().name}:{file_digest(weights_file(model_dir), 12)}"
 
 
 def save_model(
@@ -209,6 +252,11 @@ class Conditioning:
     def cat(parts: list[Conditioning]) -> Conditioning:
         g = None if parts[0].global_cond is None else torch.cat([p.global_cond for p in parts])
         return Conditioning(torch.cat([p.cross_attn for p in parts]), g)
+
+    def clone(self) -> Conditioning:
+        """A copy that owns its memory (a row sliced from a batch would otherwise keep the batch alive)."""
+        g = None if self.global_cond is None else self.global_cond.clone()
+        return Conditioning(self.cross_attn.clone(), g)
 
     def zeros_like(self) -> Conditioning:
         """The published AMG 'unconditional': no text and no timing (reference quirk Q1)."""

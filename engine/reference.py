@@ -23,7 +23,7 @@ def published_amg(engine, request) -> torch.Tensor:
     """Final latents [1, C, L] of one request, computed the published way."""
     g, s = engine.config.guidance, engine.config.sampler
     model, dev, reference = engine.model, engine.device, g.mode == "reference"
-    seconds = torch.tensor([request.seconds], device=dev)
+    detect = engine.detector([request.seconds], g.mode == "reference")  # decode + embed, as the engine
     cond = encode_conditioning(model, [{"prompt": request.prompt, "seconds_total": request.seconds}], dev)
     uncond = cond.zeros_like() if reference and g.amg else cond.null_text()
     sigmas = SCHEDULES[s.schedule](s.steps, s.sigma_min, s.sigma_max, s.rho).to(dev)
@@ -38,7 +38,7 @@ def published_amg(engine, request) -> torch.Tensor:
         for i in range(s.steps):
             sigma, sigma_next = sigmas[i : i + 1], sigmas[i + 1 : i + 2]
             d = (
-                _published_step(engine, x, sigma, cond, uncond, seconds)
+                _published_step(engine, x, sigma, cond, uncond, detect)
                 if g.amg
                 else _plain(engine, x, sigma, cond, uncond, g)
             )
@@ -54,7 +54,7 @@ def _plain(engine, x, sigma, cond, uncond, g) -> torch.Tensor:
     return x0_u + g.cfg_scale * (x0_c - x0_u)
 
 
-def _published_step(engine, x, sigma, cond, uncond, seconds) -> torch.Tensor:
+def _published_step(engine, x, sigma, cond, uncond, detect) -> torch.Tensor:
     g, model, index = engine.config.guidance, engine.model, engine.index
     reference = g.mode == "reference"
     with torch.enable_grad():
@@ -63,7 +63,7 @@ def _published_step(engine, x, sigma, cond, uncond, seconds) -> torch.Tensor:
             x0_c = v_denoise(model, xg, sigma, cond)
             x0_u = v_denoise(model, xg, sigma, uncond)
         probe = x0_c if reference else x0_u + g.cfg_scale * (x0_c - x0_u)
-        e = engine.embed(engine.decode(probe), seconds, reference=reference)
+        e = detect(probe, torch.zeros(1, dtype=torch.long, device=x.device))
         sims = e @ index.vectors.T  # [1, N]
         nn = int(sims.argmax())
         sim_t = sims[0, nn]

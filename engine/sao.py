@@ -23,8 +23,15 @@ def sao_config() -> dict:
     return json.loads(CONFIG_PATH.read_text())
 
 
-def tiny_sao_config(tokenizer_dir: str = "tokenizer", width: int = 64, sample_size: int = 2048 * 8) -> dict:
-    """A small offline variant of SAO 1.0 (random weights only; for tests and CPU runs)."""
+def tiny_sao_config(
+    tokenizer_dir: str = "tokenizer", width: int = 64, sample_size: int = 2048 * 8, t5_dir: str | None = None
+) -> dict:
+    """A small offline variant of SAO 1.0 (random weights only; for tests and CPU runs).
+
+    The prompt conditioner is a ``lut`` over the tokenizer in ``tokenizer_dir``, or with ``t5_dir`` a
+    ``t5`` conditioner (as SAO's) reading a saved T5 encoder and tokenizer from that folder (relative
+    to the model folder, or absolute). ``sample_size`` 2097152 keeps SAO's full 47.55 s window.
+    """
     config = copy.deepcopy(sao_config())
     config["sample_size"] = sample_size
     ae = config["model"]["pretransform"]["config"]
@@ -32,11 +39,15 @@ def tiny_sao_config(tokenizer_dir: str = "tokenizer", width: int = 64, sample_si
         ae[part]["config"]["channels"] = 4
     cond = config["model"]["conditioning"]
     cond["cond_dim"] = width
-    cond["configs"][0] = {
-        "id": "prompt",
-        "type": "lut",
-        "config": {"tokenizer_name": tokenizer_dir, "max_length": 16},
-    }
+    if t5_dir is None:
+        prompt = {
+            "id": "prompt",
+            "type": "lut",
+            "config": {"tokenizer_name": tokenizer_dir, "max_length": 16},
+        }
+    else:
+        prompt = {"id": "prompt", "type": "t5", "config": {"t5_model_name": t5_dir, "max_length": 16}}
+    cond["configs"][0] = prompt
     dit = config["model"]["diffusion"]["config"]
     dit.update(embed_dim=width, depth=1, num_heads=2, cond_token_dim=width, global_cond_dim=2 * width)
     return config

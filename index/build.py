@@ -5,8 +5,9 @@ manifest) or a folder searched recursively for flac, wav, ogg (and mp3 when soun
 a folder's ids are the files' relative paths and its captions come from a sidecar ``<name>.txt``
 next to each file (empty when there is none).
 
-Clips are loaded mono at the embedder's rate, fitted to its window (zero padding, or CLAP's repeat
-padding for embedders whose ``fill`` is "repeat") and embedded in batches. Each finished batch is
+Each clip becomes its embedder's input by the one definition of a clip's embedding (index/clip.py:
+mono, resampled to the embedder's rate, fitted to its window with zeros or CLAP's repeat padding,
+peak-normalised), on reader threads, and the windows are embedded in batches. Each finished batch is
 written to ``OUT/.build/part-<k>.safetensors`` (temporary name, then rename) next to a ``plan.json``
 naming the embedder, batch size and clip list; a rerun after an interruption skips finished parts.
 At the end the parts become the index folder (:class:`EmbeddingIndex` layout) and ``.build`` goes.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from index.embedders import input_span
+from index.clip import input_span, prepare_clips
 from index.store import EmbeddingIndex, atomic_write, open_plan_dir
 
 log = logging.getLogger(__name__)
@@ -91,30 +92,20 @@ def clips_from_source(source: str | Path) -> list[Clip]:
     raise ValueError(f"{source}: give a folder of audio files or a .parquet manifest")
 
 
-def load_audio(path: Path, sample_rate: int, window: int, fill: str = "zeros") -> torch.Tensor:
-    """Mono audio resampled to ``sample_rate``, cut to ``window`` samples and filled -> [1, window].
-
-    fill "zeros" pads with zeros; "repeat" repeat-pads as CLAP does (⌊window/T⌋ repeats, then zeros).
-    Only the part of the file the window can see is read.
-    """
-    return read_clip(path, sample_rate, window, fill)[0]
-
-
-def read_clip(path: Path, sample_rate: int, window: int, fill: str = "zeros") -> tuple[torch.Tensor, float]:
-    """:func:`load_audio` and the file's full duration in seconds."""
+def read_clip(path: Path, embedder) -> tuple[torch.Tensor, float]:
+    """The embedder's prepared window of an audio file ([window], index/clip.py) and the file's full
+    duration in seconds. Only the part of the file the window can see is read."""
     import soundfile as sf
-    import torchaudio
 
     with sf.SoundFile(path) as f:
-        sr, seconds = f.samplerate, f.frames / f.samplerate
-        data = f.read(frames=input_span(sr, sample_rate, window), dtype="float32", always_2d=True)  # [T, C]
-    x = torch.from_numpy(data.T.copy()).mean(dim=0, keepdim=True)
-    if sr != sample_rate:
-        x = torchaudio.functional.resample(x, sr, sample_rate)
-    x = x[:, :window]
-    if fill == "repeat" and 0 < x.shape[-1] < window:
-        x = x.repeat(1, window // x.shape[-1])
-    return torch.nn.functional.pad(x, (0, window - x.shape[-1])), seconds
+        sr, frames = f.samplerate, f.frames
+        span = input_span(sr, embedder.sample_rate, embedder.window)
+        data = f.read(frames=span, dtype="float32", always_2d=True)  # [T, C]
+    if data.shape[0] == 0:
+        raise ValueError(f"{path} holds no audio samples")
+    x = torch.from_numpy(data.T.copy())[None]  # [1, C, T]
+    window = prepare_clips(x, sr, None, embedder.sample_rate, embedder.window, embedder.fill)
+    return window[0], frames / sr
 
 
 def _plan(clips: list[Clip], embedder, batch_size: int) -> dict:
@@ -128,9 +119,8 @@ def _plan(clips: list[Clip], embedder, batch_size: int) -> dict:
 
 
 def _read_for(embedder, clip: Clip) -> tuple[torch.Tensor, float]:
-    fill = getattr(embedder, "fill", "zeros")
     try:
-        x, seconds = read_clip(clip.path, embedder.sample_rate, embedder.window, fill)
+        x, seconds = read_clip(clip.path, embedder)
     except Exception as e:  # a training clip silently missing from the index would hide replicas
         raise RuntimeError(f"cannot read training clip {clip.id!r} ({clip.path}): {e}") from e
     return x, seconds if clip.seconds is None else clip.seconds
@@ -138,9 +128,9 @@ def _read_for(embedder, clip: Clip) -> tuple[torch.Tensor, float]:
 
 def _embed_part(clips: list[Clip], embedder, device: torch.device, pool: ThreadPoolExecutor) -> dict:
     """One batch: files read on ``pool``'s threads, embedded on ``device`` -> {"vectors", "seconds"}."""
-    audio, seconds = zip(*pool.map(lambda c: _read_for(embedder, c), clips), strict=True)
+    windows, seconds = zip(*pool.map(lambda c: _read_for(embedder, c), clips), strict=True)
     with torch.no_grad():
-        vectors = embedder(torch.stack(audio).to(device), embedder.sample_rate).float().cpu()  # [b, D]
+        vectors = embedder.embed_window(torch.stack(windows).to(device)).float().cpu()  # [b, D]
     return {"vectors": vectors.contiguous(), "seconds": torch.tensor(seconds, dtype=torch.float64)}
 
 

@@ -6,11 +6,14 @@ from laion_clap's own classes and loads the matching subset of a checkpoint in t
 "text_branch.…", …}}`` (``laion_clap.hook.CLAP_Module.load_ckpt`` → ``clap_module.factory.load_state_dict``).
 ``CLAP_Module`` itself cannot be built offline: its text branch calls ``RobertaModel.from_pretrained``.
 
-Audio ``[B, C, T]`` at any rate is mixed to mono, resampled to 48 kHz on its device, fitted to CLAP's
-10 s window (480,000 samples) and embedded as ``CLAP.get_audio_embedding`` does
+Audio ``[B, C, T]`` at any rate becomes CLAP's input by the project's one definition of a clip's
+embedding (index/clip.py: mono, resampled to 48 kHz on its device, fitted to CLAP's 10 s window of
+480,000 samples, peak-normalised) and is embedded as ``CLAP.get_audio_embedding`` does
 (HTSAT ``embedding`` → ``audio_projection`` → L2-normalise) → ``[B, 512]``, differentiable in the audio.
 The window is deterministic, unlike laion_clap's ``rand_trunc``: longer input keeps its first 10 s;
 shorter input is repeat-padded as CLAP's ``repeatpad`` does (⌊480000/T⌋ repeats, then zeros).
+Checkpoints load with ``weights_only=True``; one that needs full unpickling is refused unless the
+caller passes ``trust_checkpoint=True`` (``--trust-checkpoint``).
 ``reference=True`` reproduces the published AMG code's quirk: audio is taken as if already at 48 kHz
 (no resampling, whatever its real rate).
 
@@ -22,18 +25,16 @@ Text features (prompt adherence) need the RoBERTa config and tokenizer files on 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import pickle
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torchaudio
 
-from index.embedders import EmbedderInfo, input_span
+from index.clip import EmbedderInfo, embed_clips, fit_window, prepare_clips
+from index.files import file_digest, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ NAME = "laion-clap-htsat-tiny"
 SAMPLE_RATE = 48_000
 WINDOW = 480_000  # CLAP's 10 s window at 48 kHz
 DIM = 512
+# Similarity at or above which an output counts as a replica on CLAP's scale: the published AMG code's
+# upper gate level in the paper-era experiments (λ_max = 0.5, amg-reference.md §2), the level at which
+# its guidance still steers away at the end of sampling. The audit also reports 0.4 by default.
+REPLICATION_THRESHOLD = 0.5
 TEXT_LENGTH = 77  # CLAP_Module.tokenizer: padding="max_length", max_length=77
 _AUDIO_PREFIXES = ("audio_branch.", "audio_projection.")
 _TEXT_PREFIXES = ("text_branch.", "text_projection.")
@@ -70,28 +75,16 @@ def _laion_clap() -> SimpleNamespace:
 
 
 def file_sha256(path: str | Path, prefix: int = 16) -> str:
-    """Hex sha256 of a file's bytes, first ``prefix`` characters (read in 16 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:prefix]
+    """Hex sha256 of a file's bytes, first ``prefix`` characters (streamed, cached: index/files.py)."""
+    return file_digest(path, prefix)
 
 
-def load_clap_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+def load_clap_state_dict(checkpoint: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
     """The full CLAP state dict of a ``630k-audioset-best.pt``-layout checkpoint, ``module.`` stripped.
 
-    Accepts ``{"state_dict": sd}`` or a bare ``sd``. Loads with ``weights_only=True``; a checkpoint that
-    needs arbitrary unpickling (as ``laion_clap`` allows) is loaded with ``weights_only=False`` after a
-    warning, since it is a local file the caller chose.
+    Accepts ``{"state_dict": sd}`` or a bare ``sd``; loaded by :func:`load_checkpoint`.
     """
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        log.warning(
-            "%s needs full unpickling (weights_only=False); loading it as laion_clap does", checkpoint
-        )
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(checkpoint, trust_checkpoint)
     sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
     if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
         raise ValueError(f"{checkpoint}: not a CLAP checkpoint (expected a dict with a 'state_dict')")
@@ -121,42 +114,47 @@ class ClapAudio(torch.nn.Module):
 
 
 def repeat_pad(x: torch.Tensor, window: int = WINDOW) -> torch.Tensor:
-    """CLAP's deterministic window: [..., T] -> [..., window].
+    """CLAP's deterministic window for whole clips: [..., T] -> [..., window].
 
     T >= window: the first ``window`` samples. T < window: ``repeatpad`` (⌊window/T⌋ whole repeats,
     then zeros), as ``laion_clap.training.data.get_audio_features`` does for short clips.
     """
     t = x.shape[-1]
-    if t >= window:
-        return x[..., :window]
     if t == 0:
         raise ValueError("cannot embed empty audio (0 samples)")
-    x = x.repeat(*([1] * (x.dim() - 1)), window // t)
-    return torch.nn.functional.pad(x, (0, window - x.shape[-1]))
+    flat = x.reshape(-1, t)
+    n = torch.full((flat.shape[0],), t, device=x.device)
+    return fit_window(flat, n, window, "repeat").reshape(*x.shape[:-1], window)
 
 
 class ClapEmbedder(torch.nn.Module):
     """LAION-CLAP HTSAT-tiny: audio [B, C, T] at any rate -> unit-norm [B, 512]; frozen, eval mode.
 
-    ``checkpoint``: a local ``630k-audioset-best.pt``-layout file (read once). ``reference``: treat every
-    input as already at 48 kHz (the published code's quirk). ``text_encoder``: a local folder with the
-    RoBERTa ``config.json`` and tokenizer files, needed only by :meth:`embed_text`.
+    ``checkpoint``: a local ``630k-audioset-best.pt``-layout file (read once; ``trust_checkpoint`` allows
+    one that needs full unpickling). ``reference``: treat every input as already at 48 kHz (the
+    published code's quirk). ``text_encoder``: a local folder with the RoBERTa ``config.json`` and
+    tokenizer files, needed only by :meth:`embed_text`.
     """
 
     sample_rate = SAMPLE_RATE
     window = WINDOW
-    fill = "repeat"  # the index builder fits short clips to the window as CLAP does (repeatpad)
+    fill = "repeat"  # short clips fill the window as CLAP's repeatpad does (index/clip.py)
+    replication_threshold = REPLICATION_THRESHOLD
 
     def __init__(
-        self, checkpoint: str | Path, reference: bool = False, text_encoder: str | Path | None = None
+        self,
+        checkpoint: str | Path,
+        reference: bool = False,
+        text_encoder: str | Path | None = None,
+        trust_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
             raise FileNotFoundError(f"CLAP checkpoint {checkpoint} not found (e.g. 630k-audioset-best.pt)")
         self.reference = reference
-        self.info = EmbedderInfo(NAME, SAMPLE_RATE, DIM, file_sha256(checkpoint))
-        sd = load_clap_state_dict(checkpoint)
+        self.info = EmbedderInfo(NAME, SAMPLE_RATE, DIM, file_digest(checkpoint))
+        sd = load_clap_state_dict(checkpoint, trust_checkpoint)
         self.audio = ClapAudio()
         _load_strict(self.audio, _subset(sd, _AUDIO_PREFIXES), f"audio branch of {checkpoint}")
         self.text_encoder = Path(text_encoder) if text_encoder is not None else None
@@ -170,19 +168,20 @@ class ClapEmbedder(torch.nn.Module):
         """Always eval: BatchNorm statistics and dropout are part of the embedding's definition."""
         return super().train(False)
 
-    def prepare(self, audio: torch.Tensor, sample_rate: int) -> torch.Tensor:
-        """[B, C, T] at ``sample_rate`` -> [B, 480000] mono at 48 kHz in CLAP's window."""
-        x = audio.float().mean(dim=1)  # [B, T] mono
-        rate = SAMPLE_RATE if self.reference else sample_rate
-        if rate != SAMPLE_RATE:
-            x = torchaudio.functional.resample(
-                x[:, : input_span(rate, SAMPLE_RATE, WINDOW)], rate, SAMPLE_RATE
-            )
-        return repeat_pad(x)
+    def _rate(self, sample_rate: int) -> int:
+        return SAMPLE_RATE if self.reference else sample_rate  # the published quirk: taken as 48 kHz
 
-    def forward(self, audio: torch.Tensor, sample_rate: int) -> torch.Tensor:
-        """audio [B, C, T] at ``sample_rate`` -> unit-norm [B, 512] on audio's device."""
-        return self.audio(self.prepare(audio, sample_rate))
+    def prepare(self, audio: torch.Tensor, sample_rate: int, lengths: torch.Tensor | None = None):
+        """[B, C, T] at ``sample_rate`` -> [B, 480000] mono at 48 kHz in CLAP's window (index/clip.py)."""
+        return prepare_clips(audio, self._rate(sample_rate), lengths, SAMPLE_RATE, WINDOW, self.fill)
+
+    def forward(self, audio: torch.Tensor, sample_rate: int, lengths: torch.Tensor | None = None):
+        """audio [B, C, T] at ``sample_rate`` (row lengths [B], default T) -> unit-norm [B, 512]."""
+        return embed_clips(self, audio, self._rate(sample_rate), lengths)
+
+    def embed_window(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepared windows [B, 480000] at 48 kHz -> unit-norm [B, 512] (CLAP.get_audio_embedding)."""
+        return self.audio(x)
 
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         """CLAP text embeddings, unit-norm [len(texts), 512] (CLAP.get_text_embedding, RoBERTa branch)."""

@@ -27,7 +27,14 @@ def register(subparsers) -> None:
     build.add_argument("source", type=Path, help="folder of audio files, or a Parquet manifest")
     build.add_argument("--out", type=Path, required=True, help="index folder to write")
     build.add_argument("--embedder", choices=("mel", "clap"), default="mel", help="embedder (default mel)")
-    build.add_argument("--checkpoint", type=Path, help="LAION-CLAP checkpoint (630k-audioset-best.pt layout)")
+    build.add_argument(
+        "--checkpoint", "--embedder-checkpoint", dest="checkpoint", type=Path,
+        help="LAION-CLAP checkpoint (630k-audioset-best.pt layout)",
+    )  # fmt: skip
+    build.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="allow a checkpoint that needs full unpickling (it can run code: only for files you trust)",
+    )  # fmt: skip
     build.add_argument("--batch-size", type=int, default=32, help="clips per embedding batch")
     build.add_argument("--device", default="cpu", help="torch device for embedding, e.g. cpu or cuda")
     build.add_argument("--workers", type=int, default=4, help="threads reading audio files")
@@ -40,7 +47,7 @@ def register(subparsers) -> None:
     info.set_defaults(func=cmd_info)
 
 
-def make_embedder(name: str, checkpoint: Path | None):
+def make_embedder(name: str, checkpoint: Path | None, trust_checkpoint: bool = False):
     """The embedder the ``--embedder`` flag names."""
     if name == "mel":
         from index.embedders import MelEmbedder
@@ -50,14 +57,14 @@ def make_embedder(name: str, checkpoint: Path | None):
         raise ValueError("--embedder clap needs --checkpoint PATH (a local 630k-audioset-best.pt)")
     from index.clap import ClapEmbedder
 
-    return ClapEmbedder(checkpoint)
+    return ClapEmbedder(checkpoint, trust_checkpoint=trust_checkpoint)
 
 
 def cmd_build(args) -> int:
     from index.build import build_index_resumable, clips_from_source
 
     clips = clips_from_source(args.source)
-    embedder = make_embedder(args.embedder, args.checkpoint).to(args.device)
+    embedder = make_embedder(args.embedder, args.checkpoint, args.trust_checkpoint).to(args.device)
     index = build_index_resumable(
         clips, embedder, args.out, args.batch_size, device=args.device, progress=not args.quiet,
         restart=args.restart, workers=args.workers,
@@ -90,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m index.cli``), until jobs/cli.py wires ``amg index``."""
+    """Standalone entry (``python -m index.cli``); ``amg index`` (jobs/cli.py) is the same commands."""
     import logging
 
     args = build_parser().parse_args(argv)

@@ -12,42 +12,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torchaudio
 
+from index.clap import REPLICATION_THRESHOLD as CLAP_REPLICATION_THRESHOLD
+from index.clip import EmbedderInfo, embed_clips, input_span
+from index.files import file_digest
 
-@dataclass(frozen=True)
-class EmbedderInfo:
-    """What an index records about the embedder that built it; a query must match it."""
-
-    name: str
-    sample_rate: int
-    dim: int
-    checkpoint_hash: str
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-
-def input_span(rate: int, target_rate: int, window: int) -> int:
-    """Samples at ``rate`` whose resampling to ``target_rate`` fills ``window`` as the whole clip would.
-
-    torchaudio's polyphase resampler reads ``orig + width`` input samples past a frame's start
-    (``orig = rate / gcd``; ``width`` = 6 zero crossings of the lower rate at rolloff 0.99), so input
-    beyond this changes nothing in the first ``window`` output samples and need not be read or resampled.
-    """
-    if rate == target_rate:
-        return window
-    g = math.gcd(rate, target_rate)
-    orig, new = rate // g, target_rate // g
-    width = math.ceil(6 * orig / (min(orig, new) * 0.99))
-    return math.ceil(window * rate / target_rate) + orig + width + 1
+__all__ = [
+    "EMBEDDERS", "Embedder", "EmbedderInfo", "EmbedderKind", "EmbedderMismatch", "MelEmbedder",
+    "check_embedder", "input_span", "load_embedder", "replication_threshold",
+]  # fmt: skip
 
 
 PERTURBATIONS = ("gain", "noise-30dB", "noise-15dB", "shift-10ms")
@@ -74,17 +54,26 @@ class EmbedderMismatch(ValueError):
 
 
 class Embedder(Protocol):
-    """``audio [B, C, T]`` at ``sample_rate`` -> unit-norm ``[B, info.dim]``, differentiable in the audio.
+    """``audio [B, C, T]`` at ``sample_rate`` (row lengths optional) -> unit-norm ``[B, info.dim]``,
+    differentiable in the audio: :func:`index.clip.embed_clips`, the one definition of a clip's embedding.
 
-    ``sample_rate`` and ``window`` are the embedder's own rate and the samples it looks at (from the
-    start of the clip); the index builder loads clips at that rate and fits them to that window.
+    ``sample_rate``, ``window`` and ``fill`` are the embedder's own rate, the samples it looks at
+    (from the start of the clip) and how a shorter clip fills them; ``embed_window`` is its network on
+    prepared windows ``[B, window]``; ``replication_threshold`` the similarity at or above which a
+    clip counts as a replica of a training clip on this embedder's scale.
     """
 
     info: EmbedderInfo
     sample_rate: int
     window: int
+    fill: str
+    replication_threshold: float
 
-    def __call__(self, audio: torch.Tensor, sample_rate: int) -> torch.Tensor: ...
+    def embed_window(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def __call__(
+        self, audio: torch.Tensor, sample_rate: int, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
 
 
 class MelEmbedder(torch.nn.Module):
@@ -97,6 +86,7 @@ class MelEmbedder(torch.nn.Module):
     # v1 floored energy 20 dB under the clip's mean; it scored a replica carrying a noise bed 10-20 dB
     # down (as the default model's outputs do) below 0.9. v2 floors at 10 dB. Both stay loadable.
     VERSIONS = {"mel-pattern-v1": -20.0, "mel-pattern-v2": -10.0}
+    fill = "zeros"
 
     def __init__(
         self,
@@ -121,15 +111,17 @@ class MelEmbedder(torch.nn.Module):
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         self.info = EmbedderInfo(name, sample_rate, n_mels * frames, digest)
 
-    def forward(self, audio: torch.Tensor, sample_rate: int) -> torch.Tensor:
-        x = audio.float().mean(dim=1)  # [B, T] mono
-        if sample_rate != self.sample_rate:
-            x = torchaudio.functional.resample(x, sample_rate, self.sample_rate)
-        x = torch.nn.functional.pad(x[:, : self.window], (0, max(0, self.window - x.shape[-1])))
+    def forward(self, audio: torch.Tensor, sample_rate: int, lengths: torch.Tensor | None = None):
+        """audio [B, C, T] at ``sample_rate`` (row lengths [B] in samples, default T) -> [B, D]."""
+        return embed_clips(self, audio, sample_rate, lengths)
+
+    def embed_window(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepared windows [B, window] at 8 kHz -> unit-norm [B, D]."""
         # float32 from here on: under autocast the filterbank product may come back in bf16, and a log,
         # mean and centring in bf16 would quantise the pattern (CUDA autocast upcasts these; CPU's does not)
         power = self.mel(x).float()  # [B, M, F]
-        # Floor relative to the clip's own mean energy: gain-invariant, and hides what lies 30 dB down.
+        # Floor relative to the clip's own mean energy: gain-invariant, and hides what lies more than
+        # 10 dB (v1: 20 dB) under that mean.
         ref = power.mean(dim=(1, 2), keepdim=True)
         logmel = torch.log(power + self.floor * ref + 1e-10)
         logmel = torch.nn.functional.avg_pool1d(logmel, self.pool)  # [B, M, F // pool]
@@ -138,47 +130,98 @@ class MelEmbedder(torch.nn.Module):
         return torch.nn.functional.normalize(feat, dim=1, eps=1e-6)
 
 
-def _mel_v1(checkpoint: Path | None) -> Embedder:
-    return MelEmbedder(floor_db=MelEmbedder.VERSIONS["mel-pattern-v1"], name="mel-pattern-v1")
-
-
-def _mel(checkpoint: Path | None) -> Embedder:
-    return MelEmbedder()
-
-
-def _clap(checkpoint: Path | None) -> Embedder:
-    if checkpoint is None:
-        raise ValueError(
-            "the index was built with LAION-CLAP (laion-clap-htsat-tiny): pass the checkpoint it was "
-            "built with, e.g. --checkpoint 630k-audioset-best.pt"
-        )
+def _clap(checkpoint: Path | None, trust_checkpoint: bool) -> Embedder:
     from index.clap import ClapEmbedder
 
-    return ClapEmbedder(checkpoint)
+    return ClapEmbedder(checkpoint, trust_checkpoint=trust_checkpoint)
 
 
-# name in EmbedderInfo -> factory(checkpoint). Register new embedders here.
-EMBEDDERS: dict[str, Callable[[Path | None], Embedder]] = {
-    "mel-pattern-v1": _mel_v1,
-    "mel-pattern-v2": _mel,
-    "laion-clap-htsat-tiny": _clap,
+def _clap_info(checkpoint: Path) -> EmbedderInfo:
+    from index.clap import DIM, NAME, SAMPLE_RATE
+
+    return EmbedderInfo(NAME, SAMPLE_RATE, DIM, file_digest(checkpoint))
+
+
+@dataclass(frozen=True)
+class EmbedderKind:
+    """One kind of embedder: how to build it, and what it declares without being built.
+
+    ``info(checkpoint)`` is the identity a built embedder would have, computed cheaply (no network
+    weights loaded), so a mismatch with an index is found before anything heavy runs.
+    """
+
+    build: Callable[[Path | None, bool], Embedder]  # (checkpoint, trust_checkpoint) -> embedder
+    info: Callable[[Path | None], EmbedderInfo]
+    replication_threshold: float
+    needs_checkpoint: bool = False
+
+
+_V1 = dict(floor_db=MelEmbedder.VERSIONS["mel-pattern-v1"], name="mel-pattern-v1")
+# name in EmbedderInfo -> its kind. Register new embedders here.
+EMBEDDERS: dict[str, EmbedderKind] = {
+    "mel-pattern-v1": EmbedderKind(
+        lambda c, t: MelEmbedder(**_V1), lambda c: MelEmbedder(**_V1).info, MelEmbedder.replication_threshold
+    ),
+    "mel-pattern-v2": EmbedderKind(
+        lambda c, t: MelEmbedder(), lambda c: MelEmbedder().info, MelEmbedder.replication_threshold
+    ),
+    "laion-clap-htsat-tiny": EmbedderKind(
+        _clap, _clap_info, CLAP_REPLICATION_THRESHOLD, needs_checkpoint=True
+    ),
 }
 
 
-def load_embedder(info: EmbedderInfo, checkpoint: str | Path | None = None) -> Embedder:
-    """The embedder an index was built with, checked against its recorded identity.
+def embedder_kind(info: EmbedderInfo) -> EmbedderKind:
+    kind = EMBEDDERS.get(info.name)
+    if kind is None:
+        raise ValueError(f"unknown embedder {info.name!r}; known: {sorted(EMBEDDERS)}")
+    return kind
+
+
+def replication_threshold(info: EmbedderInfo) -> float:
+    """The similarity at or above which an output counts as a replica, on this embedder's scale."""
+    return embedder_kind(info).replication_threshold
+
+
+def check_embedder(info: EmbedderInfo, checkpoint: str | Path | None = None) -> EmbedderKind:
+    """Refuse, before loading any weights, an embedder that is not the one the index records.
+
+    Raises ``ValueError`` for an unknown name or a missing checkpoint, ``FileNotFoundError`` for a
+    checkpoint path that does not exist, and :class:`EmbedderMismatch` naming the fields that differ
+    (sample rate, dimension, checkpoint digest).
+    """
+    kind = embedder_kind(info)
+    if kind.needs_checkpoint and checkpoint is None:
+        raise ValueError(
+            f"the index was built with {info.name} (checkpoint sha256 {info.checkpoint_hash}): pass the "
+            "checkpoint it was built with, --embedder-checkpoint PATH (e.g. 630k-audioset-best.pt)"
+        )
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"embedder checkpoint {checkpoint} not found")
+    expected = kind.info(Path(checkpoint) if checkpoint is not None else None)
+    if expected != info:
+        fields = [
+            f for f in ("sample_rate", "dim", "checkpoint_hash") if getattr(expected, f) != getattr(info, f)
+        ]
+        raise EmbedderMismatch(
+            f"the index records {info.to_json()} but the embedder would be {expected.to_json()} "
+            f"(different {', '.join(fields)}); pass the checkpoint the index was built with, or rebuild "
+            "the index with `amg index build`"
+        )
+    return kind
+
+
+def load_embedder(
+    info: EmbedderInfo, checkpoint: str | Path | None = None, trust_checkpoint: bool = False
+) -> Embedder:
+    """The embedder an index was built with, checked against its recorded identity first.
 
     ``info`` is the index's :class:`EmbedderInfo`; ``checkpoint`` the weights file for learned
-    embedders (LAION-CLAP). Raises ``ValueError`` for an unknown name and :class:`EmbedderMismatch`
-    when the loaded embedder is not the recorded one (other parameters or another checkpoint).
+    embedders (LAION-CLAP); ``trust_checkpoint`` allows a checkpoint that needs full unpickling (it can
+    run code: only for files you trust). Raises as :func:`check_embedder` does.
     """
-    factory = EMBEDDERS.get(info.name)
-    if factory is None:
-        raise ValueError(f"unknown embedder {info.name!r}; known: {sorted(EMBEDDERS)}")
-    embedder = factory(Path(checkpoint) if checkpoint is not None else None)
-    if embedder.info != info:
-        raise EmbedderMismatch(
-            f"the index records {info.to_json()} but the loaded embedder is {embedder.info.to_json()}; "
-            "pass the checkpoint the index was built with, or rebuild the index"
-        )
+    kind = check_embedder(info, checkpoint)
+    embedder = kind.build(Path(checkpoint) if checkpoint is not None else None, trust_checkpoint)
+    if embedder.info != info:  # the cheap identity and the built one disagree: a bug, not bad input
+        raise EmbedderMismatch(f"built {embedder.info.to_json()}, expected {info.to_json()}")
     return embedder

@@ -13,6 +13,7 @@ exact and FAISS paths behind one interface (:meth:`EmbeddingIndex.searcher`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from index.embedders import EmbedderInfo, EmbedderMismatch
+from index.clip import EmbedderInfo
+from index.embedders import EmbedderMismatch
+from index.files import file_digest
 
-__all__ = ["EmbedderMismatch", "EmbeddingIndex", "build_index"]
+__all__ = ["EmbedderMismatch", "EmbeddingIndex", "build_index", "index_id"]
 
 
 @dataclass
@@ -108,6 +111,18 @@ class EmbeddingIndex:
         latents = load_file(latents_file)["latents"] if latents_file.exists() else None
         seconds = [float(s) for s in items["seconds"]]
         return cls(vectors, items["id"], items["caption"], seconds, info, latents)
+
+
+def index_id(folder: str | Path) -> str:
+    """``<embedder name>:<12 hex>``: a digest of what an index folder answers queries with (its embedder
+    identity, checkpoint digest included, its vectors and its ids and captions), independent of where
+    the folder lives. Part of every result's resume key, so another index regenerates the rows."""
+    folder = Path(folder)
+    info = (folder / "embedder.json").read_text()
+    parts = [json.dumps(json.loads(info), sort_keys=True)]
+    parts += [file_digest(folder / name, 64) for name in ("vectors.safetensors", "items.parquet")]
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    return f"{json.loads(info)['name']}:{digest}"
 
 
 def atomic_write(path: Path, write) -> None:

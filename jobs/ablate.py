@@ -2,28 +2,38 @@
 
     amg ablate --out DIR
 
-Generates every distinct training caption (seeds 100, 101, ...; the same prompts and seeds for every
-row) under: the plain-CFG baseline, each guidance term alone (despecification c1, caption
-deduplication c2, dissimilarity c3), each pair, and full AMG; with ``--ambient-model`` (default: the
-bundled Ambient Diffusion variant when it exists) also that model alone and with full AMG. Each run
-is audited against the training index (``amg audit``), and the table lists per row:
+Generates two blocks of prompts under the same rows: every distinct training caption (seeds 100,
+101, ...) and the novel prompts (engine/default/heldout.py: seen attribute values in combinations the
+training set lacks, seeds 200, 201, ...). The rows (:data:`ROWS`, a table: add a :class:`Row` to add
+one) are the plain-CFG baseline, each guidance term alone (despecification c1, caption deduplication
+c2, dissimilarity c3), each pair and full AMG; with ``--ambient-model`` (default: the bundled Ambient
+Diffusion variant when it exists) also that model alone and with full AMG. Each run is audited against
+the training index (``amg audit``), and the table lists per row:
 
 - similarity of each output to its nearest training clip: mean, 95th percentile, maximum, and the
   share at or above the embedder's replication threshold (0.9 for the default mel embedder);
-- prompt adherence. The paper's CLAP score needs a CLAP text encoder, which cannot be had offline,
-  so on the default model we report *family adherence*: the share of outputs whose nearest training
-  clip belongs to the prompt's family (drum loop, pad, arpeggio, texture) — coarse, but it says
-  whether guidance kept the requested kind of sound while moving away from the exact clip;
-- FAD and KAD between the outputs and the training set, on the same embedder.
+- *family adherence*: the share of outputs whose nearest training clip belongs to the prompt's family
+  (drum loop, pad, arpeggio, texture);
+- *attribute adherence* (jobs/adherence.py): per attribute, the share of outputs that have the tempo
+  (±4%), the chord or key (exact) and the instrument their prompt asked for, read from the audio by the
+  estimators of engine/default/attributes.py; ``attributes`` pools the checks of every estimator that
+  reaches 90% on the held-out clips (measured at the start of the run, saved in ``estimators.json``);
+  ``retained`` is a row's ``attributes`` over the baseline's, in the same block;
+- FAD and KAD between the outputs and the training set, and between the outputs and the held-out set,
+  on the same embedder.
 
-The table is printed, and saved as ``DIR/ablation.parquet`` and ``DIR/ablation.md``. Each run keeps
-its results, audio and audit report under ``DIR/<row>/``; rerunning resumes.
+The paper's CLAP score needs a CLAP text encoder, which cannot be had offline; attribute adherence is
+what stands in for it here. The table is printed, and saved as ``DIR/ablation.parquet`` and
+``DIR/ablation.md`` (with the estimators' accuracies and the retained shares under it). Each run keeps
+its results, audio and audit report under ``DIR/<block>/<row>/``; rerunning resumes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +72,32 @@ def model_rows(name: str) -> tuple[Row, Row]:
 AMBIENT_ROWS = model_rows("ambient")
 
 
+@dataclass(frozen=True)
+class PromptSet:
+    """One block of the table: a name and the function that writes its generation manifest."""
+
+    name: str
+    manifest: Callable[[Path], Path]
+
+
+def _captions(path: Path) -> Path:
+    from jobs.replication import caption_manifest
+
+    return caption_manifest(path)
+
+
+def _novel(path: Path) -> Path:
+    from engine.default.heldout import novel_manifest
+
+    return novel_manifest(path)
+
+
+PROMPT_SETS = (PromptSet("captions", _captions), PromptSet("novel", _novel))
+HEADLINE_BAR = 0.9  # an estimator under this accuracy on held-out clips stays out of "attributes"
+GOAL_CAPTIONS = 0.7  # full AMG should keep this share of the baseline's attribute adherence
+ATTRIBUTE_COLUMNS = ("tempo", "pitch", "instrument")  # engine.default.attributes.ATTRIBUTES
+
+
 def ambient_model_dir() -> Path:
     """Where the bundled Ambient Diffusion variant of the default model lives (may be absent)."""
     from engine.models import DEFAULT_MODEL_DIR
@@ -89,31 +125,44 @@ def slug(name: str) -> str:
 
 
 def run_row(
-    row: Row, manifest: Path, out: Path, model_dirs: dict[str, Path], steps: int | None, progress: bool
-):
-    """Generate and audit one row -> its table entry."""
+    row: Row,
+    block: str,
+    manifest: Path,
+    out: Path,
+    model_dirs: dict[str, Path],
+    steps: int | None,
+    progress: bool,
+    headline: Sequence[str],
+) -> dict:
+    """Generate and audit one row on one block of prompts -> its table entry."""
     import pyarrow.parquet as pq
 
+    from engine.default.heldout import HELDOUT_INDEX_DIR
     from engine.engine import DEFAULT_INDEX_DIR, Engine
+    from jobs.adherence import pooled_share
     from jobs.audit import AuditConfig, run_audit
     from jobs.generate import JobConfig, run_generate
 
-    run_dir = out / slug(row.name)
+    run_dir = out / block / slug(row.name)
     engine = Engine(row_config(row, steps=steps), model_dirs[row.model], DEFAULT_INDEX_DIR)
     run_generate(manifest, run_dir, engine, JobConfig(progress=progress))
-    threshold = engine.embedder.replication_threshold
+    threshold = engine.replication_threshold
     summary = run_audit(
         run_dir / "results.parquet", DEFAULT_INDEX_DIR, run_dir / "audit", AuditConfig(pairs=4),
         train_audio=DEFAULT_INDEX_DIR.parent / "train" / "train.parquet", progress=False,
+        heldout_dir=HELDOUT_INDEX_DIR,
     )  # fmt: skip
     audit = pq.read_table(run_dir / "audit" / "audit.parquet").to_pydict()
-    g = summary.generated
+    g, a = summary.generated, summary.adherence
     return {
-        "row": row.name, "model": row.model, "n": summary.n_ok,
+        "prompts": block, "row": row.name, "model": row.model, "n": summary.n_ok,
         "mean": g["mean"], "p95": g["p95"], "max": g["max"],
         "share_replica": g["share_at_or_above"][f"{threshold:g}"],
         "family_adherence": family_adherence(audit["prompt"], audit["nearest_caption"], audit["status"]),
-        "fad": summary.fad, "kad": summary.kad,
+        **{name: None if a is None else a[name]["share"] for name in ATTRIBUTE_COLUMNS},
+        "attributes": pooled_share(a, headline), "retained": None,
+        "fad": summary.fad, "kad": summary.kad, "fad_heldout": summary.fad_heldout,
+        "kad_heldout": summary.kad_heldout,
     }  # fmt: skip
 
 
@@ -125,6 +174,29 @@ def family_adherence(prompts, nearest_captions, status) -> float:
     return sum(family(p) == family(c) for p, c in pairs) / max(1, len(pairs))
 
 
+def estimator_accuracy() -> dict:
+    """Each estimator's accuracy on the training and the held-out clips, and the headline attributes
+    (held-out accuracy ≥ HEADLINE_BAR)."""
+    from engine.default.attributes import ATTRIBUTES, accuracy
+    from engine.default.data import make_clips
+    from engine.default.heldout import make_heldout_clips
+
+    acc = {"training": accuracy(make_clips()), "heldout": accuracy(make_heldout_clips())}
+    table = {s: {a: {k: v[a][k] for k in ("n", "hits", "accuracy", "misses")} for a in ATTRIBUTES}
+             for s, v in acc.items()}  # fmt: skip
+    headline = [a for a in ATTRIBUTES if (acc["heldout"][a]["accuracy"] or 0) >= HEADLINE_BAR]
+    return {**table, "headline": headline}
+
+
+def add_retained(table: list[dict]) -> list[dict]:
+    """Set each row's ``retained``: its ``attributes`` over the baseline's of the same block."""
+    base = {r["prompts"]: r["attributes"] for r in table if r["row"] == "baseline"}
+    for r in table:
+        b = base.get(r["prompts"])
+        r["retained"] = None if r["attributes"] is None or not b else r["attributes"] / b
+    return table
+
+
 def run_ablation(
     out: str | Path,
     rows=ROWS,
@@ -133,44 +205,86 @@ def run_ablation(
     extra_models: dict[str, Path] | None = None,
     steps: int | None = None,
     progress: bool = True,
+    prompt_sets: Sequence[PromptSet] = PROMPT_SETS,
+    estimators: dict | None = None,
 ) -> list[dict]:
-    """Run every row on the caption prompts (the first ``limit`` of them, if given) -> the table rows."""
+    """Run every row on every block of prompts (the first ``limit`` of each, if given) -> the table.
+
+    ``estimators``: :func:`estimator_accuracy`'s result, if already measured."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from engine.models import DEFAULT_MODEL_DIR
-    from jobs.replication import caption_manifest
 
     out = Path(out)
-    manifest = caption_manifest(out / "captions.parquet")
-    if limit is not None:
-        pq.write_table(pq.read_table(manifest).slice(0, limit), manifest)
+    estimators = estimators or estimator_accuracy()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "estimators.json").write_text(json.dumps(estimators, indent=1))
     model_dirs = {"default": DEFAULT_MODEL_DIR}
     extra = ({"ambient": ambient} if ambient is not None else {}) | dict(extra_models or {})
     for name, path in extra.items():
         model_dirs[name] = Path(path)
         rows = tuple(rows) + model_rows(name)
-    table = [run_row(r, manifest, out, model_dirs, steps, progress) for r in rows]
+    table = []
+    for ps in prompt_sets:
+        manifest = ps.manifest(out / f"{ps.name}.parquet")
+        if limit is not None:
+            pq.write_table(pq.read_table(manifest).slice(0, limit), manifest)
+        table += [run_row(r, ps.name, manifest, out, model_dirs, steps, progress, estimators["headline"])
+                  for r in rows]  # fmt: skip
+    add_retained(table)
     pq.write_table(pa.Table.from_pylist(table), out / "ablation.parquet")
-    (out / "ablation.md").write_text(format_table(table) + "\n")
+    (out / "ablation.md").write_text(format_table(table) + "\n\n" + format_notes(table, estimators) + "\n")
     return table
+
+
+COLUMNS = (  # header, key, format: one place for the table's layout
+    ("prompts", "prompts", str), ("row", "row", str), ("n", "n", str),
+    ("mean sim", "mean", "{:.3f}"), ("p95 sim", "p95", "{:.3f}"), ("max sim", "max", "{:.3f}"),
+    ("share ≥ thr", "share_replica", "pct"), ("family adh.", "family_adherence", "pct"),
+    ("tempo", "tempo", "pct"), ("pitch", "pitch", "pct"), ("instrument", "instrument", "pct"),
+    ("attributes", "attributes", "pct"), ("retained", "retained", "pct"),
+    ("FAD train", "fad", "num"), ("KAD train", "kad", "num"),
+    ("FAD held-out", "fad_heldout", "num"), ("KAD held-out", "kad_heldout", "num"),
+)  # fmt: skip
+
+
+def _cell(value, fmt) -> str:
+    if fmt is str:
+        return str(value)
+    if value is None:
+        return "n/a"
+    if fmt == "pct":
+        return f"{100 * value:.0f}%"
+    return f"{value:.3g}" if fmt == "num" else fmt.format(value)
 
 
 def format_table(table: list[dict]) -> str:
     """A Markdown table of the ablation rows."""
-    head = "| row | n | mean sim | p95 sim | max sim | share ≥ thr | family adherence | FAD | KAD |"
-    lines = [head, "|" + "---|" * 9]
+    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in table:
-        lines.append(
-            f"| {r['row']} | {r['n']} | {r['mean']:.3f} | {r['p95']:.3f} | {r['max']:.3f} | "
-            f"{100 * r['share_replica']:.0f}% | {100 * r['family_adherence']:.0f}% | "
-            f"{_num(r['fad'])} | {_num(r['kad'])} |"
-        )
+        lines.append("| " + " | ".join(_cell(r[k], f) for _, k, f in COLUMNS) + " |")
     return "\n".join(lines)
 
 
-def _num(x) -> str:
-    return "n/a" if x is None else f"{x:.3g}"
+def format_notes(table: list[dict], estimators: dict) -> str:
+    """The estimators' accuracies, and the shares of the baseline's attribute adherence full AMG keeps."""
+    lines = []
+    for attr in estimators["heldout"]:
+        tr, ho = estimators["training"][attr], estimators["heldout"][attr]
+        used = "in `attributes`" if attr in estimators["headline"] else "NOT in `attributes` (under 90%)"
+        lines.append(f"- {attr} estimator: {tr['hits']}/{tr['n']} training clips, {ho['hits']}/{ho['n']} "
+                     f"held-out clips; {used}")  # fmt: skip
+    shares = {r["prompts"]: r["retained"] for r in table if r["row"] == "full AMG"}
+    for block, share in shares.items():
+        goals = [(f"≥ {100 * GOAL_CAPTIONS:.0f}%", GOAL_CAPTIONS)]
+        if block != "captions" and shares.get("captions") is not None:
+            goals.append(("≥ the caption prompts' share", shares["captions"]))
+        verdicts = ", ".join(f"{name}: {'n/a' if share is None else 'met' if share >= g else 'missed'}"
+                             for name, g in goals)  # fmt: skip
+        lines.append(f"- full AMG keeps {_cell(share, 'pct')} of the baseline's attribute adherence on "
+                     f"{block} prompts (goal {verdicts})")  # fmt: skip
+    return "\n".join(lines)
 
 
 def cmd_ablate(args) -> int:
@@ -185,9 +299,12 @@ def cmd_ablate(args) -> int:
                 f"--compare-model {spec!r}: write NAME=MODEL_DIR, e.g. control=/tmp/control/model"
             )
         extra[name] = Path(path)
+    sets = [ps for ps in PROMPT_SETS if ps.name in args.prompts]
     table = run_ablation(args.out, ambient=None if args.no_ambient else ambient, limit=args.limit,
-                         steps=args.steps, progress=not args.quiet, extra_models=extra)  # fmt: skip
+                         steps=args.steps, progress=not args.quiet, extra_models=extra,
+                         prompt_sets=sets)  # fmt: skip
     print(format_table(table))
+    print((Path(args.out) / "ablation.md").read_text().split("\n\n", 1)[1].rstrip())
     print(f"table: {Path(args.out) / 'ablation.md'}")
     return 0
 
@@ -209,7 +326,16 @@ def register_ablate(sub) -> None:
         metavar="NAME=DIR",
         help="another model folder for two more rows (alone, and with AMG); repeatable",
     )
-    p.add_argument("--limit", type=int, default=None, help="only the first N caption prompts (quick look)")
+    p.add_argument(
+        "--prompts",
+        nargs="+",
+        choices=[ps.name for ps in PROMPT_SETS],
+        default=[ps.name for ps in PROMPT_SETS],
+        help="blocks of prompts: the training captions and/or the novel prompts (default: both)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="only the first N prompts of each block (quick look)"
+    )
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the preset's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ablate)
@@ -227,4 +353,7 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     sys.exit(main(sys.argv[1:]))
 
-__all__ = ["ROWS", "AMBIENT_ROWS", "Row", "model_rows", "run_ablation", "format_table", "register_ablate"]
+__all__ = [
+    "ROWS", "AMBIENT_ROWS", "PROMPT_SETS", "PromptSet", "Row", "model_rows", "run_ablation", "format_table",
+    "register_ablate",
+]  # fmt: skip

@@ -18,8 +18,12 @@ Outputs in OUT:
 - ``summary.json``: mean / median / 95th percentile / maximum of the nearest-neighbour similarity,
   the share of files at or above each threshold, the same statistics for the training set against
   itself (nearest *other* clip: the background), FAD and KAD against a reference set (default: the
-  training set itself), and the most similar pairs.
-- ``similarity.png`` (histograms) and ``report.html`` (self-contained: plots and audio inline).
+  training set itself) and, when a held-out index is given, against held-out audio too, and the most
+  similar pairs.
+- ``attributes.parquet`` and the summary's ``adherence``: for files whose prompt is a default-model
+  prompt, whether the audio has the tempo, chord or key and instrument it asked for (jobs/adherence.py).
+- ``similarity.png`` (histograms) and ``report.html`` (self-contained: plots, spectrograms and audio
+  inline).
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ HIST_BINS = 50
 class AuditConfig:
     """How to audit. thresholds: similarity levels whose exceedance share is reported (the
     embedder's own replication threshold is added when it has one); k: neighbours kept per file;
-    pairs: most similar pairs listed and played in the report."""
+    pairs: most similar pairs listed and played in the report; attributes: check the prompts' tempo,
+    chord and instrument where they can be parsed (jobs/adherence.py)."""
 
     k: int = 5
     batch_size: int = 32
@@ -61,6 +66,7 @@ class AuditConfig:
     pairs: int = 12
     workers: int = 4
     search: SearchConfig = field(default_factory=SearchConfig)
+    attributes: bool = True
 
     def __post_init__(self) -> None:
         for name in ("k", "batch_size", "workers"):
@@ -90,10 +96,12 @@ def items_from_source(source: str | Path) -> list[Item]:
     if source.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(source).to_pydict()
-        missing = [c for c in ("id", "audio_path") if c not in rows]
+        names = pq.read_schema(source).names
+        missing = [c for c in ("id", "audio_path") if c not in names]
         if missing:
             raise ValueError(f"{source} lacks column(s) {missing}: give an `amg generate` results.parquet")
+        wanted = [c for c in ("id", "audio_path", "prompt", "status") if c in names]  # not the traces
+        rows = pq.read_table(source, columns=wanted).to_pydict()
         status = rows.get("status") or ["ok"] * len(rows["id"])
         prompts = rows.get("prompt") or [""] * len(rows["id"])
         items = [
@@ -138,9 +146,7 @@ def row_schema():
 
 def _read(item: Item, embedder) -> torch.Tensor | str:
     try:
-        return read_clip(
-            item.path, embedder.sample_rate, embedder.window, getattr(embedder, "fill", "zeros")
-        )[0]
+        return read_clip(item.path, embedder)[0]
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes an error row
         return f"cannot read {item.path}: {type(e).__name__}: {e}"
 
@@ -162,17 +168,23 @@ def _embed_batch(items, embedder, searcher, index, k, text_embedder, pool) -> tu
     if not ok:
         return cols, torch.zeros(0, index.embedder.dim)
     with torch.no_grad():
-        e = embedder(torch.stack([loaded[i] for i in ok]), embedder.sample_rate).float().cpu()  # [n_ok, D]
+        e = embedder.embed_window(torch.stack([loaded[i] for i in ok])).float().cpu()  # [n_ok, D]
         res = searcher.search(e, k)
         scores = _clap_scores(e, [items[i].prompt for i in ok], text_embedder)
     D, I = res.D.cpu().tolist(), res.I.cpu().tolist()  # noqa: E741
     for j, i in enumerate(ok):
+        found = [(t, d) for t, d in zip(I[j], D[j], strict=True) if t >= 0]  # faiss: -1 is "no neighbour"
         cols["status"][i] = "ok"
-        cols["neighbour_ids"][i] = [index.ids[t] for t in I[j]]
-        cols["neighbour_captions"][i] = [index.captions[t] for t in I[j]]
-        cols["neighbour_similarities"][i] = D[j]
-        cols["nearest_id"][i], cols["nearest_caption"][i] = index.ids[I[j][0]], index.captions[I[j][0]]
-        cols["similarity"][i] = D[j][0]
+        cols["neighbour_ids"][i] = [index.ids[t] for t, _ in found]
+        cols["neighbour_captions"][i] = [index.captions[t] for t, _ in found]
+        cols["neighbour_similarities"][i] = [d for _, d in found]
+        if found:  # else similarity and nearest stay null: the search found nothing to compare with
+            t, d = found[0]
+            cols["nearest_id"][i], cols["nearest_caption"][i], cols["similarity"][i] = (
+                index.ids[t],
+                index.captions[t],
+                d,
+            )
         cols["clap_score"][i] = None if scores is None else scores[j]
     return cols, e
 
@@ -274,6 +286,7 @@ class Summary:
     n_files: int
     n_ok: int
     n_error: int
+    n_no_neighbour: int  # ok files for which the (approximate) search returned no training clip
     embedder: dict
     thresholds: list[float]
     generated: dict
@@ -284,6 +297,9 @@ class Summary:
     clap_score: dict | None
     top_pairs: list[dict]
     histogram: dict
+    fad_heldout: float | None = None  # against the held-out index, when one is given
+    kad_heldout: float | None = None
+    adherence: dict | None = None  # jobs.adherence.adherence_summary, where prompts parse
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -296,6 +312,7 @@ def aggregate(
     config: AuditConfig,
     thresholds: Sequence[float],
     reference: EmbeddingIndex | None = None,
+    heldout: EmbeddingIndex | None = None,
 ) -> Summary:
     """Stream the parts into ``audit.parquet`` and the summary statistics (bounded memory)."""
     import pyarrow.compute as pc
@@ -309,7 +326,7 @@ def aggregate(
     # floats made while reading it, would pin its memory: measured +0.5 to +3 GB at 10^5 files)
     sims_a, clap_a = np.empty(total), np.empty(total)
     kad_x = torch.empty(len(keep), index.embedder.dim)
-    n_files = n_ok = n_clap = n_kad = 0
+    n_files = n_ok = n_sim = n_clap = n_kad = 0
     pairs: list = []
     tmp = out_dir / "audit.parquet.tmp"
     writer = None
@@ -319,8 +336,9 @@ def aggregate(
         writer = writer or pq.ParquetWriter(tmp, table.schema)
         writer.write_table(table)
         ok = np.flatnonzero(pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False))
-        sim = table["similarity"].to_numpy(zero_copy_only=False)[ok]
-        sims_a[n_ok : n_ok + len(ok)] = sim
+        sim = table["similarity"].to_numpy(zero_copy_only=False)[ok].astype(np.float64)  # NaN: no neighbour
+        found = ~np.isnan(sim)
+        sims_a[n_sim : n_sim + found.sum()], n_sim = sim[found], n_sim + int(found.sum())
         clap = table["clap_score"].to_numpy(zero_copy_only=False)[ok].astype(np.float64)
         clap = clap[~np.isnan(clap)]
         clap_a[n_clap : n_clap + len(clap)], n_clap = clap, n_clap + len(clap)
@@ -328,25 +346,22 @@ def aggregate(
             moments.add(e)
             sel = np.flatnonzero(np.isin(n_ok + np.arange(len(ok)), keep))
             kad_x[n_kad : n_kad + len(sel)], n_kad = e[torch.from_numpy(sel)], n_kad + len(sel)
-        for j in np.argsort(-sim, kind="stable")[: config.pairs]:  # this part's candidates only
-            _offer(pairs, config.pairs, float(sim[j]), n_files + int(ok[j]), table.slice(int(ok[j]), 1))
+        for j in np.argsort(-np.nan_to_num(sim, nan=-np.inf), kind="stable")[: config.pairs]:  # this part's
+            if found[j]:  # candidates only
+                _offer(pairs, config.pairs, float(sim[j]), n_files + int(ok[j]), table.slice(int(ok[j]), 1))
         n_files += table.num_rows
         n_ok += len(ok)
     if writer is not None:
         writer.close()
         tmp.replace(out_dir / "audit.parquet")
-    sims_a, clap_a, kad_x = sims_a[:n_ok], clap_a[:n_clap], kad_x[:n_kad]
+    sims_a, clap_a, kad_x = sims_a[:n_sim], clap_a[:n_clap], kad_x[:n_kad]
     background = background_similarities(index, config.search)
-    ref = reference if reference is not None else index
-    fad_v = kad_v = None
-    if n_ok >= 2 and len(ref) >= 2:
-        fad_v = fad(moments, ref.vectors)
-        ref_rows = sorted(_kad_rows(len(ref)))
-        kad_v = kad(kad_x, ref.vectors[ref_rows])
+    fad_v, kad_v = _distances(moments, kad_x, reference if reference is not None else index)
+    fad_h, kad_h = _distances(moments, kad_x, heldout)
     edges = np.linspace(min(-0.0, float(background.min(initial=0)), float(sims_a.min(initial=0))), 1.0,
                         HIST_BINS + 1)  # fmt: skip
     return Summary(
-        n_files=n_files, n_ok=n_ok, n_error=n_files - n_ok,
+        n_files=n_files, n_ok=n_ok, n_error=n_files - n_ok, n_no_neighbour=n_ok - n_sim,
         embedder=json.loads(index.embedder.to_json()), thresholds=list(thresholds),
         generated=similarity_stats(sims_a, thresholds), background=similarity_stats(background, thresholds),
         fad=fad_v, kad=kad_v, reference="training index" if reference is None else "reference index",
@@ -358,7 +373,15 @@ def aggregate(
             "generated": np.histogram(np.clip(sims_a, edges[0], edges[-1]), edges)[0].tolist(),
             "background": np.histogram(np.clip(background, edges[0], edges[-1]), edges)[0].tolist(),
         },
+        fad_heldout=fad_h, kad_heldout=kad_h,
     )  # fmt: skip
+
+
+def _distances(moments: Moments, kad_x: torch.Tensor, ref: EmbeddingIndex | None) -> tuple:
+    """(FAD, KAD) of the audited embeddings against ``ref``; (None, None) without two of each."""
+    if ref is None or moments.n < 2 or len(ref) < 2:
+        return None, None
+    return fad(moments, ref.vectors), kad(kad_x, ref.vectors[sorted(_kad_rows(len(ref)))])
 
 
 PAIR_FIELDS = ("id", "path", "prompt", "nearest_id", "nearest_caption", "similarity")
@@ -393,27 +416,44 @@ def run_audit(
     text_embedder: Callable[[list[str]], torch.Tensor] | None = None,
     progress: bool = True,
     restart: bool = False,
+    trust_checkpoint: bool = False,
+    heldout_dir: str | Path | None = None,
 ) -> Summary:
-    """Audit ``source`` against the index in ``index_dir``; write audit.parquet, summary, plots, report."""
+    """Audit ``source`` against the index in ``index_dir``; write audit.parquet, summary, plots, report.
+
+    ``heldout_dir``: an index of held-out audio (same embedder) for FAD/KAD beside the reference's.
+    The inputs are checked (index, embedder and checkpoint, reference and held-out indexes, source)
+    before anything is written: bad input leaves ``out_dir`` untouched.
+    """
     from index.embedders import load_embedder
     from jobs.report import write_report
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     index = EmbeddingIndex.load(index_dir)
-    embedder = load_embedder(index.embedder, embedder_checkpoint)
+    embedder = load_embedder(index.embedder, embedder_checkpoint, trust_checkpoint)
     if hasattr(embedder, "eval"):
         embedder.eval()
-    reference = None
-    if reference_dir is not None:
-        reference = EmbeddingIndex.load(reference_dir)
-        reference.check_embedder(index.embedder)
+    reference, heldout = (_load_like(d, index) for d in (reference_dir, heldout_dir))
     items = items_from_source(source)
+    out_dir.mkdir(parents=True, exist_ok=True)
     parts = embed_all(items, index, embedder, out_dir, config, text_embedder, progress, restart)
-    summary = aggregate(parts, index, out_dir, config, thresholds_for(config, embedder), reference)
+    summary = aggregate(parts, index, out_dir, config, thresholds_for(config, embedder), reference, heldout)
+    if config.attributes:
+        from jobs.adherence import adherence_summary, attribute_rows
+
+        summary.adherence = adherence_summary(attribute_rows(items, out_dir, progress))
     atomic_write(out_dir / "summary.json", lambda p: Path(p).write_text(summary.to_json()))
     write_report(summary, out_dir, train_audio=_train_paths(train_audio))
     return summary
+
+
+def _load_like(folder: str | Path | None, index: EmbeddingIndex) -> EmbeddingIndex | None:
+    """The index in ``folder`` (None for None), refused unless built with ``index``'s embedder."""
+    if folder is None:
+        return None
+    other = EmbeddingIndex.load(folder)
+    other.check_embedder(index.embedder)
+    return other
 
 
 def _train_paths(train_audio: str | Path | None) -> dict[str, Path]:
@@ -432,6 +472,10 @@ def format_summary(summary: Summary) -> str:
         f"audited {summary.n_ok} files ({summary.n_error} errors) "
         f"against the {summary.embedder['name']} index"
     ]
+    if summary.n_no_neighbour:
+        lines.append(
+            f"{summary.n_no_neighbour} files had no training neighbour in the search (approximate index)"
+        )
     if g.get("n"):
         lines.append(
             f"nearest-training similarity: mean {g['mean']:.3f}, median {g['median']:.3f}, "
@@ -445,6 +489,13 @@ def format_summary(summary: Summary) -> str:
         lines.append(f"training-to-training background: median {b['median']:.3f}, p95 {b['p95']:.3f}")
     if summary.fad is not None:
         lines.append(f"FAD {summary.fad:.4g}, KAD {summary.kad:.4g} (vs the {summary.reference})")
+    if summary.fad_heldout is not None:
+        lines.append(f"FAD {summary.fad_heldout:.4g}, KAD {summary.kad_heldout:.4g} (vs the held-out index)")
+    if summary.adherence:
+        a = summary.adherence
+        shares = [f"{k} {100 * v['share']:.0f}% of {v['n']}" for k, v in a.items()
+                  if isinstance(v, dict) and v["share"] is not None]  # fmt: skip
+        lines.append(f"attribute adherence ({a['files']} files with parsed prompts): " + ", ".join(shares))
     if summary.clap_score:
         lines.append(f"CLAP score: mean {summary.clap_score['mean']:.3f}")
     return "\n".join(lines)

@@ -11,6 +11,10 @@ amg ablate --out DIR                         the AMG ablation table on the embed
 Rerunning the same command resumes: rows already done under the same configuration are skipped
 (--retry-failed also regenerates error rows). --shard i/n runs rows k with k mod n = i only;
 --engine ray runs the batches on a Ray actor pool (RAY_ADDRESS or --ray-address for a cluster).
+
+Exit codes: 0 done (bad rows are error rows, not failures); 2 bad input (the message names it);
+3 stopped because the engine failed on --max-failed-batches batches in a row (the message names the
+error; finished rows are kept and the same command resumes).
 """
 
 from __future__ import annotations
@@ -69,9 +73,29 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="flac", choices=("flac", "wav"), help="audio file format")
     p.add_argument("--model", type=Path, help="model directory (model_config.json + model.safetensors)")
     p.add_argument("--index", type=Path, help="training-set index folder")
+    p.add_argument(
+        "--embedder-checkpoint",
+        type=Path,
+        help="weights of the index's learned embedder (LAION-CLAP: the 630k-audioset-best.pt the index "
+        "was built with)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="similarity at or above which the summary counts an output as a replica "
+        "(default: the index embedder's own, 0.9 for the mel default, 0.5 for CLAP)",
+    )
+    _add_trust_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--retry-failed", action="store_true", help="also regenerate rows recorded as errors")
     p.add_argument("--shard", default="0/1", help="i/n: run only manifest rows k with k mod n = i")
+    p.add_argument(
+        "--max-failed-batches",
+        type=int,
+        default=3,
+        help="stop the run (exit code 3) after this many batches in a row failed in the engine "
+        "(out of memory, a missing file...); bad rows never count; 0: never stop",
+    )
     p.add_argument("--engine", default="local", choices=("local", "ray"), help="where batches run")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--ray-actors", type=int, help="actor pool size (default: one per cluster GPU, else 1)")
@@ -80,6 +104,15 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
         "--ray-gpus-per-actor",
         type=float,
         help="GPUs each actor reserves (default: 1 if the cluster has any)",
+    )
+
+
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow .ckpt/.pt files that need full unpickling (weights_only=False): they can run code, "
+        "so only for files you trust; by default such a file is refused",
     )
 
 
@@ -107,19 +140,24 @@ def cmd_generate(args) -> int:
     from engine.models import DEFAULT_MODEL_DIR
     from jobs.generate import JobConfig, Shard, run_generate
 
-    job = JobConfig(args.format, args.retry_failed, Shard.parse(args.shard), progress=not args.quiet)
+    job = JobConfig(
+        args.format, args.retry_failed, Shard.parse(args.shard), not args.quiet, args.max_failed_batches,
+        threshold=args.threshold,
+    )  # fmt: skip
     model, index = args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR
+    checkpoint, trust = args.embedder_checkpoint, args.trust_checkpoint
     if args.engine == "ray":
-        from jobs.ray_run import EngineSpec, RayOptions, run_generate_ray
+        from jobs.ray_run import EngineSpec, RayOptions, import_ray, run_generate_ray
 
         opts = RayOptions(
             args.ray_address, args.ray_actors, args.ray_cpus_per_actor, args.ray_gpus_per_actor, args.device
         )
-        summary = run_generate_ray(
-            args.manifest, args.out, EngineSpec(_engine_config(args), model, index), job, opts
-        )
+        import_ray()  # the first thing to know: whether --engine ray can run at all
+        spec = EngineSpec(_engine_config(args), model, index, checkpoint, trust)
+        summary = run_generate_ray(args.manifest, args.out, spec, job, opts)
     else:
-        summary = run_generate(args.manifest, args.out, Engine(_engine_config(args), model, index), job)
+        engine = Engine(_engine_config(args), model, index, checkpoint, trust)
+        summary = run_generate(args.manifest, args.out, engine, job)
     for line in summary.lines():
         print(line)
     print(f"results: {args.out / 'results.parquet'}")
@@ -132,17 +170,21 @@ def cmd_audit(args) -> int:
     from jobs.audit import AuditConfig, format_summary, run_audit
 
     index = args.index or DEFAULT_INDEX_DIR
-    train_audio = args.train_audio
-    if train_audio is None and args.index is None:  # the bundled index: its training clips ship too
-        train_audio = DEFAULT_INDEX_DIR.parent / "train" / "train.parquet"
+    train_audio, heldout = args.train_audio, args.heldout_index
+    if args.index is None:  # the bundled index: its training clips and held-out set ship too
+        from engine.default.heldout import HELDOUT_INDEX_DIR
+
+        train_audio = train_audio or DEFAULT_INDEX_DIR.parent / "train" / "train.parquet"
+        heldout = heldout or HELDOUT_INDEX_DIR
     config = AuditConfig(
         k=args.k, batch_size=args.batch_size, thresholds=tuple(args.thresholds), pairs=args.pairs,
-        search=SearchConfig(kind=args.search, factory=args.faiss_factory),
+        search=SearchConfig(kind=args.search, factory=args.faiss_factory), attributes=not args.no_attributes,
     )  # fmt: skip
     text = _clap_text(args) if args.clap_text_encoder else None
     summary = run_audit(
         args.source, index, args.out, config, args.embedder_checkpoint, args.reference_index,
         train_audio, text, progress=not args.quiet, restart=args.restart,
+        trust_checkpoint=args.trust_checkpoint, heldout_dir=heldout,
     )  # fmt: skip
     print(format_summary(summary))
     print(f"report: {args.out / 'report.html'}")
@@ -155,7 +197,9 @@ def _clap_text(args):
 
     if args.embedder_checkpoint is None:
         raise ValueError("--clap-text-encoder needs --embedder-checkpoint (the CLAP checkpoint)")
-    clap = ClapEmbedder(args.embedder_checkpoint, text_encoder=args.clap_text_encoder).eval()
+    clap = ClapEmbedder(
+        args.embedder_checkpoint, text_encoder=args.clap_text_encoder, trust_checkpoint=args.trust_checkpoint
+    ).eval()
     return clap.embed_text
 
 
@@ -183,6 +227,18 @@ def _add_audit_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="index of the reference set for FAD/KAD (default: the training index)",
     )
+    p.add_argument(
+        "--heldout-index",
+        type=Path,
+        default=None,
+        help="index of held-out audio for FAD/KAD beside the reference's (default: the bundled held-out "
+        "set, with the bundled index)",
+    )
+    p.add_argument(
+        "--no-attributes",
+        action="store_true",
+        help="skip the tempo/chord/instrument adherence check of default-model prompts",
+    )
     p.add_argument("-k", type=int, default=5, help="nearest training examples kept per file")
     p.add_argument(
         "--thresholds",
@@ -196,6 +252,7 @@ def _add_audit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search", choices=("exact", "faiss"), default="exact", help="nearest-neighbour search")
     p.add_argument("--faiss-factory", default="Flat", help="faiss index_factory string, with --search faiss")
     p.add_argument("--restart", action="store_true", help="discard an unfinished audit of other inputs")
+    _add_trust_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -229,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from jobs.manifest import ManifestError
     from jobs.ray_run import RayUnavailable
+    from jobs.runner import CircuitOpen
 
     args = build_parser().parse_args(argv)
     root = logging.getLogger()
@@ -243,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, ValueError, FileNotFoundError, RayUnavailable) as e:
         print(f"amg: error: {e}", file=sys.stderr)
         return 2
+    except CircuitOpen as e:
+        print(f"amg: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -4,16 +4,22 @@ Every manifest row yields exactly one result row (status ``ok`` or ``error``); a
 batch is recorded, never raised. The output folder layout, the results schema and what counts as
 done are described in :mod:`jobs.results`; the manifest schema in :mod:`jobs.manifest`.
 
-A run: delete leftover temporary files; validate the manifest; keep this shard's rows (row k
-belongs to shard k mod n); skip rows already done under the same configuration hash (error rows
-too, unless ``retry_failed``); generate the rest in batches of rows sharing their per-row
-overrides, writing one result shard per batch; merge every shard into ``results.parquet``.
-Killing the process at any moment loses at most the batches in flight: a rerun of the same command
-regenerates exactly those rows.
+A run: take the folder lock shared; delete this process's leftover temporary files; validate the
+manifest; keep this shard's rows (row k belongs to shard k mod n); skip rows already done under the
+same configuration hash (error rows too, unless ``retry_failed``), choosing them from a scan of the
+key columns only; generate the rest in batches of rows sharing their per-row overrides, writing one
+result shard per batch; then, if no other run holds the folder, compact the shards and stream
+``results.parquet`` (:mod:`jobs.merge`). Killing the process at any moment loses at most the
+batches in flight: a rerun of the same command regenerates exactly those rows.
 
-``--shard i/n`` processes may share one output folder (each cleans only its own temporary files;
-shard numbers are claimed atomically); each rewrites ``results.parquet`` from all shards written so
-far when it finishes, so the last one to finish (or any rerun) leaves the complete view.
+A :class:`~jobs.runner.CircuitBreaker` stops the run after ``max_failed_batches`` consecutive
+batches failed in the engine (default 3): the run still merges what it finished, then raises
+:class:`~jobs.runner.CircuitOpen`, whose message names the error (the CLI exits with code 3).
+
+``--shard i/n`` processes may share one output folder: each deletes only its own temporary files,
+shard numbers are claimed atomically, and the run that finishes while no other run holds the
+folder lock (the last one) compacts the shards and writes the complete ``results.parquet``; earlier
+finishers leave it to that one.
 """
 
 from __future__ import annotations
@@ -21,23 +27,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from engine.config import EngineConfig
 from jobs.manifest import Limits, Overrides, Row, read_manifest, validate
+from jobs.merge import ResultsWriter, compact, matching, newest, write_results
 from jobs.results import (
+    AUDIO_IDENTITY,
     KEY,
+    FolderLock,
     ResultStore,
-    assemble,
     error_result,
-    newest_matching,
     result_schema,
+    same_audio,
 )
-from jobs.runner import AUDIO_FORMATS, BatchRunner
+from jobs.runner import AUDIO_FORMATS, BatchRunner, CircuitBreaker, CircuitOpen
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +85,35 @@ class JobConfig:
     retry_failed: bool = False  # regenerate rows whose recorded status is error
     shard: Shard = Shard()
     progress: bool = True  # tqdm bar on stderr
+    max_failed_batches: int = 3  # consecutive batches failed in the engine that stop the run; 0: never
+    # similarity at or above which the summary counts an output as a replica (None: the embedder's own)
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.audio_format not in AUDIO_FORMATS:
             raise ValueError(f"audio_format={self.audio_format!r}: choose one of {AUDIO_FORMATS}")
+        if not (isinstance(self.max_failed_batches, int) and self.max_failed_batches >= 0):
+            raise ValueError(
+                f"max_failed_batches={self.max_failed_batches!r}: need an integer ≥ 0 (0 never stops a run)"
+            )
+        t = self.threshold
+        if t is not None and not (isinstance(t, int | float) and -1.0 <= t <= 1.0):
+            raise ValueError(
+                f"threshold={t!r}: give a cosine similarity in [-1, 1], e.g. 0.9 (mel) or 0.5 (CLAP)"
+            )
+
+
+@dataclass(frozen=True)
+class RunIds:
+    """What keys a run's results besides each row's own inputs, and the embedder's replica threshold."""
+
+    model_id: str
+    index_id: str
+    threshold: float
+
+    @classmethod
+    def of(cls, engine) -> RunIds:
+        return cls(engine.model_id, engine.index_id, engine.replication_threshold)
 
 
 @dataclass(frozen=True)
@@ -94,7 +128,9 @@ class Plan:
     reused: int  # rows of this shard done by earlier runs
     expected: dict[str, tuple]  # valid id -> its resume key (see jobs.results.KEY)
     model_id: str
+    index_id: str
     base: EngineConfig  # the run's configuration, before per-row overrides
+    threshold: float  # similarity at or above which an output counts as a replica (the summary's)
 
 
 @dataclass(frozen=True)
@@ -121,7 +157,7 @@ class Summary:
         ]
 
 
-def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, model_id: str, job: JobConfig) -> Plan:
+def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, ids: RunIds, job: JobConfig) -> Plan:
     """Validate the manifest and decide which of this shard's rows still need generating."""
     table = read_manifest(manifest)
     rows = validate(table.to_pylist(), limits)
@@ -131,7 +167,7 @@ def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, model_id:
         if r.error is None:
             if r.overrides not in hashes:
                 hashes[r.overrides] = r.config(limits.base).config_hash()
-            expected[r.id] = (hashes[r.overrides], model_id, r.prompt, r.seconds, r.seed)
+            expected[r.id] = (hashes[r.overrides], ids.model_id, ids.index_id, r.prompt, r.seconds, r.seed)
     mine = [r for r in rows if job.shard.owns(r.index)]
     done = _done_ids(store, expected, job.retry_failed)
     todo = _group_order([r for r in mine if r.error is None and r.id not in done])
@@ -145,31 +181,27 @@ def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, model_id:
     log.info("manifest %s: %d rows, %d in this shard, %d invalid, %d to generate, %d done before",
              manifest, len(rows), len(mine), len(invalid), len(todo), reused)  # fmt: skip
     schema = result_schema(table.schema)
-    return Plan(table, schema, rows, todo, len(mine), reused, expected, model_id, limits.base)
+    threshold = ids.threshold if job.threshold is None else job.threshold
+    return Plan(table, schema, rows, todo, len(mine), reused, expected, ids.model_id, ids.index_id,
+                limits.base, threshold)  # fmt: skip
 
 
 def _done_ids(store: ResultStore, expected: dict[str, tuple], retry_failed: bool) -> set[str]:
-    parts = store.read([*KEY, "status", "audio_path", "audio_bytes", "audio_mtime_ns"])
-    picks = newest_matching(parts, expected)
-    cols = parts.select(["status", "audio_path", "audio_bytes", "audio_mtime_ns"]).to_pydict()
+    """Ids whose newest result matches their key (and, for ok rows, whose audio is unchanged)."""
+    scan = store.scan(list(dict.fromkeys([*KEY, *AUDIO_IDENTITY])))
+    picks = matching(scan, newest(scan), expected)
+    cols = (
+        scan.table.select(list(AUDIO_IDENTITY)).take(pa.array(list(picks.values()), pa.int64())).to_pydict()
+    )
     done = set()
-    for rid, i in picks.items():
-        if cols["status"][i] != "ok":
+    for k, rid in enumerate(picks):
+        if cols["status"][k] != "ok":
             if not retry_failed:
                 done.add(rid)
-        elif _same_file(store.dir / (cols["audio_path"][i] or ""), cols["audio_bytes"][i],
-                        cols["audio_mtime_ns"][i]):  # fmt: skip
+        elif same_audio(store.dir / (cols["audio_path"][k] or ""), cols["audio_bytes"][k],
+                        cols["audio_mtime_ns"][k], cols["audio_sha256"][k]):  # fmt: skip
             done.add(rid)
     return done
-
-
-def _same_file(path: Path, size: int | None, mtime_ns: int | None) -> bool:
-    """The audio file is still the one its result row describes."""
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    return path.is_file() and st.st_size == size and st.st_mtime_ns == mtime_ns
 
 
 def _group_order(rows: list[Row]) -> list[Row]:
@@ -220,60 +252,102 @@ def progress_bar(total: int, enabled: bool):
 
 
 def run_generate(manifest: str | Path, out_dir: str | Path, engine, job: JobConfig | None = None) -> Summary:
-    """Generate every row of ``manifest`` (this shard's, not yet done) into ``out_dir`` with ``engine``."""
+    """Generate every row of ``manifest`` (this shard's, not yet done) into ``out_dir`` with ``engine``.
+
+    Raises :class:`~jobs.runner.CircuitOpen` (after merging what finished) when the engine failed on
+    ``job.max_failed_batches`` batches in a row."""
     job = job or JobConfig()
     store = ResultStore(out_dir, job.shard.tag)
     store.dir.mkdir(parents=True, exist_ok=True)
-    with run_log(store.dir / "run.log"):
+    with run_log(store.dir / "run.log"), store.lock() as lock:
         store.prepare()
         log.info("run: engine local, config %s, shard %s", engine.config, job.shard)
-        plan = plan_run(manifest, store, Limits.from_engine(engine), engine.model_id, job)
+        plan = plan_run(manifest, store, Limits.from_engine(engine), RunIds.of(engine), job)
         runner = BatchRunner(engine, store, plan.schema, job.audio_format)
-        start, counts = time.perf_counter(), {"ok": 0, "error": 0}
-        with progress_bar(len(plan.todo), job.progress) as bar:
-            for batch in batches(plan.todo, engine.config.batch_size):
-                for res in runner.run([(r.index, r.values) for r in batch]):
-                    counts[res["status"]] += 1
-                bar.update(len(batch))
-                bar.set_postfix(counts, refresh=False)
-                log.info("batch of %d rows done (%d ok, %d error so far)", len(batch), *counts.values())
-        return finish_run(
-            plan, store, job, time.perf_counter() - start, engine.embedder.replication_threshold
-        )
+
+        def work(counts: dict[str, int]) -> None:
+            breaker = CircuitBreaker(store, job.max_failed_batches)
+            with progress_bar(len(plan.todo), job.progress) as bar:
+                for batch in batches(plan.todo, engine.config.batch_size):
+                    outcome = runner.run_batch([(r.index, r.values) for r in batch])
+                    counts["ok"], counts["error"] = (
+                        counts["ok"] + outcome.ok,
+                        counts["error"] + outcome.errors,
+                    )
+                    bar.update(len(batch))
+                    bar.set_postfix(counts, refresh=False)
+                    log.info("batch of %d rows done (%d ok, %d error so far)", len(batch), *counts.values())
+                    breaker.record(outcome)
+            breaker.close()
+
+        return run_and_finish(plan, store, job, lock, work)
 
 
-def finish_run(plan: Plan, store: ResultStore, job: JobConfig, seconds: float, threshold: float) -> Summary:
-    """Merge every shard into ``results.parquet`` and summarise this shard's rows."""
-    merged = merge_results(plan, store)
-    mine = merged.filter(pa.array([job.shard.owns(r) for r in merged["row"].to_pylist()], pa.bool_()))
-    summary = summarise(mine, plan, seconds, threshold)
-    missing = plan.mine - mine.num_rows
-    if missing:  # cannot happen unless another process deleted shards under us
-        log.error("%d rows of this shard have no result; rerun the same command", missing)
-    log.info("results: %s (%d rows)", store.dir / "results.parquet", merged.num_rows)
+def run_and_finish(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderLock,
+                   work: Callable[[dict[str, int]], None]) -> Summary:  # fmt: skip
+    """``work(counts)`` (the batches; it counts ok and error rows), then :func:`finish_run`, also when
+    the circuit breaker stopped it; then re-raise the breaker's :class:`~jobs.runner.CircuitOpen`."""
+    start, stopped, counts = time.perf_counter(), None, {"ok": 0, "error": 0}
+    try:
+        work(counts)
+    except CircuitOpen as e:
+        stopped = e
+        log.error("%s", e)
+    seconds = time.perf_counter() - start
+    summary = finish_run(plan, store, job, lock, seconds, counts["ok"] + counts["error"])
+    if stopped is not None:
+        raise stopped
+    return summary
+
+
+def finish_run(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderLock, seconds: float,
+               generated: int) -> Summary:  # fmt: skip
+    """If no other run holds the folder, compact the shards and stream ``results.parquet`` in the
+    same pass (see the module docstring); summarise this shard's rows."""
+    alone = lock.try_exclusive()
+    scan = store.scan([*KEY, "status", "final_similarity"])
+    picks = matching(scan, newest(scan), plan.expected)
+    by_row = {r.index: picks[r.id] for r in plan.rows if r.error is None and r.id in picks}
+    summary = summarise(scan.table, plan, by_row, job.shard, seconds, plan.threshold, generated)
+    if alone is False:
+        log.info("other runs are working in %s: the last to finish writes results.parquet", store.dir)
+    else:
+        errors = {r.index: error_result(r, r.error, config_hash=r.config_hash(plan.base),
+                                        model_id=plan.model_id, index_id=plan.index_id)
+                  for r in plan.rows if r.error}  # fmt: skip
+        writer = ResultsWriter(store.dir / "results.parquet", store.tag, plan.schema, plan.manifest, errors)
+        if alone and len(scan.files) > 1:
+            compact(store, scan, _manifest_order(plan), (writer, by_row))
+        else:
+            write_results(writer, scan, by_row)
+        log.info("results: %s (%d rows)", writer.path, writer.rows)
     for line in summary.lines():
         log.info("%s", line)
     return summary
 
 
-def merge_results(plan: Plan, store: ResultStore) -> pa.Table:
-    """Rewrite ``results.parquet``: newest matching shard row per valid id, fresh rows for invalid ones."""
-    parts = store.read()
-    latest = newest_matching(parts, plan.expected)
-    picks = {r.index: latest[r.id] for r in plan.rows if r.error is None and r.id in latest}
-    errors = [error_result(r, r.error, config_hash=r.config_hash(plan.base), model_id=plan.model_id)
-              for r in plan.rows if r.error]  # fmt: skip
-    merged = assemble(parts, picks, plan.manifest, errors, plan.schema)
-    store.write_merged(merged)
-    return merged
+def _manifest_order(plan: Plan) -> Callable[[list[str]], np.ndarray]:
+    """ids -> their positions in the manifest (ids it does not hold sort after all of them)."""
+    where = {r.id: r.index for r in plan.rows if r.error is None}
+    end = len(plan.rows)
+    return lambda ids: np.array([where.get(i, end) for i in ids], np.int64)
 
 
-def summarise(results: pa.Table, plan: Plan, seconds: float, threshold: float) -> Summary:
-    status = results["status"].to_pylist()
-    sims = [s for s, st in zip(results["final_similarity"].to_pylist(), status, strict=True) if st == "ok"]
+def summarise(table: pa.Table, plan: Plan, by_row: dict[int, int], shard: Shard, seconds: float,
+              threshold: float, generated: int) -> Summary:  # fmt: skip
+    """This shard's figures: ``by_row`` maps manifest positions to their chosen rows of ``table`` (a
+    scan holding ``status`` and ``final_similarity``); invalid rows count as errors."""
+    mine = [i for p, i in by_row.items() if shard.owns(p)]
+    invalid = sum(r.error is not None and shard.owns(r.index) for r in plan.rows)
+    if plan.mine - len(mine) - invalid:  # rows a stopped run did not reach
+        log.warning("%d rows of this shard have no result; rerun the same command",
+                    plan.mine - len(mine) - invalid)  # fmt: skip
+    cols = table.select(["status", "final_similarity"]).take(pa.array(mine, pa.int64()))
+    ok = cols["status"].to_numpy(zero_copy_only=False) == "ok"
+    sims = cols["final_similarity"].to_numpy(zero_copy_only=False)[ok].astype(np.float64)
     return Summary(
-        ok=len(sims), errors=len(status) - len(sims), seconds=seconds, generated=len(plan.todo),
-        reused=plan.reused, replicated=sum(s >= threshold for s in sims), threshold=threshold,
-        mean_similarity=sum(sims) / len(sims) if sims else float("nan"),
-        max_similarity=max(sims) if sims else float("nan"),
+        ok=len(sims), errors=len(mine) - len(sims) + invalid, seconds=seconds, generated=generated,
+        reused=plan.reused, replicated=int((sims >= threshold).sum()), threshold=threshold,
+        mean_similarity=float(sims.mean()) if len(sims) else float("nan"),
+        max_similarity=float(sims.max()) if len(sims) else float("nan"),
     )  # fmt: skip

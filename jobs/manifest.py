@@ -8,7 +8,8 @@ column          type   meaning
 id              string required; unique (also ignoring case); a safe file name: 1–128 letters,
                        digits, ``.``, ``_``, ``-``, starting with a letter or digit
 prompt          string required; non-empty; at most the text conditioner's ``max_length`` tokens
-                       (counted without special tokens): longer is an error, not a silent cut
+                       (counted as the encoder sees them, with T5's end-of-text token): longer is
+                       an error, not a silent cut
 seconds         float  duration in (0, model window]; default: the model's window
 seed            int    in [0, 2**63); default: derived from the id, so reruns are reproducible
 negative_prompt string must be empty or null: the engine has no negative-prompt branch yet
@@ -33,6 +34,7 @@ stops the run: it becomes a result row with status ``error`` and a message ``row
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -46,7 +48,7 @@ from engine.config import EngineConfig, with_overrides
 REQUIRED = ("id", "prompt")
 OVERRIDES = ("cfg_scale", "steps", "sampler", "c1", "c2", "c3", "negative_prompt")
 OPTIONAL = ("seconds", "seed", *OVERRIDES)
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # the whole id: use fullmatch
 NEGATIVE_PROMPT_UNSUPPORTED = (
     "negative_prompt is not supported yet (the engine has no negative-prompt branch); "
     "leave the column empty or drop it"
@@ -93,7 +95,9 @@ class Limits:
         tok, max_len = getattr(cond, "tokenizer", None), getattr(cond, "max_length", None)
         count = None
         if tok is not None and isinstance(max_len, int):
-            count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+            # as the conditioner tokenizes (special tokens included: T5 appends </s>), so a prompt that
+            # fits here is never cut by the encoder's max_length truncation
+            count = lambda text: len(tok(text)["input_ids"])  # noqa: E731
         return cls(engine.window / engine.sample_rate, engine.config, max_len if count else None, count)
 
 
@@ -185,7 +189,7 @@ _KIND = {"cfg_scale": _number, "c1": _number, "c2": _number, "c3": _number, "ste
 def _id_problem(rid: Any) -> str | None:
     if not isinstance(rid, str):
         return f"id {rid!r} is not text"
-    if not SAFE_ID.match(rid):
+    if not SAFE_ID.fullmatch(rid):
         return (
             f"id {rid!r} is not a safe file name (1–128 letters, digits, '.', '_', '-', starting with "
             "a letter or digit; no separators, spaces or control characters)"
@@ -209,8 +213,8 @@ def token_problem(prompt: str, limits: Limits) -> str | None:
     if n <= limits.max_tokens:
         return None
     return (
-        f"prompt has {n} tokens but the text encoder reads at most {limits.max_tokens} "
-        "(the rest would be cut off silently); shorten the prompt"
+        f"prompt has {n} tokens but the text encoder reads at most {limits.max_tokens} (special tokens "
+        "such as T5's end-of-text included; the rest would be cut off silently); shorten the prompt"
     )
 
 
@@ -244,11 +248,17 @@ def _overrides(v: dict[str, Any], limits: Limits) -> tuple[Overrides | None, str
     ov = Overrides(**vals)
     if ov.negative_prompt and ov.negative_prompt.strip():
         return ov, NEGATIVE_PROMPT_UNSUPPORTED
+    return ov, _override_problem(ov, limits.base)
+
+
+@functools.lru_cache(maxsize=1024)
+def _override_problem(ov: Overrides, base: EngineConfig) -> str | None:
+    """Whether ``base`` accepts ``ov`` (a manifest repeats a few override sets over many rows)."""
     try:
-        ov.apply(limits.base)
+        ov.apply(base)
     except ValueError as e:  # the config's own message names the value and the allowed range
-        return ov, str(e)
-    return ov, None
+        return str(e)
+    return None
 
 
 def check_row(v: dict[str, Any], index: int, limits: Limits) -> Row:

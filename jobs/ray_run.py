@@ -1,16 +1,27 @@
 """``amg generate --engine ray``: the same job on a pool of Ray actors, one engine per actor.
 
-The driver validates the manifest, keeps this shard's rows that are not done yet (exactly as the
-local path does, :func:`jobs.generate.plan_run`), and hands them to Ray Data
-(``ray.data.from_arrow``), ordered so that rows sharing per-row overrides are adjacent. Ray Data
-feeds batches of ``batch_size`` rows to ``map_batches`` over an actor pool; each actor loads one
-:class:`engine.engine.Engine` and runs :class:`jobs.runner.BatchRunner`, which writes the audio and
-one result shard per batch into the output folder. The driver then merges the shards into
-``results.parquet``.
+The driver validates the manifest and keeps this shard's rows that are not done yet (exactly as the
+local path does, :func:`jobs.generate.plan_run`), cuts them into the same batches as the local path
+(:func:`jobs.generate.batches`: at most ``batch_size`` rows sharing their per-row overrides) and
+hands Ray Data one Arrow block per batch (``ray.data.from_arrow`` of a list of tables; Ray Data
+never splits or merges a block under ``map_batches(batch_size=None)``). So every batch is one task
+that any idle actor of the pool can take, and a retried task redoes that one batch. Each actor loads
+one :class:`engine.engine.Engine` and runs :class:`jobs.runner.BatchRunner`, which writes the audio
+and the batch's result shard into the output folder, and returns one small row saying what became of
+the batch; the driver counts them, feeds them to the :class:`~jobs.runner.CircuitBreaker`, and at
+the end merges the shards into ``results.parquet``.
+
+Failures: an actor that dies (killed, out of host memory, a crashed driver library) is restarted by
+Ray and its batch is retried on the pool; a batch whose worker died :data:`MAX_ATTEMPTS` times is
+not run again but recorded as a batch failed in the engine (``WorkerLost``), which the circuit
+breaker counts. The breaker's streaks are per actor; when it stops the run the driver stops feeding
+the pool, merges what finished and raises :class:`~jobs.runner.CircuitOpen` (actors still finishing
+a batch while Ray stops them may leave a temporary file behind: the next run deletes it).
 
 Resources: each actor asks for ``gpus_per_actor`` GPUs (default: 1 when the cluster has GPUs, and
 the engine then runs on ``cuda``; else 0 and ``cpu``) and ``cpus_per_actor`` CPUs. The pool has
-``actors`` actors (default: one per GPU in the cluster, else 1).
+``actors`` actors (default: one per GPU in the cluster, so every GPU works; else 1). Each actor has
+at most two batches queued, so no actor hoards work while another idles.
 
 On a cluster: start Ray on the nodes (``ray start --head`` / ``ray start --address=HEAD:6379``),
 install this project into the same environment on every node, put the model, the index, the
@@ -24,20 +35,35 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
 
 from engine.config import EngineConfig
-from jobs.generate import JobConfig, Plan, Summary, finish_run, plan_run, progress_bar, run_log
+from jobs.generate import (
+    JobConfig,
+    Plan,
+    RunIds,
+    Summary,
+    batches,
+    plan_run,
+    progress_bar,
+    run_and_finish,
+    run_log,
+)
 from jobs.manifest import Limits
 from jobs.results import ResultStore
+from jobs.runner import BatchOutcome, CircuitBreaker
 
 log = logging.getLogger(__name__)
 
 RAY_REQUIREMENT = "ray[data]>=2.40"
+MAX_ATTEMPTS = 3  # times a batch may kill its worker before it is recorded as failed, not retried
+TASKS_PER_ACTOR = 2  # batches queued on an actor: one running, one ready
+OUTCOME = pa.schema([("ok", pa.int64()), ("errors", pa.int64()), ("failure", pa.string()),
+                     ("pending", pa.string()), ("first_row", pa.int64()),
+                     ("worker", pa.string())])  # fmt: skip
 
 
 class RayUnavailable(ImportError):
@@ -58,32 +84,50 @@ def import_ray():
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What an actor needs to load its own engine."""
+    """What an actor needs to load its own engine. Built on the driver, it checks the model's files,
+    the index and the embedder checkpoint against it at once (no weights loaded), so bad input fails
+    before any actor starts or anything is written."""
 
     config: EngineConfig
     model_dir: Path
     index_dir: Path
+    embedder_checkpoint: Path | None = None
+    trust_checkpoint: bool = False
 
     def __post_init__(self) -> None:
-        for what, path, need in (("model", self.model_dir, "model_config.json"),
-                                 ("index", self.index_dir, "embedder.json")):  # fmt: skip
-            if not (Path(path) / need).is_file():
-                raise FileNotFoundError(f"{what} folder {path} has no {need}; pass --{what} DIR")
+        from engine.models import check_model_files
+        from index.embedders import check_embedder
+
+        check_model_files(self.model_dir)
+        check_embedder(self.embedder_info(), self.embedder_checkpoint)
+
+    def embedder_info(self):
+        from index.clip import EmbedderInfo
+
+        path = Path(self.index_dir) / "embedder.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"index folder {self.index_dir} has no embedder.json; pass --index DIR")
+        return EmbedderInfo(**json.loads(path.read_text()))
 
     def load(self):
         from engine.engine import Engine
 
-        return Engine(self.config, self.model_dir, self.index_dir)
+        return Engine(
+            self.config, self.model_dir, self.index_dir, self.embedder_checkpoint, self.trust_checkpoint
+        )
 
     def window_seconds(self) -> float:
         cfg = json.loads((Path(self.model_dir) / "model_config.json").read_text())
         return cfg["sample_size"] / cfg["sample_rate"]
 
-    def model_id(self) -> str:
-        """The id :class:`engine.engine.Engine` gives this model (actors check that they agree)."""
-        from engine.engine import Engine
+    def ids(self) -> RunIds:
+        """The ids and threshold an :class:`engine.engine.Engine` of this spec has (actors check them)."""
+        from engine.models import model_id
+        from index.embedders import replication_threshold
+        from index.store import index_id
 
-        return f"{Path(self.model_dir).resolve().name}:{Engine._weights_digest(self.model_dir)}"
+        threshold = replication_threshold(self.embedder_info())
+        return RunIds(model_id(self.model_dir), index_id(self.index_dir), threshold)
 
 
 @dataclass(frozen=True)
@@ -107,20 +151,35 @@ class GenerateActor:
     """A Ray Data map_batches callable: one engine, one batch of manifest rows per call."""
 
     def __init__(self, spec: EngineSpec, out_dir: str, tag: str, schema: pa.Schema, audio_format: str,
-                 model_id: str) -> None:  # fmt: skip
+                 ids: RunIds) -> None:  # fmt: skip
+        import ray
+
         from jobs.runner import BatchRunner
 
         self._log = run_log(Path(out_dir) / "run.log")
         self._log.__enter__()  # for the actor's lifetime
         engine = spec.load()
-        if engine.model_id != model_id:
-            raise RuntimeError(f"actor loaded model {engine.model_id}, the driver planned for {model_id}")
-        self.runner = BatchRunner(engine, ResultStore(out_dir, tag), schema, audio_format)
+        loaded = (engine.model_id, engine.index_id)
+        if loaded != (ids.model_id, ids.index_id):
+            raise RuntimeError(f"actor loaded model, index {loaded}; the driver planned for {ids}")
+        self.store = ResultStore(out_dir, tag)
+        self.runner = BatchRunner(engine, self.store, schema, audio_format)
+        self.worker = ray.get_runtime_context().get_actor_id() or "driver"  # kept across restarts
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        records = batch.to_pylist()
-        results = self.runner.run([(r.pop("row"), r) for r in records])
-        return pa.table({"row": [r["row"] for r in results], "status": [r["status"] for r in results]})
+        records = [(r.pop("row"), r) for r in batch.to_pylist()]
+        marker = self.store.parts / f"attempt-{records[0][0]}.{self.store.tag or 'run'}.tmp"
+        attempts = int(marker.read_text() or 0) if marker.exists() else 0
+        forced = None
+        if attempts >= MAX_ATTEMPTS:
+            forced = f"the worker running this batch died {attempts} times (killed, or out of memory?)"
+        else:
+            marker.write_text(str(attempts + 1))  # survives this process if the batch kills it
+        out = self.runner.run_batch(records, forced)
+        marker.unlink(missing_ok=True)
+        row = dict(ok=out.ok, errors=out.errors, failure=out.failure, first_row=out.first_row,
+                   pending=str(out.pending) if out.pending else None, worker=self.worker)  # fmt: skip
+        return pa.Table.from_pylist([row], schema=OUTCOME)
 
 
 def run_generate_ray(
@@ -130,51 +189,66 @@ def run_generate_ray(
     ray = import_ray()
     store = ResultStore(out_dir, job.shard.tag)
     store.dir.mkdir(parents=True, exist_ok=True)
-    with run_log(store.dir / "run.log"):
+    with run_log(store.dir / "run.log"), store.lock() as lock:
         store.prepare()
         log.info("run: engine ray, config %s, shard %s, %s", spec.config, job.shard, opts)
-        plan = plan_run(manifest, store, Limits(spec.window_seconds(), spec.config), spec.model_id(), job)
-        start = time.perf_counter()
-        if plan.todo:
+        plan = plan_run(manifest, store, Limits(spec.window_seconds(), spec.config), spec.ids(), job)
+
+        def work(counts: dict[str, int]) -> None:
+            if not plan.todo:
+                return
             started = not ray.is_initialized()
             if started:
                 ray.init(address=opts.address, include_dashboard=False)
             try:
-                _execute(ray, plan, spec, store, job, opts)
+                _execute(ray, plan, spec, store, job, opts, counts)
             finally:
                 if started:
                     ray.shutdown()
-        return finish_run(plan, store, job, time.perf_counter() - start, _replication_threshold())
+
+        return run_and_finish(plan, store, job, lock, work)
 
 
-def _execute(ray, plan: Plan, spec: EngineSpec, store: ResultStore, job: JobConfig, opts: RayOptions) -> None:
+def _execute(ray, plan: Plan, spec: EngineSpec, store: ResultStore, job: JobConfig, opts: RayOptions,
+             counts: dict[str, int]) -> None:  # fmt: skip
     gpus_in_cluster = int(ray.cluster_resources().get("GPU", 0))
     gpus = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if gpus_in_cluster else 0.0)
     actors = opts.actors or (max(1, int(gpus_in_cluster / gpus)) if gpus else 1)
     config = replace(spec.config, device=opts.device or ("cuda" if gpus else "cpu"))
     log.info("ray: %d actors × (%g CPU, %g GPU), device %s", actors, opts.cpus_per_actor, gpus, config.device)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts rows
-    positions = [r.index for r in plan.todo]
-    todo = plan.manifest.take(pa.array(positions, pa.int64())).append_column(
-        "row", pa.array(positions, pa.int64())
-    )
-    results = ray.data.from_arrow(todo).map_batches(
+    blocks = []
+    for batch in batches(plan.todo, config.batch_size):  # one block per batch
+        positions = pa.array([r.index for r in batch], pa.int64())
+        blocks.append(plan.manifest.take(positions).append_column("row", positions))
+    results = ray.data.from_arrow(blocks).map_batches(
         GenerateActor,
         fn_constructor_kwargs=dict(spec=replace(spec, config=config), out_dir=str(store.dir), tag=store.tag,
-                                   schema=plan.schema, audio_format=job.audio_format, model_id=plan.model_id),
-        batch_size=config.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=opts.cpus_per_actor, num_gpus=gpus,
+                                   schema=plan.schema, audio_format=job.audio_format,
+                                   ids=RunIds(plan.model_id, plan.index_id, plan.threshold)),
+        batch_size=None, batch_format="pyarrow", num_cpus=opts.cpus_per_actor, num_gpus=gpus,
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=TASKS_PER_ACTOR),
     )  # fmt: skip
-    counts = {"ok": 0, "error": 0}
-    with progress_bar(len(positions), job.progress) as bar:
-        for out in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for status in out["status"].to_pylist():
-                counts[status] += 1
-            bar.update(out.num_rows)
-            bar.set_postfix(counts, refresh=False)
+    outcomes = iter(results.iter_batches(batch_size=None, batch_format="pyarrow"))
+    try:
+        _collect(outcomes, store, job, len(plan.todo), counts)
+    finally:
+        if hasattr(outcomes, "close"):  # stop the pool now, not when the iterator is collected
+            outcomes.close()
 
 
-def _replication_threshold() -> float:
-    from index.embedders import MelEmbedder
-
-    return MelEmbedder.replication_threshold  # the embedder every Engine loads today (engine/engine.py)
+def _collect(outcomes, store: ResultStore, job: JobConfig, total: int, counts: dict[str, int]) -> None:
+    """Count the batches' outcomes as they arrive and feed them to the circuit breaker."""
+    breaker = CircuitBreaker(store, job.max_failed_batches)
+    with progress_bar(total, job.progress) as bar:
+        for out in outcomes:
+            for r in out.to_pylist():
+                pending = Path(r["pending"]) if r["pending"] else None
+                outcome = BatchOutcome(
+                    r["ok"], r["errors"], r["failure"], pending, r["first_row"], worker=r["worker"]
+                )
+                outcome.count(counts)
+                bar.update(outcome.ok + outcome.errors)
+                bar.set_postfix(counts, refresh=False)
+                breaker.record(outcome)  # raises CircuitOpen: the iterator is dropped, the pool stops
+    breaker.close()

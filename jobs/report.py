@@ -2,7 +2,9 @@
 
 The page opens offline from anywhere: the histogram is an inline PNG and every player's audio is an
 inline FLAC data URI (the first ``EXCERPT_SECONDS`` of the file, mono, so the page stays small
-even for long stereo clips).
+even for long stereo clips). Each of the most similar pairs also shows the two clips' spectrograms
+side by side on one time and frequency axis (an inline PNG), so a replication can be seen without
+playing it. Where the audit checked the prompts' attributes, a table gives the adherence per attribute.
 """
 
 from __future__ import annotations
@@ -47,20 +49,70 @@ def similarity_plot(summary, path: Path) -> Path:
     return path
 
 
+def read_excerpt(path: Path | None, seconds: float = EXCERPT_SECONDS) -> tuple[np.ndarray, int] | None:
+    """The file's first ``seconds``, mono float32, and its rate (None if absent or unreadable)."""
+    import soundfile as sf
+
+    if path is None:
+        return None
+    try:
+        with sf.SoundFile(path) as f:
+            sr = f.samplerate
+            return f.read(frames=int(seconds * sr), dtype="float32", always_2d=True).mean(axis=1), sr
+    except Exception as e:  # noqa: BLE001 - a missing player is shown as such, not a failed report
+        log.warning("cannot read %s for the report: %s", path, e)
+        return None
+
+
 def audio_data_uri(path: Path, seconds: float = EXCERPT_SECONDS) -> str | None:
     """The file's first ``seconds`` as a mono FLAC data URI (None if it cannot be read)."""
     import soundfile as sf
 
-    try:
-        with sf.SoundFile(path) as f:
-            sr = f.samplerate
-            x = f.read(frames=int(seconds * sr), dtype="float32", always_2d=True).mean(axis=1)
-        buf = io.BytesIO()
-        sf.write(buf, x, sr, format="FLAC", subtype="PCM_16")
-    except Exception as e:  # noqa: BLE001 - a missing player is shown as such, not a failed report
-        log.warning("no player for %s: %s", path, e)
+    clip = read_excerpt(path, seconds)
+    if clip is None:
         return None
+    buf = io.BytesIO()
+    sf.write(buf, clip[0], clip[1], format="FLAC", subtype="PCM_16")
     return "data:audio/flac;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def pair_figure(audited: tuple[np.ndarray, int], training: tuple[np.ndarray, int] | None, labels=("", "")):
+    """Two spectrograms (dB, STFT of 32 ms frames) side by side, sharing the time and frequency axes."""
+    import librosa
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 2.4), dpi=90)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharex=True, sharey=True)
+    for ax, clip, label in zip(axes, (audited, training), labels, strict=True):
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("time (s)", fontsize=8)
+        if clip is None:
+            ax.text(0.5, 0.5, "audio not available", ha="center", va="center", transform=ax.transAxes)
+            continue
+        x, sr = clip
+        n_fft = int(2 ** np.ceil(np.log2(0.032 * sr)))
+        S = librosa.amplitude_to_db(np.abs(librosa.stft(x, n_fft=n_fft, hop_length=n_fft // 4)), ref=np.max)
+        times = librosa.frames_to_time(np.arange(S.shape[1] + 1), sr=sr, hop_length=n_fft // 4)
+        freqs = np.linspace(0, sr / 2, S.shape[0] + 1)
+        ax.pcolormesh(times, freqs, S, vmin=-80, vmax=0, cmap="magma", shading="flat")
+    axes[0].set_ylabel("Hz", fontsize=8)
+    for ax in axes:
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _spectrogram_img(gen_path: Path, train_path: Path | None, label: str) -> str:
+    audited = read_excerpt(gen_path)
+    if audited is None:
+        return '<span class="missing">spectrogram not available</span>'
+    fig = pair_figure(audited, read_excerpt(train_path), ("audited file", "nearest training clip"))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return f'<img class="spectrogram" alt="spectrograms of {html.escape(label)}" src="{uri}">'
 
 
 def _player(uri: str | None, label: str) -> str:
@@ -94,15 +146,34 @@ def _pairs_rows(summary, train_audio: dict[str, Path]) -> str:
         gen = _player(audio_data_uri(Path(p["path"])), f"audited {p['id']}")
         train_path = train_audio.get(p["nearest_id"])
         train = _player(audio_data_uri(train_path) if train_path else None, f"training {p['nearest_id']}")
+        spec = _spectrogram_img(Path(p["path"]), train_path, f"{p['id']} and {p['nearest_id']}")
         rows.append(
             "<tr class='pair'>"
             f"<td>{rank}</td><td>{p['similarity']:.3f}</td>"
             f"<td><b>{html.escape(p['id'])}</b><br>"
             f"<i>{html.escape(p['prompt'] or '(no prompt)')}</i><br>{gen}</td>"
             f"<td><b>{html.escape(p['nearest_id'])}</b><br><i>{html.escape(p['nearest_caption'] or '')}</i>"
-            f"<br>{train}</td></tr>"
+            f"<br>{train}</td></tr>\n"
+            f"<tr class='spectrograms'><td colspan='4'>{spec}</td></tr>"
         )
     return "\n".join(rows)
+
+
+def _adherence_section(adherence: dict | None) -> str:
+    """The attribute-adherence table, or a line saying why there is none."""
+    if not adherence:
+        return "<p>Attribute adherence: no audited file has a default-model prompt to check.</p>"
+    rows = []
+    for name, v in adherence.items():
+        if isinstance(v, dict):
+            share = "n/a" if v["share"] is None else f"{100 * v['share']:.0f}%"
+            hits = f"{v['hits']} of {v['n']}"
+            rows.append(f"<tr><th>{html.escape(name)}</th><td>{hits}</td><td>{share}</td></tr>")
+    return (
+        f"<h2>Attribute adherence</h2><p>{adherence['files']} files whose prompt names a tempo, chord or "
+        f"instrument ({adherence['errors']} unreadable): does the audio have it?</p>"
+        f'<table id="adherence"><tr><th>attribute</th><th>hits</th><th>share</th></tr>{"".join(rows)}</table>'
+    )
 
 
 def write_report(summary, out_dir: Path, train_audio: dict[str, Path] | None = None) -> Path:
@@ -114,6 +185,9 @@ def write_report(summary, out_dir: Path, train_audio: dict[str, Path] | None = N
     if summary.fad is not None:
         extra.append(f"FAD {summary.fad:.4g} · KAD {summary.kad:.4g} (against the {summary.reference}, "
                      f"on the {summary.embedder['name']} embedding)")  # fmt: skip
+    if summary.fad_heldout is not None:
+        extra.append(f"FAD {summary.fad_heldout:.4g} · KAD {summary.kad_heldout:.4g} (against the held-out "
+                     "index)")  # fmt: skip
     if summary.clap_score:
         extra.append(f"CLAP score (prompt adherence): mean {summary.clap_score['mean']:.3f}")
     else:
@@ -122,6 +196,7 @@ def write_report(summary, out_dir: Path, train_audio: dict[str, Path] | None = N
         n_ok=summary.n_ok, n_error=summary.n_error, embedder=html.escape(summary.embedder["name"]),
         stats=_stats_rows(summary), extra="<br>".join(html.escape(x) for x in extra), img=img,
         pairs=_pairs_rows(summary, train_audio or {}), n_pairs=len(summary.top_pairs),
+        adherence=_adherence_section(summary.adherence),
     )  # fmt: skip
     path = out_dir / "report.html"
     tmp = path.with_suffix(".html.tmp")
@@ -139,6 +214,7 @@ table {{ border-collapse: collapse; margin: 1em 0; }}
 th, td {{ border: 1px solid #ccc; padding: .35em .6em; text-align: left; vertical-align: top; }}
 audio {{ width: 20em; margin-top: .3em; }}
 .missing {{ color: #999; }}
+img.spectrogram {{ max-width: 100%; }}
 </style></head>
 <body>
 <h1>Memorization audit</h1>
@@ -150,6 +226,7 @@ embedder <code>{embedder}</code>.</p>
 </table>
 <p>{extra}</p>
 <img id="histogram" alt="similarity histogram" src="data:image/png;base64,{img}">
+{adherence}
 <h2>The {n_pairs} most similar pairs</h2>
 <table id="pairs"><tr><th>#</th><th>similarity</th><th>audited file</th><th>nearest training clip</th></tr>
 {pairs}

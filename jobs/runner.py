@@ -1,11 +1,15 @@
 """One batch of manifest rows in, one result row per input row out; the same code runs locally and in
-a Ray actor.
+a Ray actor. And the circuit breaker that stops a run whose engine keeps failing.
 
-:meth:`BatchRunner.run` re-checks every row against the loaded engine (window, text encoder, the
-row's overrides), splits the valid rows into groups that share their overrides, runs each group on
-an engine *view* (the same loaded model, the configuration overridden), writes each ok row's audio,
-then writes one result shard for the whole batch. Nothing raises for a bad row or a failing group:
-the rows are recorded with status ``error``.
+:meth:`BatchRunner.run_batch` re-checks every row against the loaded engine (window, text encoder,
+the row's overrides), splits the valid rows into groups that share their overrides, runs each group
+on an engine *view* (the same loaded model, the configuration overridden), writes each ok row's
+audio, then writes one result shard for the whole batch. Nothing raises for a bad row or a failing
+group: the rows are recorded with status ``error``.
+
+:class:`CircuitBreaker` watches the batches' outcomes (see its docstring): after ``limit``
+consecutive batches of one worker failed in the engine it raises :class:`CircuitOpen`, which the job
+turns into a stopped run (results kept, a message naming the error, exit code 3).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,32 @@ from jobs.results import ResultStore, base_result, error_result, now, write_audi
 log = logging.getLogger(__name__)
 
 AUDIO_FORMATS = ("flac", "wav")
+AUDIO_WRITERS = 4  # threads writing a batch's audio files (libsndfile and file I/O release the GIL)
+
+
+class CircuitOpen(RuntimeError):
+    """The run stopped: its engine failed on too many consecutive batches (:class:`CircuitBreaker`)."""
+
+
+class WorkerLost(RuntimeError):
+    """A batch whose worker died every time it ran it (raised in place of running it again)."""
+
+
+@dataclass
+class BatchOutcome:
+    """What became of one batch. ``failure``: the engine's error when it raised on every group of the
+    batch (else None); ``pending``: then the batch's shard, written but not yet published."""
+
+    ok: int
+    errors: int
+    failure: str | None = None
+    pending: Path | None = None
+    first_row: int | None = None  # the batch's first manifest position, for messages
+    results: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    worker: str = "local"
+
+    def count(self, counts: dict[str, int]) -> None:
+        counts["ok"], counts["error"] = counts["ok"] + self.ok, counts["error"] + self.errors
 
 
 def engine_view(engine, config: EngineConfig):
@@ -50,13 +81,35 @@ class BatchRunner:
             self._hashes[overrides] = overrides.apply(self.engine.config).config_hash()
         return self._hashes[overrides]
 
+    def _ids(self) -> dict[str, str]:
+        return dict(model_id=self.engine.model_id, index_id=self.engine.index_id)
+
     def run(self, records: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
         """``records``: (manifest position, row values). Returns the result rows (also written as a shard)."""
+        outcome = self.run_batch(records)
+        if outcome.pending is not None:
+            self.store.publish(outcome.pending)
+        return outcome.results
+
+    def run_batch(self, records: list[tuple[int, dict[str, Any]]], forced: str | None = None) -> BatchOutcome:
+        """Like :meth:`run`, but a batch that failed in the engine is written as a *pending* shard for a
+        :class:`CircuitBreaker` to publish or discard. ``forced``: fail every engine call with this
+        message instead of running it (a batch that keeps killing its worker, see jobs.ray_run)."""
         results, groups = self._check(records)
+        failures = []
         for overrides, group in groups.items():
-            results += self._generate(group, overrides)
-        self.store.write_part(results, self.schema)
-        return results
+            rows, failure = self._generate(group, overrides, forced)
+            results += rows
+            failures += [failure] if failure else []
+        failed = bool(groups) and len(failures) == len(groups)
+        pending = None
+        if failed:
+            pending = self.store.write_pending(results, self.schema)
+        else:
+            self.store.write_part(results, self.schema)
+        ok = sum(r["status"] == "ok" for r in results)
+        first = min((p for p, _ in records), default=None)
+        return BatchOutcome(ok, len(results) - ok, failures[-1] if failed else None, pending, first, results)
 
     def _check(self, records) -> tuple[list[dict[str, Any]], dict[Overrides, list[Row]]]:
         """Error results for bad rows, and the good rows grouped by their overrides.
@@ -66,51 +119,56 @@ class BatchRunner:
         """
         untokenized = replace(self.limits, count_tokens=None, max_tokens=None)
         rows = [check_row(values, position, untokenized) for position, values in records]
-        model_id, base = self.engine.model_id, self.engine.config
-        errors = [self._failed(r, r.error, None, config_hash=r.config_hash(base), model_id=model_id)
+        ids, base = self._ids(), self.engine.config
+        errors = [self._failed(r, r.error, None, config_hash=r.config_hash(base), **ids)
                   for r in rows if r.error]  # fmt: skip
         groups: dict[Overrides, list[Row]] = {}
         for r in (r for r in rows if r.error is None):
             if err := token_problem(r.prompt, self.limits):
                 config, cfg_hash = r.config(self.engine.config), self.config_hash(r.overrides)
-                errors.append(
-                    self._failed(r, f"row {r.index}: {err}", config, config_hash=cfg_hash, model_id=model_id)
-                )
+                errors.append(self._failed(r, f"row {r.index}: {err}", config, config_hash=cfg_hash, **ids))
             else:
                 groups.setdefault(r.overrides, []).append(r)
         return errors, groups
 
-    def _generate(self, rows: list[Row], overrides: Overrides) -> list[dict[str, Any]]:
+    def _generate(self, rows: list[Row], overrides: Overrides, forced: str | None = None):
+        """-> (result rows, the engine's error as "Type: message" if it raised on the group, else None)"""
         from engine.engine import Request
 
         config = overrides.apply(self.engine.config)
-        common = dict(config_hash=self.config_hash(overrides), model_id=self.engine.model_id)
+        common = dict(config_hash=self.config_hash(overrides), **self._ids())
         start = time.perf_counter()
         try:
+            if forced:
+                raise WorkerLost(forced)
             outs = engine_view(self.engine, config).generate(
                 [Request(r.id, r.prompt, r.seconds, r.seed) for r in rows]
             )
         except Exception as e:  # a failing batch is recorded row by row; the run goes on
             log.exception("engine failed on the batch of rows %s", [r.index for r in rows])
             timing = (time.perf_counter() - start) / len(rows)
-            return [self._failed(r, f"row {r.index}: engine failed on its batch: {type(e).__name__}: {e}",
-                                 config, timing=timing, **common) for r in rows]  # fmt: skip
+            failure = f"{type(e).__name__}: {e}"
+            return [self._failed(r, f"row {r.index}: engine failed on its batch: {failure}", config,
+                                 timing=timing, **common) for r in rows], failure  # fmt: skip
         timing = (time.perf_counter() - start) / len(rows)
-        return [self._finished(r, g, config, timing, common) for r, g in zip(rows, outs, strict=True)]
+        finish = lambda pair: self._finished(*pair, config, timing, common)  # noqa: E731
+        with ThreadPoolExecutor(min(AUDIO_WRITERS, len(rows))) as pool:  # encoding and file creation overlap
+            return list(pool.map(finish, zip(rows, outs, strict=True))), None
 
     def _finished(self, row: Row, g, config: EngineConfig, timing: float, common: dict) -> dict[str, Any]:
         if g.error:
             return self._failed(row, f"row {row.index}: {g.error}", config, timing=timing, **common)
         rel = Path("audio") / f"{row.id}.{self.audio_format}"
         try:
-            st = write_audio(self.store.dir / rel, g.audio.numpy(), self.engine.sample_rate, self.store.tag)
+            f = write_audio(self.store.dir / rel, g.audio.numpy(), self.engine.sample_rate, self.store.tag)
         except Exception as e:  # e.g. a full disk: this row fails, the run goes on
             log.exception("could not write %s", rel)
             msg = f"row {row.index}: could not write {rel}: {type(e).__name__}: {e}"
             return self._failed(row, msg, config, timing=timing, **common)
         out = base_result(row.index, row.values, _inputs_used(row, config))
-        out.update(status="ok", error=None, audio_path=str(rel), audio_bytes=st.st_size,
-                   audio_mtime_ns=st.st_mtime_ns, timing=timing, finished_at=now(), **common)  # fmt: skip
+        out.update(status="ok", error=None, audio_path=str(rel), audio_bytes=f.size,
+                   audio_mtime_ns=f.mtime_ns, audio_sha256=f.sha256, timing=timing, finished_at=now(),
+                   **common)  # fmt: skip
         out.update(self._outputs(g))
         return out
 
@@ -143,3 +201,67 @@ def _inputs_used(row: Row, config: EngineConfig) -> dict[str, Any]:
     return dict(id=row.id, prompt=row.prompt, seconds=row.seconds, seed=row.seed,
                 negative_prompt=row.overrides.negative_prompt, cfg_scale=g.cfg_scale, steps=s.steps,
                 sampler=s.sampler, c1=g.c1, c2=g.c2, c3=g.c3)  # fmt: skip
+
+
+class CircuitBreaker:
+    """Stops a run after ``limit`` consecutive failed batches of one worker (0: never).
+
+    A batch *fails* when the engine raised on it as a whole (on every group of rows it ran): that is
+    what a systematic failure looks like (out of memory, a kernel that does not compile, a missing
+    file, a lost device). Bad rows do not count: validation errors, too-long prompts and rows whose
+    audio came out non-finite are recorded row by row, and a batch that ran anything successfully, or
+    held only bad rows, ends a streak or leaves it as it was. Streaks are counted per worker (a Ray
+    actor), so one broken device among many still stops the run.
+
+    A failed batch's shard is held back (written, not published) while its streak is open: the next
+    success of that worker, or the end of the run, publishes it (its rows become error rows, which
+    ``--retry-failed`` regenerates). When a streak reaches ``limit``, every held shard is discarded
+    and :class:`CircuitOpen` is raised: those rows have no result, so a rerun of the same command
+    regenerates them, while every row finished before stays done.
+    """
+
+    def __init__(self, store: ResultStore, limit: int) -> None:
+        if limit < 0:
+            raise ValueError(f"--max-failed-batches {limit}: need ≥ 0 (0 never stops a run)")
+        self.store, self.limit = store, limit
+        self._streaks: dict[str, list[BatchOutcome]] = {}
+
+    def record(self, outcome: BatchOutcome) -> None:
+        if outcome.failure is None:
+            self._publish(self._streaks.pop(outcome.worker, []))
+            return
+        if self.limit == 0:
+            self._publish([outcome])
+            return
+        streak = self._streaks.setdefault(outcome.worker, [])
+        streak.append(outcome)
+        if len(streak) >= self.limit:
+            message = self._message(streak)
+            for held in self._streaks.values():
+                for b in held:
+                    b.pending.unlink(missing_ok=True)
+            self._streaks.clear()
+            raise CircuitOpen(message)
+
+    def close(self) -> None:
+        """The run ended normally: publish every held shard."""
+        for held in self._streaks.values():
+            self._publish(held)
+        self._streaks.clear()
+
+    def _publish(self, outcomes: list[BatchOutcome]) -> None:
+        for b in outcomes:
+            if b.pending is not None:
+                self.store.publish(b.pending)
+
+    def _message(self, streak: list[BatchOutcome]) -> str:
+        where = "" if streak[-1].worker == "local" else f" on worker {streak[-1].worker}"
+        errors = list(dict.fromkeys(b.failure for b in streak))
+        also = f" (earlier in the streak: {'; '.join(errors[:-1])})" if len(errors) > 1 else ""
+        rows = sum(b.ok + b.errors for b in streak)
+        return (
+            f"stopped: {len(streak)} batches in a row failed in the engine{where}: {errors[-1]}{also}. "
+            f"Rows finished before are kept; fix the cause and rerun the same command to resume "
+            f"(the {rows} rows of those batches will be generated again). "
+            "--max-failed-batches sets how many failed batches in a row stop a run (0: never)."
+        )

@@ -72,6 +72,19 @@ def tiny_assets(tmp_path_factory) -> Path:
     return root
 
 
+# Gates are exact comparisons σ_t > λ_t, but σ_t itself differs by float32 rounding between code
+# paths, batch compositions, thread counts or processes (≲ 1e-5 on these tiny models). Comparing gates
+# across two such runs is only sound when no σ_t lies that close to λ_t: assert the margin first.
+GATE_MARGIN = 1e-4
+
+
+def assert_gates_are_clear(sims, lams, margin: float = GATE_MARGIN) -> None:
+    """Every σ_t is at least ``margin`` away from its λ_t (nested lists or tensors, same shape), so
+    rounding cannot flip a gate and the gates of two runs may be compared exactly."""
+    gap = (torch.as_tensor(sims, dtype=torch.float64) - torch.as_tensor(lams, dtype=torch.float64)).abs()
+    assert gap.min() > margin, f"a σ_t lies {gap.min():.2g} from λ_t: pick thresholds with a clear margin"
+
+
 def write_manifest(path: Path, columns: dict) -> Path:
     pq.write_table(pa.table(columns), path)
     return path
@@ -117,15 +130,20 @@ class FakeEngine:
     """Same interface as :class:`engine.engine.Engine`; silence, a fixed trace, no model.
 
     ``fail_ids``: requests whose id is listed come back with ``Generated.error`` (non-finite audio);
-    ``raise_on``: a batch containing one of these ids raises, as an engine failure would.
+    ``raise_on``: a batch containing one of these ids raises, as an engine failure would;
+    ``raise_calls``: the generate calls (0-based) that raise ``failure``, e.g. ``range(2, 10**9)`` for
+    an engine that breaks for good at its third batch (a systematic failure).
     """
 
-    def __init__(self, config: EngineConfig | None = None, fail_ids=(), raise_on=()):
+    def __init__(self, config: EngineConfig | None = None, fail_ids=(), raise_on=(), raise_calls=(),
+                 failure="CUDA out of memory. Tried to allocate 2.00 GiB"):  # fmt: skip
         self.config = config or fast_config()
         self.window, self.sample_rate = 8192, 8000
         self.index, self.embedder, self.model = _Index(), _Embedder(), _Model()
-        self.model_id = "fake:000000000000"
-        self.fail_ids, self.raise_on = set(fail_ids), set(raise_on)
+        self.model_id, self.index_id = "fake:000000000000", "fake-index:000000000000"
+        self.replication_threshold = 0.9
+        self.fail_ids, self.raise_on, self.raise_calls = set(fail_ids), set(raise_on), raise_calls
+        self.failure = failure
         self.calls: list[list[str]] = []  # ids of each generate call (shared with engine views)
         self.configs: list[EngineConfig] = []  # the configuration each call ran with
 
@@ -137,6 +155,8 @@ class FakeEngine:
         self.configs.append(self.config)
         if self.raise_on & set(ids):
             raise RuntimeError("engine exploded")
+        if len(self.calls) - 1 in self.raise_calls:
+            raise RuntimeError(self.failure)
         steps = self.config.sampler.steps
         trace = [dict(similarity=0.5, gate=True, s1=0.1, s2=0.2, neighbour=1, **{"lambda": 0.4})] * steps
         out = []
@@ -145,3 +165,86 @@ class FakeEngine:
             err = "non-finite audio (latents diverged); row discarded" if r.id in self.fail_ids else None
             out.append(Generated(r, audio, 0.5, 0, list(trace), err))
         return out
+
+
+class RecordingEngine(FakeEngine):
+    """A :class:`FakeEngine` for Ray actors: each call appends ``begin|end pid time ids`` lines to
+    ``log_dir/calls-<pid>.txt`` and takes ``delay`` seconds; a batch holding ``kill_id`` SIGKILLs its
+    process (only the first time when ``kill_once``, else every time)."""
+
+    def __init__(self, config, log_dir, delay=0.0, kill_id=None, kill_once=True, **kw):
+        super().__init__(config, **kw)
+        self.log_dir, self.delay, self.kill_id, self.kill_once = Path(log_dir), delay, kill_id, kill_once
+
+    def _note(self, what: str, ids: list[str]) -> None:
+        import os
+        import time
+
+        with open(self.log_dir / f"calls-{os.getpid()}.txt", "a") as f:
+            f.write(f"{what} {os.getpid()} {time.time()} {','.join(ids)}\n")
+
+    def generate(self, requests):
+        import os
+        import signal
+        import time
+
+        ids = [r.id for r in requests]
+        self._note("begin", ids)
+        marker = self.log_dir / "killed"
+        if self.kill_id in ids and not (self.kill_once and marker.exists()):
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(self.delay)
+        out = super().generate(requests)
+        self._note("end", ids)
+        return out
+
+
+@dataclass(frozen=True)
+class FakeSpec:
+    """Stands in for :class:`jobs.ray_run.EngineSpec`: each Ray actor loads a :class:`RecordingEngine`;
+    ``raise_calls="all"``: every call raises; ``barrier``: an actor's load waits (up to 2 minutes)
+    until that many actors have loaded, so that on a loaded machine none starts the work alone."""
+
+    config: EngineConfig
+    log_dir: str
+    delay: float = 0.0
+    kill_id: str | None = None
+    kill_once: bool = True
+    raise_calls: tuple | str = ()
+    barrier: int = 0
+
+    def load(self):
+        import os
+        import time
+
+        (Path(self.log_dir) / f"ready-{os.getpid()}").touch()
+        deadline = time.monotonic() + 120
+        while len(list(Path(self.log_dir).glob("ready-*"))) < self.barrier and time.monotonic() < deadline:
+            time.sleep(0.05)
+        calls = range(10**9) if self.raise_calls == "all" else self.raise_calls
+        return RecordingEngine(self.config, self.log_dir, self.delay, self.kill_id, self.kill_once,
+                               raise_calls=calls)  # fmt: skip
+
+    def window_seconds(self) -> float:
+        return 8192 / 8000
+
+    def ids(self):
+        from jobs.generate import RunIds
+
+        return RunIds("fake:000000000000", "fake-index:000000000000", 0.9)
+
+
+def engine_calls(log_dir: Path) -> list[dict]:
+    """Every call a :class:`RecordingEngine` began: pid, ids, begin and end times (end None: it never
+    finished, e.g. its process was killed)."""
+    calls, open_calls = [], {}
+    lines = sorted((float(t), what, int(pid), ids) for p in Path(log_dir).glob("calls-*.txt")
+                   for what, pid, t, ids in (ln.split(" ") for ln in p.read_text().splitlines()))  # fmt: skip
+    for t, what, pid, ids in lines:
+        if what == "begin":
+            open_calls[pid] = dict(pid=pid, ids=ids.split(","), begin=t, end=None)
+            calls.append(open_calls[pid])
+        else:
+            open_calls.pop(pid)["end"] = t
+    return calls

@@ -1,13 +1,34 @@
-"""`amg ablate`: the rows switch the right guidance terms, and a small run produces the table."""
+"""`amg ablate`: the rows switch the right guidance terms, a small run produces the table, and its
+attribute-adherence, retained-share and held-out FAD/KAD columns equal their per-row definitions."""
 
 from __future__ import annotations
 
+import json
+
 import pyarrow.parquet as pq
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from engine.config import PRESETS
+from engine.default.attributes import ATTRIBUTES
+from engine.default.heldout import HELDOUT_INDEX_DIR
 from engine.models import DEFAULT_MODEL_DIR
-from jobs.ablate import AMBIENT_ROWS, ROWS, Row, family_adherence, format_table, row_config, run_ablation
+from index.distances import Moments, fad, kad
+from index.store import EmbeddingIndex
+from jobs.ablate import (
+    AMBIENT_ROWS,
+    ATTRIBUTE_COLUMNS,
+    PROMPT_SETS,
+    ROWS,
+    Row,
+    add_retained,
+    family_adherence,
+    format_table,
+    row_config,
+    run_ablation,
+    slug,
+)
 
 
 def test_rows_follow_the_papers_table_layout():
@@ -42,27 +63,65 @@ def test_family_adherence_counts_ok_rows_only():
     assert family_adherence(prompts, nearest, ["ok", "ok", "error"]) == 0.5
 
 
+def _estimators(headline=("tempo", "pitch")):
+    """A stand-in for estimator_accuracy() (measured in tests/test_attributes.py), with the instrument
+    estimator left out of the headline so that the pooled column must leave it out too."""
+    one = {"n": 1, "hits": 1, "accuracy": 1.0, "misses": []}
+    return {"training": {a: one for a in ATTRIBUTES}, "heldout": {a: one for a in ATTRIBUTES},
+            "headline": list(headline)}  # fmt: skip
+
+
 @pytest.mark.slow
 def test_small_ablation_writes_the_table(tmp_path):
     rows = (ROWS[0], ROWS[-1])
     # the default model stands in for an ambient one: this checks the plumbing of the extra rows
     table = run_ablation(tmp_path, rows=rows, ambient=DEFAULT_MODEL_DIR, limit=3, steps=6, progress=False,
-                         extra_models={"control": DEFAULT_MODEL_DIR})  # fmt: skip
+                         extra_models={"control": DEFAULT_MODEL_DIR}, estimators=_estimators())  # fmt: skip
     names = ["baseline", "full AMG", *(r.name for r in AMBIENT_ROWS), "control model", "control + AMG"]
-    assert [r["row"] for r in table] == names
+    assert [(r["prompts"], r["row"]) for r in table] == [(b.name, n) for b in PROMPT_SETS for n in names]
     for r in table:
         assert r["n"] == 3 and -1 <= r["mean"] <= r["p95"] <= r["max"] <= 1.0001
         assert 0 <= r["share_replica"] <= 1 and 0 <= r["family_adherence"] <= 1 and r["kad"] is not None
-    # same model, same prompts and seeds, no AMG: the ambient-model stand-in reproduces the baseline
-    assert table[2]["mean"] == pytest.approx(table[0]["mean"], abs=1e-6)
-    assert table[4]["mean"] == pytest.approx(table[0]["mean"], abs=1e-6)
-    assert table[5]["mean"] == pytest.approx(table[1]["mean"], abs=1e-6)
+        assert r["fad_heldout"] is not None and r["kad_heldout"] is not None
+    for block in (table[:6], table[6:]):
+        # same model, same prompts and seeds, no AMG: the ambient-model stand-in reproduces the baseline
+        assert block[2]["mean"] == pytest.approx(block[0]["mean"], abs=1e-6)
+        assert block[4]["mean"] == pytest.approx(block[0]["mean"], abs=1e-6)
+        assert block[5]["mean"] == pytest.approx(block[1]["mean"], abs=1e-6)
     saved = pq.read_table(tmp_path / "ablation.parquet").to_pylist()
     assert [r["row"] for r in saved] == [r["row"] for r in table]
     md = (tmp_path / "ablation.md").read_text()
-    assert md.startswith("| row |") and md.count("\n") == len(table) + 2
-    assert format_table(table) in md
-    assert (tmp_path / "full-amg" / "audit" / "report.html").exists()
+    assert md.startswith("| prompts | row |") and format_table(table) in md
+    assert md.split("\n\n")[0].count("\n") == len(table) + 1
+    assert "instrument estimator" in md and "NOT in `attributes`" in md and "full AMG keeps" in md
+    assert (tmp_path / "captions" / "full-amg" / "audit" / "report.html").exists()
+    assert json.loads((tmp_path / "estimators.json").read_text())["headline"] == ["tempo", "pitch"]
+    for r in table:
+        _check_new_columns(r, tmp_path / r["prompts"] / slug(r["row"]) / "audit", table)
+
+
+def _check_new_columns(r, audit_dir, table):
+    """The row's new columns against their definitions, recomputed from its audit's own files."""
+    attrs = pq.read_table(audit_dir / "attributes.parquet").to_pylist()
+    ok = [a for a in attrs if a["status"] == "ok"]
+    pooled = []
+    for name in ATTRIBUTE_COLUMNS:  # share of hits among the outputs whose prompt asked for it
+        checks = [a[name] for a in ok if a[name] is not None]
+        assert r[name] == (sum(checks) / len(checks) if checks else None), name
+        pooled += checks if name in ("tempo", "pitch") else []
+    assert r["attributes"] == (sum(pooled) / len(pooled) if pooled else None)
+    base = next(b for b in table if b["prompts"] == r["prompts"] and b["row"] == "baseline")
+    assert r["retained"] == (r["attributes"] / base["attributes"] if base["attributes"] else None)
+    # FAD/KAD to the held-out set: the row's stored output embeddings against the held-out vectors
+    heldout = EmbeddingIndex.load(HELDOUT_INDEX_DIR)
+    moments = Moments(heldout.embedder.dim)
+    parts = sorted((audit_dir / "parts").glob("part-*.safetensors"))
+    e = torch.cat([load_file(p)["e"] for p in parts])
+    for p in parts:  # the audit folds the parts in this order
+        moments.add(load_file(p)["e"])
+    # the same float64 sums and matrix functions as the audit: only BLAS thread order can differ
+    assert r["fad_heldout"] == pytest.approx(fad(moments, heldout.vectors), rel=1e-9)
+    assert r["kad_heldout"] == pytest.approx(kad(e, heldout.vectors), rel=1e-9)
 
 
 def test_compare_model_flag_needs_name_and_folder(tmp_path, capsys):
@@ -75,3 +134,14 @@ def test_compare_model_flag_needs_name_and_folder(tmp_path, capsys):
 def test_row_is_frozen():
     with pytest.raises(AttributeError):
         Row("x").c1 = False  # type: ignore[misc]
+
+
+def test_retained_is_relative_to_the_baseline_of_the_same_block():
+    table = [
+        {"prompts": "captions", "row": "baseline", "attributes": 0.8},
+        {"prompts": "captions", "row": "full AMG", "attributes": 0.6},
+        {"prompts": "novel", "row": "baseline", "attributes": 0.5},
+        {"prompts": "novel", "row": "full AMG", "attributes": 0.5},
+        {"prompts": "novel", "row": "c1 + c2", "attributes": None},
+    ]
+    assert [r["retained"] for r in add_retained(table)] == [1.0, 0.6 / 0.8, 1.0, 1.0, None]

@@ -123,7 +123,7 @@ def test_sigma_tn_zero_is_the_v_loss_of_train_step():
     )
     t = t.double()
     x0, x_tn, noise = _batch(1, t, 0.0)
-    assert torch.equal(x_tn, x0)
+    assert torch.equal(x_tn, x0)  # exact: x0 + 0·η
     predict_v = _mixing_v()
 
     rows = ambient_v_loss(predict_v, x0, x_tn, t, noise, 0.0)  # [B]
@@ -155,6 +155,8 @@ def test_rows_above_sigma_tn_never_read_the_clean_latents():
     rows, grad = loss_and_grad(x0)
     poisoned = torch.where(above[:, None, None], torch.nan, x0)
     rows_p, grad_p = loss_and_grad(poisoned)
+    # exact by construction: the rows above only ever read x_tn, so both runs do the same float64 ops
+    # on the same values (a NaN that reached any op would show, in the loss or in the gradient sum)
     assert torch.equal(rows_p, rows) and torch.equal(grad_p, grad)
     assert torch.isfinite(grad).all()
 

@@ -183,6 +183,69 @@ def test_report_is_self_contained_with_playable_pairs(folder, tmp_path):
         assert sr > 0 and len(x) > 0 and np.abs(x).max() > 0
     assert page.images[0]["src"].startswith("data:image/png;base64,")
     assert (tmp_path / "out" / "similarity.png").stat().st_size > 1000
+    spectrograms = [i for i in page.images if i.get("class") == "spectrogram"]
+    assert len(spectrograms) == len(summary.top_pairs)  # one figure per pair: audited | training clip
+    for img in spectrograms:
+        png = base64.b64decode(img["src"].split(",", 1)[1])
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_pair_spectrograms_share_one_time_axis():
+    from jobs.report import pair_figure
+
+    sr = 8000
+    t = np.arange(sr) / sr
+    short, long = np.sin(2 * np.pi * 440 * t[: sr // 2]), np.sin(2 * np.pi * 880 * t)
+    fig = pair_figure((short.astype(np.float32), sr), (long.astype(np.float32), sr))
+    a, b = fig.axes
+    assert a.get_shared_x_axes().joined(a, b) and a.get_shared_y_axes().joined(a, b)
+    assert a.get_xlim() == b.get_xlim() and a.get_xlim()[1] >= 0.99  # both span the longer clip's second
+    assert pair_figure((short.astype(np.float32), sr), None).axes[1].texts  # "audio not available"
+
+
+def _mismatched(folder: Path) -> Path:
+    """A drum loop under a prompt at another tempo class and kit: two misses the audit must find."""
+    rows = pq.read_table(TRAIN / "train.parquet").to_pylist()
+    loop = next(r for r in rows if r["caption"] == "An acoustic drum loop, 90 bpm")
+    shutil.copy(TRAIN / loop["path"], folder / "mismatch.flac")
+    (folder / "mismatch.txt").write_text("An electronic drum loop, 135 bpm")
+    return folder
+
+
+def test_attribute_adherence_is_checked_per_file_and_summed_per_attribute(folder, tmp_path):
+    from engine.default.attributes import ATTRIBUTES, parse_prompt
+
+    summary = _run(_mismatched(folder), tmp_path / "out")
+    rows = pq.read_table(tmp_path / "out" / "attributes.parquet").to_pylist()
+    prompts = {p.stem: p.read_text() for p in folder.glob("*.txt")}
+    parsed = {f"{k}.flac" for k, v in prompts.items() if parse_prompt(v) is not None}
+    assert {r["id"] for r in rows} == parsed  # textures, unparsed prompts and no prompt: no row
+    miss = next(r for r in rows if r["id"] == "mismatch.flac")
+    assert miss["tempo"] is False and miss["instrument"] is False and miss["pitch"] is None
+    assert miss["target_bpm"] == 135 and miss["est_bpm"] == pytest.approx(90, rel=0.04)
+    a = summary.adherence
+    for name in ATTRIBUTES:
+        checks = [r[name] for r in rows if r["status"] == "ok" and r[name] is not None]
+        assert a[name] == {"n": len(checks), "hits": sum(checks), "share": sum(checks) / len(checks)}
+    assert a["all"]["n"] == sum(a[n]["n"] for n in ATTRIBUTES) and a["files"] == len(rows)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["adherence"] == a
+    assert 'id="adherence"' in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert _run(folder, tmp_path / "off", attributes=False).adherence is None
+
+
+def test_heldout_fad_is_the_fad_against_that_index(folder, tmp_path):
+    from engine.default.heldout import HELDOUT_INDEX_DIR
+
+    cfg = AuditConfig(batch_size=4, pairs=1, attributes=False)
+    both = run_audit(folder, DEFAULT_INDEX_DIR, tmp_path / "a", cfg, heldout_dir=HELDOUT_INDEX_DIR,
+                     progress=False)  # fmt: skip
+    only = run_audit(folder, DEFAULT_INDEX_DIR, tmp_path / "b", cfg, reference_dir=HELDOUT_INDEX_DIR,
+                     progress=False)  # fmt: skip
+    plain = run_audit(folder, DEFAULT_INDEX_DIR, tmp_path / "c", cfg, progress=False)
+    # the same moments and sample against the same vectors, through the same function: equal exactly
+    assert (both.fad_heldout, both.kad_heldout) == (only.fad, only.kad)
+    assert (both.fad, both.kad) == (plain.fad, plain.kad) and plain.fad_heldout is None
+    assert both.fad_heldout != both.fad
 
 
 CHROMIUM = Path(__file__).resolve().parent.parent / ".cache" / "chromium" / "chromium.json"
@@ -200,8 +263,8 @@ def _chromium() -> dict:
 
 
 def test_report_renders_in_headless_chromium(folder, tmp_path):
-    """The report opens offline in a real browser: it renders, the players and the histogram load, and
-    the console shows no error."""
+    """The report opens offline in a real browser: it renders, the players, the histogram and the pairs'
+    spectrograms load, and the console shows no error."""
     from playwright.sync_api import sync_playwright
 
     spec = _chromium()
@@ -219,6 +282,10 @@ def test_report_renders_in_headless_chromium(folder, tmp_path):
         assert page.locator("table#pairs tr.pair").count() == 3
         assert page.locator("table#stats tr").count() >= 5
         assert page.locator("img#histogram").evaluate("i => i.complete && i.naturalWidth") > 100
+        spectrograms = page.locator("img.spectrogram")
+        assert spectrograms.count() == 3
+        for k in range(3):  # each pair's side-by-side spectrograms decode and are drawn
+            assert spectrograms.nth(k).evaluate("i => i.complete && i.naturalWidth") > 300
         players = page.locator("audio")
         assert players.count() == 6
         for k in range(players.count()):  # each player loads its inline FLAC and knows its duration
@@ -252,3 +319,32 @@ def test_clap_score_is_the_cosine_with_the_prompts_text_embedding(folder, tmp_pa
             assert r["clap_score"] is None  # no prompt (sub/quiet.wav has no sidecar) or unreadable
     assert all("" not in batch for batch in calls)
     assert summary.clap_score["n"] == 8 and summary.clap_score["mean"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_search_that_finds_no_neighbour_is_not_the_last_clip(folder, tmp_path, monkeypatch):
+    """FAISS answers -1 (with similarity -3.4e38) where an approximate index finds fewer than k: those
+    slots are dropped, and a file with none at all has no nearest clip and no similarity, instead of
+    "the last training clip at -3.4e38"; the statistics leave it out and count it."""
+    from index.search import SearchResult
+
+    class Sparse:  # finds one neighbour for the first file of a batch, none for the others
+        def __init__(self, index, config):
+            self.index = index
+
+        def search(self, xq, k=1):
+            d = torch.full((xq.shape[0], k), -3.4e38)
+            i = torch.full((xq.shape[0], k), -1, dtype=torch.long)
+            sims = xq @ self.index.vectors.T
+            d[0, 0], i[0, 0] = sims[0].max(), sims[0].argmax()
+            return SearchResult(d, i, self.index.ids)
+
+    monkeypatch.setattr(audit_mod, "make_searcher", Sparse)
+    summary = _run(folder, tmp_path / "out", k=3)
+    rows = [r for r in pq.read_table(tmp_path / "out" / "audit.parquet").to_pylist() if r["status"] == "ok"]
+    found = [r for r in rows if r["nearest_id"] is not None]
+    assert 0 < len(found) < len(rows)
+    for r in rows:
+        assert len(r["neighbour_ids"]) == len(r["neighbour_similarities"]) <= 1
+        assert (r["similarity"] is None) == (r["nearest_id"] is None) == (r["neighbour_ids"] == [])
+    assert summary.n_no_neighbour == len(rows) - len(found) and summary.generated["n"] == len(found)
+    assert summary.generated["mean"] > -1  # no -3.4e38 leaked into the statistics

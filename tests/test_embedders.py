@@ -58,6 +58,6 @@ def test_silence_is_not_similar_to_anything(clips_and_embeddings):
 def test_v1_stays_loadable_with_its_old_identity():
     from index.embedders import EMBEDDERS
 
-    v1 = EMBEDDERS["mel-pattern-v1"](None)
+    v1 = EMBEDDERS["mel-pattern-v1"].build(None, False)
     assert v1.info.name == "mel-pattern-v1" and v1.info.checkpoint_hash == "5bde411ecc4b42a4"
     assert MelEmbedder().info.name == "mel-pattern-v2" and MelEmbedder().info != v1.info

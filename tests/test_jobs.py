@@ -4,6 +4,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -13,7 +14,7 @@ from jobs_helpers import FakeEngine, fast_config, good_manifest, write_manifest
 from jobs.cli import main
 from jobs.generate import JobConfig, Shard, run_generate
 from jobs.manifest import default_seed
-from jobs.results import FIXED_SCHEMA, ResultStore
+from jobs.results import FIXED_SCHEMA, ResultStore, file_sha256
 from jobs.runner import engine_view
 
 
@@ -113,9 +114,8 @@ def test_missing_replaced_or_orphaned_audio_is_regenerated(tmp_path):
     m, out = good_manifest(tmp_path / "m.parquet", 6), tmp_path / "out"
     _run(m, out)
     (out / "audio" / "row-0000.flac").unlink()
-    replaced = out / "audio" / "row-0003.flac"
-    st = replaced.stat()
-    os.utime(replaced, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # e.g. a killed later run wrote it
+    replaced = out / "audio" / "row-0003.flac"  # e.g. a killed later run wrote other audio there
+    sf.write(replaced, np.full(sf.info(replaced).frames, 0.25), 8000, subtype="PCM_16")
     _, res, engine = _run(m, out)
     assert _generated(engine) == ["row-0000", "row-0003"]
     assert all((out / p).is_file() for p in res["audio_path"].to_pylist())
@@ -133,7 +133,7 @@ def test_leftover_temporary_files_are_deleted_on_start(tmp_path):
     _run(m, out, shard=Shard(0, 2))
     assert other_shard.exists()  # another shard's process may still be writing it
     _run(m, out)
-    assert list(out.rglob("*.tmp")) == []
+    assert list(out.rglob("*.tmp")) == [other_shard]  # an unsharded run leaves shards' files alone too
 
 
 def test_shards_split_the_rows_and_share_one_folder(tmp_path):
@@ -264,3 +264,41 @@ def test_transition_strategy_rows_record_no_detector_values(tmp_path, tmp_path_f
     assert res.max_similarity.isna().all()
     assert all(all(n is None for n in ids) for ids in res.trace_neighbour_id)
     assert (res.guided_steps >= 1).all()  # the first steps always precede the transition point
+
+
+def test_a_folder_copied_without_its_times_resumes_without_regenerating(tmp_path):
+    import shutil
+
+    m = good_manifest(tmp_path / "m.parquet", 6)
+    _, first, _ = _run(m, tmp_path / "out")
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "out", copy, copy_function=shutil.copyfile)  # new modification times
+    times = [(copy / p).stat().st_mtime_ns for p in first["audio_path"].to_pylist()]
+    assert times != first["audio_mtime_ns"].to_pylist()
+    _, again, engine = _run(m, copy)
+    assert engine.calls == [] and again["audio_sha256"].to_pylist() == first["audio_sha256"].to_pylist()
+
+
+def test_a_real_change_of_an_audio_file_regenerates_its_row(tmp_path):
+    m, out = good_manifest(tmp_path / "m.parquet", 4), tmp_path / "out"
+    _, first, _ = _run(m, out, audio_format="wav")
+    path = out / first["audio_path"][2].as_py()
+    size = path.stat().st_size
+    sf.write(path, np.full(sf.info(path).frames, 0.5), 8000, subtype="PCM_16")  # other audio, same size
+    assert path.stat().st_size == size
+    _, res, engine = _run(m, out, audio_format="wav")
+    assert _generated(engine) == ["row-0002"]
+    assert (
+        file_sha256(path) == res["audio_sha256"][2].as_py() == first["audio_sha256"][2].as_py()
+    )  # rewritten
+
+
+def test_rows_written_before_digests_were_recorded_still_need_the_time(tmp_path):
+    m, out = good_manifest(tmp_path / "m.parquet", 3), tmp_path / "out"
+    _run(m, out)
+    (part,) = ResultStore(out).part_files()
+    pq.write_table(pq.read_table(part).drop_columns(["audio_sha256"]), part)  # as an older version wrote it
+    path = out / "audio" / "row-0001.flac"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))
+    _, res, engine = _run(m, out)
+    assert _generated(engine) == ["row-0001"] and res["audio_sha256"][0].as_py() is None

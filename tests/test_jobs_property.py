@@ -21,7 +21,7 @@ from jobs_helpers import FakeEngine, fast_config, tiny_assets, write_manifest
 
 from jobs.generate import JobConfig, run_generate
 
-BAD_IDS = ["", " ", "../up", "a/b", "a\\b", "a\x00", "a\nb", ".hidden", "é", "a" * 129, "R1"]
+BAD_IDS = ["", " ", "../up", "a/b", "a\\b", "a\x00", "a\nb", "a\n", ".hidden", "é", "a" * 129, "R1"]
 PROMPTS = ["a drum loop", "Wind howling outside", "ünïcode ✓"]
 BAD_PROMPTS = ["", "   ", "\t", " ".join(["word"] * 20)]
 SECONDS = [0.5, 1.0, 1.024, None]

@@ -61,6 +61,8 @@ LIMITS = Limits(1.0, EngineConfig(), max_tokens=4, count_tokens=lambda text: len
         ({"id": "a\\b", "prompt": "x"}, "not a safe file name"),
         ({"id": "a\x00", "prompt": "x"}, "not a safe file name"),
         ({"id": "a\nb", "prompt": "x"}, "not a safe file name"),
+        ({"id": "clip\n", "prompt": "x"}, "not a safe file name"),  # `$` alone would accept it
+        ({"id": "\nclip", "prompt": "x"}, "not a safe file name"),
         ({"id": "a b", "prompt": "x"}, "not a safe file name"),
         ({"id": "", "prompt": "x"}, "not a safe file name"),
         ({"id": "x" * 129, "prompt": "x"}, "not a safe file name"),

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from model_checks import assert_same_outputs, assert_same_weights
 
 from engine.default.model import build_tokenizer, model_config
 from engine.models import ModelFilesError, encode_conditioning, load_model, save_model, v_denoise
@@ -26,22 +27,45 @@ def tiny_dir(tmp_path_factory):
     return d, model
 
 
-def test_round_trip_gives_identical_outputs(tiny_dir):
+META = [
+    {"prompt": "a drum loop, 120 bpm", "seconds_total": 1.0},
+    {"prompt": "a warm pad", "seconds_total": 0.5},
+]
+
+
+def _inputs(model):
+    x = torch.randn(2, model.io_channels, 4, generator=torch.Generator().manual_seed(3))
+    return x, torch.tensor([3.0, 0.5])
+
+
+def test_round_trip_gives_the_same_model(tiny_dir):
     d, original = tiny_dir
     loaded, config = load_model(d)
     assert config["model"]["conditioning"]["configs"][0]["config"]["tokenizer_name"] == "tokenizer"
-    meta = [
-        {"prompt": "a drum loop, 120 bpm", "seconds_total": 1.0},
-        {"prompt": "a warm pad", "seconds_total": 0.5},
-    ]
-    x = torch.randn(2, loaded.io_channels, 4)
-    sigma = torch.tensor([3.0, 0.5])
-    original.eval()
+    assert_same_weights(original, loaded)
+    assert_same_outputs(original, loaded, META, *_inputs(loaded))
+
+
+def test_round_trip_checks_catch_a_wrong_weight_or_conditioner(tiny_dir, tmp_path):
+    """The two checks above can fail: one weight nudged, or the prompt conditioner given another
+    tokenizer (same weights, other token ids), each breaks them by far more than their tolerance."""
+    d, original = tiny_dir
+    x, sigma = _inputs(original)
+    nudged, _ = load_model(d)
     with torch.no_grad():
-        a = v_denoise(original, x, sigma, encode_conditioning(original, meta, "cpu"))
-        b = v_denoise(loaded, x, sigma, encode_conditioning(loaded, meta, "cpu"))
-    assert torch.equal(a, b)
-    assert a.abs().sum() > 0
+        nudged.model.model.transformer.project_in.weight[0, 0] += 0.05  # one of 16k DiT weights
+    with pytest.raises(AssertionError, match="project_in.weight"):
+        assert_same_weights(original, nudged)
+    with pytest.raises(AssertionError):
+        assert_same_outputs(original, nudged, META, x, sigma)
+
+    retokenized, _ = load_model(d)
+    build_tokenizer(["a warm pad", "bpm 120, loop drum a"], tmp_path / "other")  # same words, other ids
+    cond = retokenized.conditioner.conditioners["prompt"]
+    cond.tokenizer = type(cond.tokenizer).from_pretrained(str(tmp_path / "other"))
+    assert_same_weights(original, retokenized)  # weights alone cannot see it
+    with pytest.raises(AssertionError):
+        assert_same_outputs(original, retokenized, META, x, sigma)
 
 
 def test_missing_files_are_named(tmp_path, tiny_dir):

@@ -67,7 +67,7 @@ def _gaussian_denoiser(mu: float, s: float):
 def test_polyexponential_equals_k_diffusion(steps, sigma_min, sigma_max, rho):
     ours = S.SCHEDULES["polyexponential"](steps, sigma_min, sigma_max, rho)
     theirs = K.get_sigmas_polyexponential(steps, sigma_min, sigma_max, rho)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)  # same float32 ops: bit-identical
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)  # exact: the same float32 ops, same shapes
 
 
 @pytest.mark.parametrize(
@@ -77,7 +77,7 @@ def test_polyexponential_equals_k_diffusion(steps, sigma_min, sigma_max, rho):
 def test_karras_equals_k_diffusion(steps, sigma_min, sigma_max, rho):
     ours = S.SCHEDULES["karras"](steps, sigma_min, sigma_max, rho)
     theirs = K.get_sigmas_karras(steps, sigma_min, sigma_max, rho)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)  # exact: the same float32 ops, same shapes
 
 
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(sigma_min=0.0), dict(sigma_min=90.0), dict(rho=0.0)])
@@ -131,7 +131,7 @@ def test_last_step_returns_denoised_exactly(name):
     noise = S.RowNoise(SEEDS, (C, T))
     sigmas = S.karras(6, 0.1, 10.0)
     out = S.sample(record, noise.initial() * sigmas[0], sigmas, name, noise)
-    assert torch.equal(out, seen[-1])
+    assert torch.equal(out, seen[-1])  # exact: the last step selects `denoised` (torch.where)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def test_row_noise_is_batch_invariant():
     draws = [(batch.initial(), alone.initial())] + [(batch.draw(), alone.draw()) for _ in range(3)]
     for batched, single in draws:
         assert batched.shape == (3, C, T) and single.shape == (1, C, T)
-        assert torch.equal(batched[1:2], single)
+        assert torch.equal(batched[1:2], single)  # exact: one generator per row, same draws
         assert not torch.equal(batched[0], batched[1])  # the seeds matter
     assert not torch.equal(draws[0][1], draws[1][1])  # the stream advances
 
@@ -154,7 +154,7 @@ def test_row_noise_device_dtype_and_order():
     first = noise.initial()
     assert first.dtype == torch.float64
     reference = torch.randn(2, 5, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(first[0], reference.double(), rtol=0, atol=0)
+    torch.testing.assert_close(first[0], reference.double(), rtol=0, atol=0)  # same generator, same draw
     with pytest.raises(RuntimeError, match="initial"):
         noise.initial()
     with pytest.raises(ValueError, match="seed"):

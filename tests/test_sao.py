@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
+from model_checks import assert_same_outputs, assert_same_weights
 
 from engine.config import EngineConfig, GuidanceConfig, SamplerConfig
 from engine.default.model import build_tokenizer
 from engine.engine import Engine, Request
-from engine.models import encode_conditioning, load_model, save_model, v_denoise
+from engine.models import load_model, save_model
 from engine.sao import sao_config, tiny_sao_config
 
 
@@ -53,12 +54,10 @@ def test_tiny_sao_round_trip(tiny_sao):
     loaded, _ = load_model(root / "model")
     meta = [{"prompt": "a warm pad", "seconds_total": 0.3}]
     x, sigma = torch.randn(1, 64, 8), torch.tensor([2.0])
-    original.eval()
+    assert_same_weights(original, loaded)
+    b = assert_same_outputs(original, loaded, meta, x, sigma)
     with torch.no_grad():
-        a = v_denoise(original, x, sigma, encode_conditioning(original, meta, "cpu"))
-        b = v_denoise(loaded, x, sigma, encode_conditioning(loaded, meta, "cpu"))
         audio = loaded.pretransform.decode(b)
-    assert torch.equal(a, b) and a.abs().sum() > 0
     assert audio.shape == (1, 2, 2048 * 8)
 
 
@@ -95,17 +94,44 @@ def test_detector_decodes_a_cut_that_equals_the_full_decode(tiny_sao):
     ).save(root / "index-cut")
     engine = Engine(EngineConfig(), root / "model", root / "index-cut")
     x0 = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.5  # 2.97 s of latents
-    seconds = torch.tensor([1.5, 3.0])
+    seconds = [1.5, 3.0]
     with torch.no_grad():
-        full = engine.embed(engine.decode(x0), seconds)
-        cut = engine._detector(seconds, reference=False)(x0, torch.arange(2))
+        full = engine.embed(engine.decode(x0), engine.lengths(seconds))
+        cut = engine.detector(seconds, reference=False)(x0, torch.arange(2))
         torch.testing.assert_close(cut, full, atol=1e-5, rtol=0)
         margin, engine_mod.DECODE_MARGIN_FRAMES = engine_mod.DECODE_MARGIN_FRAMES, 0
         try:
-            bare = engine._detector(seconds, reference=False)(x0, torch.arange(2))
+            bare = engine.detector(seconds, reference=False)(x0, torch.arange(2))
         finally:
             engine_mod.DECODE_MARGIN_FRAMES = margin
     assert (bare - full).abs().max() > 1e-3
+
+
+def test_reference_mode_keeps_the_published_cut(tiny_sao):
+    """reference mode decodes each row's first ⌊seconds·44100⌋ // 2048 latent frames, as the published
+    code does (ceil would decode 7 and 20 here), with no margin, and hands the audio to the embedder as
+    if it were at the embedder's own rate (quirk Q3)."""
+    from index.clip import embed_clips
+    from index.embedders import MelEmbedder
+    from index.store import build_index
+
+    root, _ = tiny_sao
+    build_index(
+        MelEmbedder(), torch.randn(2, 1, 8192) * 0.1, 8000, ["a", "b"], ["a warm pad", "x"], [1.0, 1.0]
+    ).save(root / "index-ref")
+    engine = Engine(EngineConfig(), root / "model", root / "index-ref")
+    x0 = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(1)) * 0.5
+    seconds, cuts = [0.3, 0.9], [6, 19]  # 13230 // 2048 = 6, 39690 // 2048 = 19
+    decode, seen = engine.decode, []
+    engine.decode = lambda z: seen.append(z.shape[-1]) or decode(z)
+    with torch.no_grad():
+        got = engine.detector(seconds, reference=True)(x0, torch.arange(2))
+        want = [
+            embed_clips(engine.embedder, decode(x0[i : i + 1, :, :c]), 8000, torch.tensor([c * 2048]))
+            for i, c in enumerate(cuts)
+        ]
+    assert sorted(seen) == cuts
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=0)
 
 
 def test_final_decode_in_chunks_equals_the_whole_decode(tiny_sao, monkeypatch):

@@ -30,10 +30,39 @@ CHORDS = {  # root, third, fifth as semitone offsets from the root
 
 
 @dataclass(frozen=True)
+class Spec:
+    """What a clip is: the generator's parameters, which are also its true attributes.
+
+    family: "drum loop", "pad", "arpeggio" or "texture"; instrument: the drum kit (acoustic,
+    electronic), the pad's timbre (warm, bright), the arpeggio's instrument (marimba, plucked) or the
+    texture's kind (rain, wind, crackle, ocean); root and quality: the chord (pads) or key (arpeggios);
+    bpm: drum loops and arpeggios; pattern: the drum pattern ("standard" or "four-on-floor")."""
+
+    family: str
+    instrument: str
+    root: str | None = None
+    quality: str | None = None
+    bpm: int | None = None
+    pattern: str = "standard"
+
+    def caption(self) -> str:
+        """The set's caption for this clip (textures have their own, see TEXTURES)."""
+        if self.family == "drum loop":
+            return f"An {self.instrument} drum loop, {self.bpm} bpm"
+        if self.family == "pad":
+            article = "an" if self.root in "AEF" else "a"
+            return f"A {self.instrument} synth pad playing {article} {self.root} {self.quality} chord"
+        if self.family == "arpeggio":
+            return f"A {self.instrument} arpeggio in {self.root} {self.quality}, {self.bpm} bpm"
+        return TEXTURES[self.instrument]
+
+
+@dataclass(frozen=True)
 class Clip:
     id: str
     caption: str
     audio: np.ndarray  # [T] float32 mono at SAMPLE_RATE
+    spec: Spec | None = None  # what the audio is (a defect clip's caption may say otherwise)
 
     @property
     def seconds(self) -> float:
@@ -152,52 +181,73 @@ def noise_texture(kind: str, rng: np.random.Generator, seconds: float) -> np.nda
     return _onepole_lowpass(white, 0.9) * (0.3 + np.sin(np.pi * t / seconds) ** 2) * 2
 
 
-def _normalise(x: np.ndarray, peak: float = 0.8) -> np.ndarray:
+def normalise(x: np.ndarray, peak: float = 0.8) -> np.ndarray:
+    """float32 audio scaled to the given peak (every clip of the set is)."""
     return (x / max(np.abs(x).max(), 1e-9) * peak).astype(np.float32)
+
+
+PAD_SECONDS = 0.9
+TEXTURE_SECONDS = 0.75
+TEXTURES = {"rain": "Rain falling on a window", "wind": "Wind howling outside",
+            "crackle": "Vinyl crackle and hiss", "ocean": "Ocean waves on a beach"}  # fmt: skip
+
+TRAIN_SPECS = (
+    *(Spec("drum loop", kit, bpm=bpm) for kit in ("acoustic", "electronic")
+      for bpm in (90, 105, 120, 135, 150, 170)),
+    *(Spec("pad", timbre, root, quality) for root, quality, timbre in [
+        ("C", "major", "warm"), ("A", "minor", "warm"), ("F", "major", "warm"),
+        ("G", "major", "bright"), ("D", "minor", "bright"), ("E", "minor", "bright"),
+        ("B", "minor", "warm"), ("A", "major", "bright")]),
+    *(Spec("arpeggio", instrument, root, quality, bpm) for root, quality, instrument, bpm in [
+        ("A", "minor", "marimba", 100), ("C", "major", "marimba", 140),
+        ("E", "minor", "plucked", 120), ("G", "major", "plucked", 90),
+        ("F", "major", "plucked", 160), ("D", "minor", "marimba", 125)]),
+    *(Spec("texture", kind) for kind in TEXTURES),
+)  # fmt: skip
+
+
+def render(spec: Spec, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The audio of a spec, before normalisation (textures draw their noise from ``rng``)."""
+    if spec.family == "drum loop":
+        return drum_loop(spec.instrument, spec.bpm, four_on_floor=spec.pattern == "four-on-floor")
+    if spec.family == "pad":
+        return pad_chord(spec.root, spec.quality, spec.instrument, PAD_SECONDS)
+    if spec.family == "arpeggio":
+        return arpeggio(spec.root, spec.quality, spec.instrument, spec.bpm)
+    if rng is None:
+        raise ValueError(f"{spec}: a texture needs a noise generator (rng)")
+    return noise_texture(spec.instrument, rng, TEXTURE_SECONDS)
 
 
 def make_clips(seed: int = 0) -> list[Clip]:
     """The default training set, in a fixed order (ids are ``clip-000``...)."""
     rng = np.random.default_rng(seed)
-    items: list[tuple[str, np.ndarray]] = []
-    for kit in ("acoustic", "electronic"):
-        for bpm in (90, 105, 120, 135, 150, 170):
-            items.append((f"An {kit} drum loop, {bpm} bpm", drum_loop(kit, bpm)))
-    pads = [("C", "major", "warm"), ("A", "minor", "warm"), ("F", "major", "warm"),
-            ("G", "major", "bright"), ("D", "minor", "bright"), ("E", "minor", "bright"),
-            ("B", "minor", "warm"), ("A", "major", "bright")]  # fmt: skip
-    for root, quality, timbre in pads:
-        article = "an" if root in "AEF" else "a"
-        caption = f"A {timbre} synth pad playing {article} {root} {quality} chord"
-        items.append((caption, pad_chord(root, quality, timbre, 0.9)))
-    for root, quality, instrument, bpm in [
-        ("A", "minor", "marimba", 100), ("C", "major", "marimba", 140),
-        ("E", "minor", "plucked", 120), ("G", "major", "plucked", 90),
-        ("F", "major", "plucked", 160), ("D", "minor", "marimba", 125),
-    ]:  # fmt: skip
-        caption = f"A {instrument} arpeggio in {root} {quality}, {bpm} bpm"
-        items.append((caption, arpeggio(root, quality, instrument, bpm)))
-    # The textures' noise continues the stream as it was when every drum loop drew fresh noise
-    # (0.25 s per draw: two draws per acoustic loop, one per electronic loop), so they stay the clips
-    # the first models were trained on.
-    n = int(0.25 * SAMPLE_RATE)
-    for size in [n, n + 1] * 6 + [n] * 6:
-        rng.standard_normal(size)
-    textures = [("rain", "Rain falling on a window"), ("wind", "Wind howling outside"),
-                ("crackle", "Vinyl crackle and hiss"), ("ocean", "Ocean waves on a beach")]  # fmt: skip
-    for kind, caption in textures:
-        items.append((caption, noise_texture(kind, rng, 0.75)))
+    items: list[tuple[str, Spec, np.ndarray]] = []
+    for spec in TRAIN_SPECS:
+        if spec.family == "texture" and spec.instrument == "rain":
+            # The textures' noise continues the stream as it was when every drum loop drew fresh
+            # noise (0.25 s per draw: two draws per acoustic loop, one per electronic loop), so they
+            # stay the clips the first models were trained on.
+            n = int(0.25 * SAMPLE_RATE)
+            for size in [n, n + 1] * 6 + [n] * 6:
+                rng.standard_normal(size)
+        items.append((spec.caption(), spec, render(spec, rng)))
     # Scraped-data defects: exact duplicates, re-uploads under another caption, a shared caption.
-    by_caption = dict(items)
-    items += [
-        ("An acoustic drum loop, 120 bpm", by_caption["An acoustic drum loop, 120 bpm"]),
-        ("An acoustic drum loop, 120 bpm", by_caption["An acoustic drum loop, 120 bpm"]),
-        ("Warm pad, C major, ambient", by_caption["A warm synth pad playing a C major chord"]),
-        ("A marimba arpeggio in A minor, 100 bpm", by_caption["A marimba arpeggio in A minor, 100 bpm"]),
-        ("An electronic drum loop, 135 bpm", drum_loop("electronic", 135, four_on_floor=True)),
-        ("Dusty vinyl loop with drums", by_caption["An electronic drum loop, 105 bpm"]),
-    ]
-    return [Clip(f"clip-{i:03d}", cap, _normalise(audio)) for i, (cap, audio) in enumerate(items)]
+    by_caption = {cap: (spec, audio) for cap, spec, audio in items}
+    for caption, source in [
+        ("An acoustic drum loop, 120 bpm", "An acoustic drum loop, 120 bpm"),
+        ("An acoustic drum loop, 120 bpm", "An acoustic drum loop, 120 bpm"),
+        ("Warm pad, C major, ambient", "A warm synth pad playing a C major chord"),
+        ("A marimba arpeggio in A minor, 100 bpm", "A marimba arpeggio in A minor, 100 bpm"),
+        ("An electronic drum loop, 135 bpm", None),
+        ("Dusty vinyl loop with drums", "An electronic drum loop, 105 bpm"),
+    ]:
+        if source is None:  # the shared caption: another pattern under the same words
+            spec = Spec("drum loop", "electronic", bpm=135, pattern="four-on-floor")
+            items.append((caption, spec, render(spec)))
+        else:
+            items.append((caption, *by_caption[source]))
+    return [Clip(f"clip-{i:03d}", cap, normalise(audio), spec) for i, (cap, spec, audio) in enumerate(items)]
 
 
 FAMILIES = ("drum loop", "pad", "arpeggio", "texture")

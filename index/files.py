@@ -1,0 +1,113 @@
+"""File plumbing shared by the index, the engine and the jobs: streaming digests cached on disk, and
+checkpoint loading that never unpickles code unless asked to.
+
+``file_digest(path)`` is the sha256 of a file's bytes, read in 16 MiB chunks (a 4.8 GB checkpoint
+never sits in memory), and remembered by resolved path, size and modification time: in this process,
+and in a small JSON cache (``$AMG_CACHE_DIR``, default ``$XDG_CACHE_HOME/amg-engine`` or
+``~/.cache/amg-engine``) that other processes — every Ray actor, every rerun — read instead of
+hashing the file again. A changed file (other size or mtime) is hashed again; a cache that cannot be
+read or written only costs the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 24  # 16 MiB
+_memo: dict[tuple[str, int, int], str] = {}
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """Where the digest cache lives (``$AMG_CACHE_DIR``, else the XDG cache folder)."""
+    if os.environ.get("AMG_CACHE_DIR"):
+        return Path(os.environ["AMG_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "amg-engine"
+
+
+def sha256_stream(path: str | Path) -> str:
+    """Hex sha256 of the file's bytes, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_digest(path: str | Path, prefix: int = 16) -> str:
+    """The file's sha256 (first ``prefix`` hex characters), from the cache when the file is unchanged."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _lock:
+        if key in _memo:
+            return _memo[key][:prefix]
+    cached = _read_cache().get(key[0])
+    if cached and cached.get("size") == st.st_size and cached.get("mtime_ns") == st.st_mtime_ns:
+        digest = cached["sha256"]
+    else:
+        log.info("hashing %s (%.1f MB)", path, st.st_size / 1e6)
+        digest = sha256_stream(path)
+        _write_cache(key[0], {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest})
+    with _lock:
+        _memo[key] = digest
+    return digest[:prefix]
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "digests.json"
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: str, entry: dict) -> None:
+    """Add one entry; concurrent writers may drop each other's entries, which only costs a re-hash."""
+    target = _cache_file()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        entries = _read_cache()
+        entries[path] = entry
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, target)
+    except OSError as e:  # a read-only home, a full disk: the digest is still right, just not cached
+        log.debug("could not write the digest cache %s: %s", target, e)
+
+
+class UntrustedCheckpoint(ValueError):
+    """A checkpoint that cannot be loaded with ``weights_only=True`` (it needs arbitrary unpickling)."""
+
+
+def load_checkpoint(path: str | Path, trust_checkpoint: bool = False):
+    """``torch.load`` with ``weights_only=True``; a file that needs more is refused unless trusted.
+
+    Full unpickling can run any code the file carries, so it is only ever an explicit opt-in:
+    ``trust_checkpoint=True`` (``--trust-checkpoint`` on the command line) for a file you trust.
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust_checkpoint:
+            raise UntrustedCheckpoint(
+                f"{path} holds more than tensors (weights_only=True refused it: {str(e).splitlines()[0]}); "
+                "unpickling it could run code it carries. If you trust the file, pass --trust-checkpoint "
+                "(trust_checkpoint=True), or re-save its state_dict alone with torch.save"
+            ) from None
+    log.warning("%s: loading with full unpickling (weights_only=False), as --trust-checkpoint allows", path)
+    return torch.load(path, map_location="cpu", weights_only=False)
