@@ -144,6 +144,13 @@ class Engine:
             emb = e.embed_window(x)
         return emb.float()
 
+    def nearest(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[list[float], list[int]]:
+        """Each clip's similarity to its nearest training clip, and that clip's index row: audio
+        [B, C, T] at the model's rate, each row's first ``lengths`` [B] samples (:meth:`embed`)."""
+        with torch.no_grad(), self.precision.flags():
+            sim, nn = search_fn(self.device)(self.embed(audio, lengths), self.index.vectors)
+        return sim.tolist(), nn.tolist()
+
     def detector(self, seconds: list[float], reference: bool):
         """detect(x0 [b, C, L], rows [b]) -> embeddings [b, D] of the rows' decoded predictions."""
         if reference:
@@ -275,8 +282,8 @@ class Engine:
             with torch.no_grad(), self.precision.flags():
                 audio = self.decode_final(latents[rows], [r.seconds for r in requests[rows]])
                 finite = torch.isfinite(audio).flatten(1).all(dim=1).tolist()
-                emb = self.embed(torch.nan_to_num(audio), self.lengths([r.seconds for r in requests[rows]]))
-                sim, nn = (t.tolist() for t in search_fn(self.device)(emb, self.index.vectors))
+                lengths = self.lengths([r.seconds for r in requests[rows]])
+                sim, nn = self.nearest(torch.nan_to_num(audio), lengths)
             longest = min(audio.shape[-1], round(max(r.seconds for r in requests[rows]) * self.sample_rate))
             audio = audio[..., :longest].cpu()  # one copy to the host per chunk
             for j, r in enumerate(requests[rows]):

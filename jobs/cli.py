@@ -12,6 +12,8 @@ Rerunning the same command resumes: rows already done under the same configurati
 (--retry-failed also regenerates error rows). --shard i/n runs rows k with k mod n = i only;
 --engine ray runs the batches on a Ray actor pool (RAY_ADDRESS or --ray-address for a cluster).
 
+--max-similarity [TAU] is the release gate: no output at or above TAU is released (jobs/gate.py).
+
 Exit codes: 0 done (bad rows are error rows, not failures); 2 bad input (the message names it);
 3 stopped because the engine failed on --max-failed-batches batches in a row (the message names the
 error; finished rows are kept and the same command resumes).
@@ -28,6 +30,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
 
 EXAMPLE_MANIFEST = Path(__file__).parent / "examples" / "manifest.parquet"
+INDEX_THRESHOLD = object()  # `--max-similarity` without a value: the index embedder's threshold
 
 
 def _add_generate_flags(p: argparse.ArgumentParser) -> None:
@@ -85,6 +88,22 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
         help="similarity at or above which the summary counts an output as a replica "
         "(default: the index embedder's own, 0.9 for the mel default, 0.5 for CLAP)",
     )
+    p.add_argument(
+        "--max-similarity",
+        nargs="?",
+        type=float,
+        const=INDEX_THRESHOLD,
+        metavar="TAU",
+        help="release gate: a row whose final similarity is at or above TAU is generated again (new "
+        "seed), up to --max-attempts; one that never clears is status rejected, its audio in "
+        "rejected/ (default TAU: the index embedder's replication threshold)",
+    )
+    p.add_argument("--max-attempts", type=int, help="release gate: attempts per row in all (default 3)")
+    p.add_argument(
+        "--escalate",
+        type=float,
+        help="release gate: multiply the dissimilarity scale c3 by this at each new attempt (default 1)",
+    )
     _add_trust_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--retry-failed", action="store_true", help="also regenerate rows recorded as errors")
@@ -135,6 +154,20 @@ def _engine_config(args):
     return replace(cfg, sampler=replace(cfg.sampler, **sampler), **top)
 
 
+def _gate(args):
+    """The release gate of ``--max-similarity [TAU] --max-attempts N --escalate F``, or None."""
+    from jobs.gate import ReleaseGate
+
+    if args.max_similarity is None:
+        if args.max_attempts is not None or args.escalate is not None:
+            raise ValueError("--max-attempts and --escalate configure the release gate: give "
+                             "--max-similarity [TAU] too")  # fmt: skip
+        return None
+    tau = None if args.max_similarity is INDEX_THRESHOLD else args.max_similarity
+    n = 3 if args.max_attempts is None else args.max_attempts
+    return ReleaseGate(tau, n, 1.0 if args.escalate is None else args.escalate)
+
+
 def cmd_generate(args) -> int:
     from engine.engine import DEFAULT_INDEX_DIR, Engine
     from engine.models import DEFAULT_MODEL_DIR
@@ -142,7 +175,7 @@ def cmd_generate(args) -> int:
 
     job = JobConfig(
         args.format, args.retry_failed, Shard.parse(args.shard), not args.quiet, args.max_failed_batches,
-        threshold=args.threshold,
+        threshold=args.threshold, gate=_gate(args),
     )  # fmt: skip
     model, index = args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR
     checkpoint, trust = args.embedder_checkpoint, args.trust_checkpoint

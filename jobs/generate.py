@@ -12,6 +12,10 @@ result shard per batch; then, if no other run holds the folder, compact the shar
 ``results.parquet`` (:mod:`jobs.merge`). Killing the process at any moment loses at most the
 batches in flight: a rerun of the same command regenerates exactly those rows.
 
+Under a release gate (``JobConfig.gate``, :mod:`jobs.gate`) a row whose final similarity is at or
+above τ is generated again, its retries gathered across batches into full batches, up to N attempts;
+a rerun continues rows that were between attempts.
+
 A :class:`~jobs.runner.CircuitBreaker` stops the run after ``max_failed_batches`` consecutive
 batches failed in the engine (default 3): the run still merges what it finished, then raises
 :class:`~jobs.runner.CircuitOpen`, whose message names the error (the CLI exits with code 3).
@@ -27,16 +31,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from engine.config import EngineConfig
+from jobs.gate import ReleaseGate, RetryQueue, schedule
 from jobs.manifest import Limits, Overrides, Row, read_manifest, validate
-from jobs.merge import ResultsWriter, compact, matching, newest, write_results
+from jobs.merge import ResultsWriter, RowReader, compact, matching, newest, write_results
 from jobs.results import (
     AUDIO_IDENTITY,
     KEY,
@@ -88,6 +94,7 @@ class JobConfig:
     max_failed_batches: int = 3  # consecutive batches failed in the engine that stop the run; 0: never
     # similarity at or above which the summary counts an output as a replica (None: the embedder's own)
     threshold: float | None = None
+    gate: ReleaseGate | None = None  # the release gate (jobs.gate); None: every output is released
 
     def __post_init__(self) -> None:
         if self.audio_format not in AUDIO_FORMATS:
@@ -101,6 +108,8 @@ class JobConfig:
             raise ValueError(
                 f"threshold={t!r}: give a cosine similarity in [-1, 1], e.g. 0.9 (mel) or 0.5 (CLAP)"
             )
+        if self.gate is not None and not isinstance(self.gate, ReleaseGate):
+            raise ValueError(f"gate={self.gate!r}: need a jobs.gate.ReleaseGate or None")
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,8 @@ class Plan:
     index_id: str
     base: EngineConfig  # the run's configuration, before per-row overrides
     threshold: float  # similarity at or above which an output counts as a replica (the summary's)
+    gate: ReleaseGate | None = None  # resolved (its τ set)
+    priors: dict[str, dict] = field(default_factory=dict)  # id -> last attempt, of rows between attempts
 
 
 @dataclass(frozen=True)
@@ -144,32 +155,60 @@ class Summary:
     threshold: float
     mean_similarity: float
     max_similarity: float
+    # the release gate's figures (gate None: no gate; then every ok row was released at its first try)
+    gate: str | None = None
+    rejected: int = 0  # rows no attempt of which cleared τ
+    retrying: int = 0  # rows between two attempts (a stopped run; a rerun finishes them)
+    attempt_histogram: dict[int, int] = field(default_factory=dict)  # attempts -> released + rejected rows
+    row_generations: int = 0  # attempts spent on the released and rejected rows
+
+    @property
+    def released(self) -> int:
+        return self.ok
+
+    @property
+    def generations_per_released(self) -> float:
+        return self.row_generations / self.ok if self.ok else float("nan")
 
     def lines(self) -> list[str]:
         rate = self.generated / self.seconds if self.seconds else 0.0
-        out = [f"rows: {self.ok} ok, {self.errors} error ({rate:.2f} rows/s, {self.seconds:.1f} s)"]
+        rejected = f", {self.rejected} rejected" if self.gate else ""
+        out = [f"rows: {self.ok} ok, {self.errors} error{rejected} ({rate:.2f} rows/s, {self.seconds:.1f} s)"]
         if self.reused:
             out.append(f"resumed: {self.reused} rows kept from earlier runs, {self.generated} generated now")
-        return out + [
+        out += [
             f"final similarity to nearest training clip: mean {self.mean_similarity:.3f}, "
             f"max {self.max_similarity:.3f}",
             f"rows at or above the memorization threshold {self.threshold}: {self.replicated}",
         ]
+        if self.gate:
+            hist = ", ".join(f"{k}: {n}" for k, n in sorted(self.attempt_histogram.items())) or "none"
+            waiting = f", {self.retrying} between attempts (rerun to finish them)" if self.retrying else ""
+            out += [
+                f"release gate ({self.gate}): {self.released} released, {self.rejected} rejected{waiting}",
+                f"attempts per row (attempts: rows): {hist}; row-generations per released clip: "
+                f"{self.generations_per_released:.2f}",
+            ]
+        return out
 
 
 def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, ids: RunIds, job: JobConfig) -> Plan:
     """Validate the manifest and decide which of this shard's rows still need generating."""
     table = read_manifest(manifest)
     rows = validate(table.to_pylist(), limits)
+    gate_key = None if job.gate is None else job.gate.resolve(ids.threshold).key
     hashes: dict[Overrides, str] = {}
     expected = {}
     for r in rows:
         if r.error is None:
             if r.overrides not in hashes:
                 hashes[r.overrides] = r.config(limits.base).config_hash()
-            expected[r.id] = (hashes[r.overrides], ids.model_id, ids.index_id, r.prompt, r.seconds, r.seed)
+            expected[r.id] = (hashes[r.overrides], ids.model_id, ids.index_id, r.prompt, r.seconds, r.seed,
+                              gate_key)  # fmt: skip
+    gate = None if job.gate is None else job.gate.resolve(ids.threshold)
     mine = [r for r in rows if job.shard.owns(r.index)]
-    done = _done_ids(store, expected, job.retry_failed)
+    schema = result_schema(table.schema)
+    done, priors = _done_ids(store, expected, job.retry_failed, schema)
     todo = _group_order([r for r in mine if r.error is None and r.id not in done])
     reused = sum(r.error is None and r.id in done for r in mine)
     invalid = [r.error for r in mine if r.error is not None]
@@ -178,30 +217,42 @@ def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, ids: RunI
     if invalid:
         log.warning("%d rows of the manifest are invalid (first: %s); they are error rows in the results",
                     len(invalid), invalid[0])  # fmt: skip
+    priors = {r.id: priors[r.id] for r in todo if r.id in priors}
     log.info("manifest %s: %d rows, %d in this shard, %d invalid, %d to generate, %d done before",
              manifest, len(rows), len(mine), len(invalid), len(todo), reused)  # fmt: skip
-    schema = result_schema(table.schema)
+    if priors:
+        log.info("%d rows continue the release gate's attempts where an earlier run left them", len(priors))
     threshold = ids.threshold if job.threshold is None else job.threshold
     return Plan(table, schema, rows, todo, len(mine), reused, expected, ids.model_id, ids.index_id,
-                limits.base, threshold)  # fmt: skip
+                limits.base, threshold, gate, priors)  # fmt: skip
 
 
-def _done_ids(store: ResultStore, expected: dict[str, tuple], retry_failed: bool) -> set[str]:
-    """Ids whose newest result matches their key (and, for ok rows, whose audio is unchanged)."""
+def _done_ids(store: ResultStore, expected: dict[str, tuple], retry_failed: bool,
+              schema: pa.Schema) -> tuple[set[str], dict[str, dict]]:  # fmt: skip
+    """Ids whose newest result matches their key (and, for ok and rejected rows, whose audio is
+    unchanged); and the newest rows (whole, ``schema``) of ids between two attempts of the release
+    gate whose kept attempt is unchanged, to continue from."""
     scan = store.scan(list(dict.fromkeys([*KEY, *AUDIO_IDENTITY])))
     picks = matching(scan, newest(scan), expected)
-    cols = (
-        scan.table.select(list(AUDIO_IDENTITY)).take(pa.array(list(picks.values()), pa.int64())).to_pydict()
-    )
-    done = set()
+    chosen = pa.array(list(picks.values()), pa.int64())
+    cols = scan.table.select(list(AUDIO_IDENTITY)).take(chosen).to_pydict()
+    done, waiting = set(), []
     for k, rid in enumerate(picks):
-        if cols["status"][k] != "ok":
+        status = cols["status"][k]
+        if status == "error":
             if not retry_failed:
                 done.add(rid)
         elif same_audio(store.dir / (cols["audio_path"][k] or ""), cols["audio_bytes"][k],
                         cols["audio_mtime_ns"][k], cols["audio_sha256"][k]):  # fmt: skip
-            done.add(rid)
-    return done
+            if status == "retry":
+                waiting.append(k)
+            else:
+                done.add(rid)
+    if not waiting:
+        return done, {}
+    where = scan.table.select(["_file", "_pos"]).take(chosen.take(pa.array(waiting, pa.int64())))
+    rows = RowReader(scan, schema).take(where["_file"].to_numpy(), where["_pos"].to_numpy()).to_pylist()
+    return done, {r["id"]: r for r in rows}
 
 
 def _group_order(rows: list[Row]) -> list[Row]:
@@ -263,24 +314,42 @@ def run_generate(manifest: str | Path, out_dir: str | Path, engine, job: JobConf
         store.prepare()
         log.info("run: engine local, config %s, shard %s", engine.config, job.shard)
         plan = plan_run(manifest, store, Limits.from_engine(engine), RunIds.of(engine), job)
-        runner = BatchRunner(engine, store, plan.schema, job.audio_format)
+        runner = BatchRunner(engine, store, plan.schema, job.audio_format, plan.gate)
 
         def work(counts: dict[str, int]) -> None:
             breaker = CircuitBreaker(store, job.max_failed_batches)
+            queue = None if plan.gate is None else RetryQueue(plan.gate, engine.config.batch_size)
+            for r in plan.todo:
+                if r.id in plan.priors:
+                    queue.add(r, plan.priors[r.id])
+            fresh = [r for r in plan.todo if r.id not in plan.priors]
+            first = ([(r, None) for r in b] for b in batches(fresh, engine.config.batch_size))
             with progress_bar(len(plan.todo), job.progress) as bar:
-                for batch in batches(plan.todo, engine.config.batch_size):
-                    outcome = runner.run_batch([(r.index, r.values) for r in batch])
-                    counts["ok"], counts["error"] = (
-                        counts["ok"] + outcome.ok,
-                        counts["error"] + outcome.errors,
-                    )
-                    bar.update(len(batch))
+                for batch in schedule(first, queue):
+                    outcome = runner.run_batch([(r.index, r.values, prior) for r, prior in batch])
+                    retry = _retries(batch, outcome.results)
+                    for r, prior in retry:
+                        queue.add(r, prior)
+                    rejected = sum(res["status"] == "rejected" for res in outcome.results)
+                    counts["ok"] += outcome.ok
+                    counts["error"] += outcome.errors - len(retry) - rejected
+                    if plan.gate is not None:
+                        counts["rejected"] = counts.get("rejected", 0) + rejected
+                    bar.update(len(batch) - len(retry))
                     bar.set_postfix(counts, refresh=False)
-                    log.info("batch of %d rows done (%d ok, %d error so far)", len(batch), *counts.values())
+                    done = ", ".join(f"{n} {k}" for k, n in counts.items())
+                    log.info("batch of %d rows done (%s so far%s)", len(batch), done,
+                             f"; {len(retry)} to try again" if retry else "")  # fmt: skip
                     breaker.record(outcome)
             breaker.close()
 
         return run_and_finish(plan, store, job, lock, work)
+
+
+def _retries(batch: list[tuple[Row, dict | None]], results: list[dict]) -> list[tuple[Row, dict]]:
+    """The batch's rows that need another attempt of the release gate, each with its result."""
+    rows = {r.index: r for r, _ in batch}
+    return [(rows[res["row"]], res) for res in results if res["status"] == "retry"]
 
 
 def run_and_finish(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderLock,
@@ -294,7 +363,7 @@ def run_and_finish(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderL
         stopped = e
         log.error("%s", e)
     seconds = time.perf_counter() - start
-    summary = finish_run(plan, store, job, lock, seconds, counts["ok"] + counts["error"])
+    summary = finish_run(plan, store, job, lock, seconds, sum(counts.values()))
     if stopped is not None:
         raise stopped
     return summary
@@ -305,7 +374,7 @@ def finish_run(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderLock,
     """If no other run holds the folder, compact the shards and stream ``results.parquet`` in the
     same pass (see the module docstring); summarise this shard's rows."""
     alone = lock.try_exclusive()
-    scan = store.scan([*KEY, "status", "final_similarity"])
+    scan = store.scan([*KEY, "status", "final_similarity", "attempts"])
     picks = matching(scan, newest(scan), plan.expected)
     by_row = {r.index: picks[r.id] for r in plan.rows if r.error is None and r.id in picks}
     summary = summarise(scan.table, plan, by_row, job.shard, seconds, plan.threshold, generated)
@@ -336,18 +405,24 @@ def _manifest_order(plan: Plan) -> Callable[[list[str]], np.ndarray]:
 def summarise(table: pa.Table, plan: Plan, by_row: dict[int, int], shard: Shard, seconds: float,
               threshold: float, generated: int) -> Summary:  # fmt: skip
     """This shard's figures: ``by_row`` maps manifest positions to their chosen rows of ``table`` (a
-    scan holding ``status`` and ``final_similarity``); invalid rows count as errors."""
+    scan holding ``status``, ``final_similarity`` and ``attempts``); invalid rows count as errors."""
     mine = [i for p, i in by_row.items() if shard.owns(p)]
     invalid = sum(r.error is not None and shard.owns(r.index) for r in plan.rows)
     if plan.mine - len(mine) - invalid:  # rows a stopped run did not reach
         log.warning("%d rows of this shard have no result; rerun the same command",
                     plan.mine - len(mine) - invalid)  # fmt: skip
-    cols = table.select(["status", "final_similarity"]).take(pa.array(mine, pa.int64()))
-    ok = cols["status"].to_numpy(zero_copy_only=False) == "ok"
+    cols = table.select(["status", "final_similarity", "attempts"]).take(pa.array(mine, pa.int64()))
+    status = cols["status"].to_numpy(zero_copy_only=False)
+    ok = status == "ok"
     sims = cols["final_similarity"].to_numpy(zero_copy_only=False)[ok].astype(np.float64)
+    rejected, retrying = int((status == "rejected").sum()), int((status == "retry").sum())
+    final = ok | (status == "rejected")
+    tries = [int(a) for a in cols["attempts"].filter(pa.array(final)).to_pylist() if a is not None]
     return Summary(
-        ok=len(sims), errors=len(mine) - len(sims) + invalid, seconds=seconds, generated=generated,
-        reused=plan.reused, replicated=int((sims >= threshold).sum()), threshold=threshold,
-        mean_similarity=float(sims.mean()) if len(sims) else float("nan"),
+        ok=len(sims), errors=len(mine) - len(sims) - rejected - retrying + invalid, seconds=seconds,
+        generated=generated, reused=plan.reused, replicated=int((sims >= threshold).sum()),
+        threshold=threshold, mean_similarity=float(sims.mean()) if len(sims) else float("nan"),
         max_similarity=float(sims.max()) if len(sims) else float("nan"),
+        gate=None if plan.gate is None else plan.gate.key, rejected=rejected, retrying=retrying,
+        attempt_histogram=dict(sorted(Counter(tries).items())), row_generations=sum(tries),
     )  # fmt: skip

@@ -186,6 +186,11 @@ def run_generate_ray(
     manifest: str | Path, out_dir: str | Path, spec: EngineSpec, job: JobConfig, opts: RayOptions
 ) -> Summary:
     """:func:`jobs.generate.run_generate` on a Ray actor pool (see the module docstring)."""
+    if job.gate is not None:
+        raise ValueError(
+            "the release gate (--max-similarity) runs with --engine local (one process, or --shard i/n "
+            "processes); it is not wired into --engine ray yet"
+        )
     ray = import_ray()
     store = ResultStore(out_dir, job.shard.tag)
     store.dir.mkdir(parents=True, exist_ok=True)

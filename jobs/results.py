@@ -4,6 +4,9 @@ Output folder ``DIR``:
 
 - ``DIR/audio/<id>.flac`` (or ``.wav``): one file per ok row, 16-bit PCM at the model's sample rate,
   clipped to [-1, 1]; written to a temporary name and renamed *before* the row's result is written.
+- ``DIR/rejected/<id>-a<k>.flac``: under the release gate (:mod:`jobs.gate`), a row's best attempt
+  while it is retried (status ``retry``) and, if it never clears, for good (status ``rejected``);
+  never among the released files in ``audio/``.
 - ``DIR/results/part-XXXXX.parquet``: the record of the run. A batch's shard is written to a
   temporary name and published under the first free number (a hard link that fails if the name
   exists, so processes sharing the folder never overwrite each other's shards). The run that finds
@@ -32,10 +35,13 @@ cfg_scale, steps,  ...             error row the manifest's value where it has t
 sampler, c1–c3,
 negative_prompt
 (other columns)    as manifest     carried through unchanged
-status             string          ``ok`` or ``error``
+status             string          ``ok``, ``error``; under the release gate also ``rejected`` (no attempt
+                                   cleared τ) and, between attempts, ``retry``
 error              string          ``row <k>: <problem>`` for error rows, else null
-audio_path         string          ``audio/<id>.flac`` relative to DIR (ok rows)
+audio_path         string          ``audio/<id>.flac`` relative to DIR (ok rows; ``rejected/<id>-a<k>.flac``
+                                   for rejected rows)
 final_similarity   float64         cosine similarity of the finished audio to its nearest training clip
+                                   (rejected rows: their best attempt's)
 max_similarity     float64         largest per-step similarity σ_t the detector saw (null without AMG)
 neighbour_id       string          index id of that nearest training clip
 neighbour_caption  string          its caption
@@ -49,6 +55,12 @@ config_hash        string          hash of the row's engine configuration, overr
 model_id           string          model folder name and weights digest
 index_id           string          the training index: embedder name and a digest of its identity
                                    (checkpoint digest included), vectors, ids and captions
+gate               string          the release gate (τ, N, F) the row was made under; null without one
+attempts           int64           attempts made under the gate (null without one)
+attempt_seeds,     list<int64>,    per attempt: its seed, its final similarity, its seconds (the
+attempt_similar-   list<float64>,  batch's wall time / its size); the outputs above are the released
+ities, attempt_    list<float64>   attempt's (ok) or the best one's (rejected, retry)
+seconds
 finished_at        timestamp (UTC) when the result was written
 trace_similarity,  list<float32>   per step: σ_t, λ_t, s1, s2 (empty without AMG)
 trace_lambda,
@@ -58,11 +70,13 @@ trace_neighbour_id list<string>    per step: the index id of the detector's near
 ================== =============== =============================================================
 
 A row counts as done, and is skipped by a rerun, when the newest shard row of its ``id`` has the same
-``config_hash``, ``model_id``, ``index_id``, ``prompt``, ``seconds`` and ``seed`` and, for an ok row,
-its audio file is unchanged (:func:`same_audio`): it exists with the recorded size, and either its
-modification time is the recorded one or (a folder copied without preserving times) its SHA-256 is.
-Error rows are retried only with ``--retry-failed``. "Newest" is by shard number, which grows with every batch
-written to the folder, then by position in the shard.
+``config_hash``, ``model_id``, ``index_id``, ``prompt``, ``seconds``, ``seed`` and ``gate`` and, for an
+ok or rejected row, its audio file is unchanged (:func:`same_audio`): it exists with the recorded
+size, and either its modification time is the recorded one or (a folder copied without preserving
+times) its SHA-256 is.
+Error rows are retried only with ``--retry-failed``; a ``retry`` row continues with its next
+attempt. "Newest" is by shard number, which grows with every batch written to the folder, then by
+position in the shard.
 """
 
 from __future__ import annotations
@@ -101,10 +115,13 @@ OUTPUT_TYPES: dict[str, pa.DataType] = {
     "trace_similarity": pa.list_(pa.float32()), "trace_lambda": pa.list_(pa.float32()),
     "trace_gate": pa.list_(pa.bool_()), "trace_s1": pa.list_(pa.float32()),
     "trace_s2": pa.list_(pa.float32()), "trace_neighbour_id": pa.list_(pa.string()),
+    "gate": pa.string(), "attempts": pa.int64(), "attempt_seeds": pa.list_(pa.int64()),
+    "attempt_similarities": pa.list_(pa.float64()), "attempt_seconds": pa.list_(pa.float64()),
 }  # fmt: skip
+FINAL_STATUSES = ("ok", "error", "rejected")  # "retry": a row between two attempts of the release gate
 RESERVED = frozenset({"row", *OUTPUT_TYPES})
 FIXED_SCHEMA = pa.schema([("row", pa.int64()), *INPUT_TYPES.items(), *OUTPUT_TYPES.items()])
-KEY = ("id", "config_hash", "model_id", "index_id", "prompt", "seconds", "seed")
+KEY = ("id", "config_hash", "model_id", "index_id", "prompt", "seconds", "seed", "gate")
 AUDIO_IDENTITY = ("status", "audio_path", "audio_bytes", "audio_mtime_ns", "audio_sha256")
 PART = re.compile(r"^part-(\d+)\.parquet$")
 SHARD_TMP = re.compile(r"\.shard\d+of\d+\.tmp$")
@@ -161,15 +178,28 @@ class AudioFile:
     sha256: str
 
 
-def write_audio(path: Path, audio, sample_rate: int, tag: str = "") -> AudioFile:
-    """``audio`` [C, T] (numpy) to FLAC or WAV by the suffix; encoded in memory (so its digest costs
-    no second read), written to a temporary name, then renamed."""
+def encode_audio(audio, sample_rate: int, fmt: str) -> bytes:
+    """``audio`` [C, T] (numpy) as the bytes of a FLAC or WAV file: 16-bit PCM, clipped to [-1, 1]."""
     import soundfile as sf
 
     data = np.clip(np.asarray(audio, dtype=np.float32).T, -1.0, 1.0)  # [T, C]
     buf = io.BytesIO()
-    sf.write(buf, data, sample_rate, format=path.suffix[1:].upper(), subtype="PCM_16")
-    encoded = buf.getvalue()
+    sf.write(buf, data, sample_rate, format=fmt.upper(), subtype="PCM_16")
+    return buf.getvalue()
+
+
+def as_written(audio, sample_rate: int, fmt: str) -> np.ndarray:
+    """``audio`` [C, T] as :func:`write_audio` stores it and an audio reader gives it back: float32."""
+    import soundfile as sf
+
+    data, _ = sf.read(io.BytesIO(encode_audio(audio, sample_rate, fmt)), dtype="float32", always_2d=True)
+    return data.T
+
+
+def write_audio(path: Path, audio, sample_rate: int, tag: str = "") -> AudioFile:
+    """``audio`` [C, T] (numpy) to FLAC or WAV by the suffix; encoded in memory (so its digest costs
+    no second read), written to a temporary name, then renamed."""
+    encoded = encode_audio(audio, sample_rate, path.suffix[1:])
     tmp = tmp_name(path, tag)
     tmp.write_bytes(encoded)
     os.replace(tmp, path)
@@ -325,6 +355,7 @@ class ResultStore:
         self.dir = Path(out_dir)
         self.parts = self.dir / "results"
         self.audio = self.dir / "audio"
+        self.rejected = self.dir / "rejected"  # the release gate's attempts that did not clear
         self.tag = tag
         self._next: int | None = None
 
@@ -333,7 +364,8 @@ class ResultStore:
         shard's); returns how many."""
         self.parts.mkdir(parents=True, exist_ok=True)
         self.audio.mkdir(parents=True, exist_ok=True)
-        stale = [p for d in (self.dir, self.parts, self.audio) for p in d.glob("*.tmp") if self._owns(p.name)]
+        folders = (self.dir, self.parts, self.audio, self.rejected)
+        stale = [p for d in folders if d.is_dir() for p in d.glob("*.tmp") if self._owns(p.name)]
         for p in stale:
             p.unlink(missing_ok=True)
         if stale:

@@ -5,7 +5,9 @@ a Ray actor. And the circuit breaker that stops a run whose engine keeps failing
 the row's overrides), splits the valid rows into groups that share their overrides, runs each group
 on an engine *view* (the same loaded model, the configuration overridden), writes each ok row's
 audio, then writes one result shard for the whole batch. Nothing raises for a bad row or a failing
-group: the rows are recorded with status ``error``.
+group: the rows are recorded with status ``error``. Under a release gate (:mod:`jobs.gate`) a record
+may carry its row's previous attempt; the row runs with its attempt's seed and c3, and its result is
+``ok`` (cleared), ``retry`` (another attempt to come) or ``rejected`` (the last attempt did not clear).
 
 :class:`CircuitBreaker` watches the batches' outcomes (see its docstring): after ``limit``
 consecutive batches of one worker failed in the engine it raises :class:`CircuitOpen`, which the job
@@ -25,8 +27,9 @@ from typing import Any
 import pyarrow as pa
 
 from engine.config import EngineConfig
+from jobs.gate import ReleaseGate, attempt_of
 from jobs.manifest import Limits, Overrides, Row, check_row, token_problem
-from jobs.results import ResultStore, base_result, error_result, now, write_audio
+from jobs.results import ResultStore, as_written, base_result, error_result, now, write_audio
 
 log = logging.getLogger(__name__)
 
@@ -69,46 +72,64 @@ def engine_view(engine, config: EngineConfig):
 
 
 class BatchRunner:
-    def __init__(self, engine, store: ResultStore, schema: pa.Schema, audio_format: str = "flac") -> None:
+    def __init__(self, engine, store: ResultStore, schema: pa.Schema, audio_format: str = "flac",
+                 gate: ReleaseGate | None = None) -> None:  # fmt: skip
+        """``gate``: the release gate with its threshold resolved (:meth:`ReleaseGate.resolve`), or None."""
         if audio_format not in AUDIO_FORMATS:
             raise ValueError(f"audio format {audio_format!r}: choose one of {AUDIO_FORMATS}")
+        if gate is not None and gate.max_similarity is None:
+            raise ValueError("the release gate's threshold is unset: pass gate.resolve(threshold)")
         self.engine, self.store, self.schema, self.audio_format = engine, store, schema, audio_format
+        self.gate = gate
         self.limits = Limits.from_engine(engine)
         self._hashes: dict[Overrides, str] = {}
+        self._superseded: list[Path] = []  # rejected attempts to delete once the batch's shard is out
 
     def config_hash(self, overrides: Overrides) -> str:
         if overrides not in self._hashes:
             self._hashes[overrides] = overrides.apply(self.engine.config).config_hash()
         return self._hashes[overrides]
 
-    def _ids(self) -> dict[str, str]:
-        return dict(model_id=self.engine.model_id, index_id=self.engine.index_id)
+    def _ids(self) -> dict[str, str | None]:
+        gate = None if self.gate is None else self.gate.key
+        return dict(model_id=self.engine.model_id, index_id=self.engine.index_id, gate=gate)
 
-    def run(self, records: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
-        """``records``: (manifest position, row values). Returns the result rows (also written as a shard)."""
+    def run(self, records: list[tuple]) -> list[dict[str, Any]]:
+        """``records``: (manifest position, row values), or under a release gate (position, values,
+        the row's previous attempt's result or None). Returns the result rows (also written as a
+        shard)."""
         outcome = self.run_batch(records)
         if outcome.pending is not None:
             self.store.publish(outcome.pending)
         return outcome.results
 
-    def run_batch(self, records: list[tuple[int, dict[str, Any]]], forced: str | None = None) -> BatchOutcome:
+    def run_batch(self, records: list[tuple], forced: str | None = None) -> BatchOutcome:
         """Like :meth:`run`, but a batch that failed in the engine is written as a *pending* shard for a
         :class:`CircuitBreaker` to publish or discard. ``forced``: fail every engine call with this
         message instead of running it (a batch that keeps killing its worker, see jobs.ray_run)."""
-        results, groups = self._check(records)
-        failures = []
+        priors = {rec[0]: rec[2] for rec in records if len(rec) > 2}
+        results, groups = self._check([rec[:2] for rec in records])
+        calls: dict[tuple, list[Row]] = {}  # rows of one engine call: overrides and attempt's c3 scale
         for overrides, group in groups.items():
-            rows, failure = self._generate(group, overrides, forced)
+            for r in group:
+                scale = 1.0 if self.gate is None else self.gate.c3_scale(attempt_of(priors.get(r.index)))
+                calls.setdefault((overrides, scale), []).append(r)
+        failures = []
+        for (overrides, _), group in calls.items():
+            rows, failure = self._generate(group, overrides, forced, priors)
             results += rows
             failures += [failure] if failure else []
-        failed = bool(groups) and len(failures) == len(groups)
+        failed = bool(calls) and len(failures) == len(calls)
         pending = None
         if failed:
             pending = self.store.write_pending(results, self.schema)
         else:
             self.store.write_part(results, self.schema)
+        for p in self._superseded:  # the shard that no longer names them is out (or holds error rows)
+            p.unlink(missing_ok=True)
+        self._superseded.clear()
         ok = sum(r["status"] == "ok" for r in results)
-        first = min((p for p, _ in records), default=None)
+        first = min((rec[0] for rec in records), default=None)
         return BatchOutcome(ok, len(results) - ok, failures[-1] if failed else None, pending, first, results)
 
     def _check(self, records) -> tuple[list[dict[str, Any]], dict[Overrides, list[Row]]]:
@@ -131,19 +152,29 @@ class BatchRunner:
                 groups.setdefault(r.overrides, []).append(r)
         return errors, groups
 
-    def _generate(self, rows: list[Row], overrides: Overrides, forced: str | None = None):
-        """-> (result rows, the engine's error as "Type: message" if it raised on the group, else None)"""
+    def _generate(self, rows: list[Row], overrides: Overrides, forced: str | None = None,
+                  priors: dict[int, dict | None] | None = None):  # fmt: skip
+        """-> (result rows, the engine's error as "Type: message" if it raised on the group, else None).
+        Under a release gate the rows share their attempt's c3 scale (run_batch groups them so)."""
         from engine.engine import Request
 
+        priors = priors or {}
+        attempts = [attempt_of(priors.get(r.index)) for r in rows]
         config = overrides.apply(self.engine.config)
+        if self.gate is not None:
+            config = self.gate.config(config, attempts[0])
+        gate = self.gate
+        seeds = [gate.seed(r.seed, k) if gate else r.seed for r, k in zip(rows, attempts, strict=True)]
         common = dict(config_hash=self.config_hash(overrides), **self._ids())
         start = time.perf_counter()
         try:
             if forced:
                 raise WorkerLost(forced)
             outs = engine_view(self.engine, config).generate(
-                [Request(r.id, r.prompt, r.seconds, r.seed) for r in rows]
+                [Request(r.id, r.prompt, r.seconds, seed) for r, seed in zip(rows, seeds, strict=True)]
             )
+            if self.gate is not None:
+                outs = self._as_written(outs)
         except Exception as e:  # a failing batch is recorded row by row; the run goes on
             log.exception("engine failed on the batch of rows %s", [r.index for r in rows])
             timing = (time.perf_counter() - start) / len(rows)
@@ -151,14 +182,22 @@ class BatchRunner:
             return [self._failed(r, f"row {r.index}: engine failed on its batch: {failure}", config,
                                  timing=timing, **common) for r in rows], failure  # fmt: skip
         timing = (time.perf_counter() - start) / len(rows)
-        finish = lambda pair: self._finished(*pair, config, timing, common)  # noqa: E731
-        with ThreadPoolExecutor(min(AUDIO_WRITERS, len(rows))) as pool:  # encoding and file creation overlap
-            return list(pool.map(finish, zip(rows, outs, strict=True))), None
 
-    def _finished(self, row: Row, g, config: EngineConfig, timing: float, common: dict) -> dict[str, Any]:
+        def finish(k: int) -> dict[str, Any]:
+            r, g = rows[k], outs[k]
+            if self.gate is None or g.error:
+                return self._finished(r, g, config, timing, common)
+            return self._gated(r, g, config, timing, common, priors.get(r.index), seeds[k])
+
+        with ThreadPoolExecutor(min(AUDIO_WRITERS, len(rows))) as pool:  # encoding and file creation overlap
+            return list(pool.map(finish, range(len(rows)))), None
+
+    def _finished(self, row: Row, g, config: EngineConfig, timing: float, common: dict,
+                  rel: Path | None = None) -> dict[str, Any]:  # fmt: skip
+        """The result of a generated row: its audio written to ``rel`` (default ``audio/<id>``)."""
         if g.error:
             return self._failed(row, f"row {row.index}: {g.error}", config, timing=timing, **common)
-        rel = Path("audio") / f"{row.id}.{self.audio_format}"
+        rel = rel or Path("audio") / f"{row.id}.{self.audio_format}"
         try:
             f = write_audio(self.store.dir / rel, g.audio.numpy(), self.engine.sample_rate, self.store.tag)
         except Exception as e:  # e.g. a full disk: this row fails, the run goes on
@@ -171,6 +210,64 @@ class BatchRunner:
                    **common)  # fmt: skip
         out.update(self._outputs(g))
         return out
+
+    def _gated(self, row: Row, g, config: EngineConfig, timing: float, common: dict,
+               prior: dict[str, Any] | None, seed: int) -> dict[str, Any]:  # fmt: skip
+        """One attempt's result under the release gate (module docstring of jobs.gate)."""
+        gate, k, sim = self.gate, attempt_of(prior), float(g.final_similarity)
+        history = dict(
+            attempts=k,
+            attempt_seeds=[*(prior["attempt_seeds"] if prior else []), seed],
+            attempt_similarities=[*(prior["attempt_similarities"] if prior else []), sim],
+            attempt_seconds=[*(prior["attempt_seconds"] if prior else []), timing],
+        )
+        mine = {self._attempt_file(row.id, j) for j in range(1, gate.max_attempts + 1)}
+        if gate.releases(sim):
+            out = self._finished(row, g, config, timing, common)
+            if out["status"] == "ok":
+                self._superseded += mine  # nothing of this row stays in rejected/
+                out.update(history)
+            return out
+        for fmt in AUDIO_FORMATS:  # nothing of a row at or above τ is among the released files
+            (self.store.audio / f"{row.id}.{fmt}").unlink(missing_ok=True)
+        if prior is None or sim < prior["final_similarity"]:  # the best attempt so far: keep its audio
+            self.store.rejected.mkdir(exist_ok=True)
+            rel = Path("rejected") / self._attempt_file(row.id, k).name
+            out = self._finished(row, g, config, timing, common, rel)
+            if out["status"] != "ok":  # its audio could not be written
+                return out
+        else:  # an earlier attempt stays the best: its outputs and audio, this attempt's bookkeeping
+            out = {**prior, "timing": timing, "finished_at": now(), **common}
+        out.update(history, status="rejected" if k >= gate.max_attempts else "retry", error=None)
+        self._superseded += mine - {self.store.dir / out["audio_path"]}
+        return out
+
+    def _as_written(self, outs: list) -> list:
+        """``outs`` with each clip's final similarity and neighbour measured on its audio as it will be
+        written (16-bit PCM, read back), in one embedder call per few rows: what the release gate
+        judges is the file it releases, the same measure as ``amg audit`` of that file."""
+        import numpy as np
+        import torch
+
+        from engine.engine import FINAL_DECODE_ROWS
+
+        outs, ok = list(outs), [k for k, g in enumerate(outs) if not g.error]
+        rate = self.engine.sample_rate
+        for a in range(0, len(ok), FINAL_DECODE_ROWS):
+            chunk = ok[a : a + FINAL_DECODE_ROWS]
+            clips = [as_written(outs[k].audio.numpy(), rate, self.audio_format) for k in chunk]
+            x = np.zeros((len(clips), clips[0].shape[0], max(c.shape[1] for c in clips)), np.float32)
+            for j, c in enumerate(clips):
+                x[j, :, : c.shape[1]] = c
+            dev = self.engine.device
+            lengths = torch.tensor([c.shape[1] for c in clips], device=dev)
+            sims, nns = self.engine.nearest(torch.from_numpy(x).to(dev), lengths)
+            for k, sim, nn in zip(chunk, sims, nns, strict=True):
+                outs[k] = replace(outs[k], final_similarity=sim, neighbour=nn)
+        return outs
+
+    def _attempt_file(self, row_id: str, attempt: int) -> Path:
+        return self.store.rejected / f"{row_id}-a{attempt}.{self.audio_format}"
 
     def _outputs(self, g) -> dict[str, Any]:
         ids, captions = self.engine.index.ids, self.engine.index.captions
