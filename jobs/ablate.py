@@ -6,9 +6,11 @@ Generates two blocks of prompts under the same rows: every distinct training cap
 101, ...) and the novel prompts (engine/default/heldout.py: seen attribute values in combinations the
 training set lacks, seeds 200, 201, ...). The rows (:data:`ROWS`, a table: add a :class:`Row` to add
 one) are the plain-CFG baseline, each guidance term alone (despecification c1, caption deduplication
-c2, dissimilarity c3), each pair and full AMG; with ``--ambient-model`` (default: the bundled Ambient
-Diffusion variant when it exists) also that model alone and with full AMG. Each run is audited against
-the training index (``amg audit``), and the table lists per row:
+c2, dissimilarity c3), each pair and full AMG; then plain CFG and full AMG under the release gate
+(:data:`GATE_ROWS`, jobs/gate.py: τ the index's threshold, 3 attempts); with ``--ambient-model``
+(default: the bundled Ambient Diffusion variant when it exists) also that model alone and with full
+AMG, each without and with the gate. ``--rows`` runs some rows only. Each run is audited against the
+training index (``amg audit``; under the gate, the released clips), and the table lists per row:
 
 - similarity of each output to its nearest training clip: mean, 95th percentile, maximum, and the
   share at or above the embedder's replication threshold (0.9 for the default mel embedder);
@@ -20,7 +22,11 @@ the training index (``amg audit``), and the table lists per row:
   reaches 90% on the held-out clips (measured at the start of the run, saved in ``estimators.json``);
   ``retained`` is a row's ``attributes`` over the baseline's, in the same block;
 - FAD and KAD between the outputs and the training set, and between the outputs and the held-out set,
-  on the same embedder.
+  on the same embedder;
+- what a released clip costs: the share of rows released (without a gate: every ok row) and rejected,
+  the row-generations (attempts) and the generation seconds (each attempt's batch wall time / its
+  size, summed) per released clip. These answer whether AMG is cheaper than regenerating until the
+  output is not a replica (plain CFG + gate), at the adherence the table shows.
 
 The paper's CLAP score needs a CLAP text encoder, which cannot be had offline; attribute adherence is
 what stands in for it here. The table is printed, and saved as ``DIR/ablation.parquet`` and
@@ -50,6 +56,7 @@ class Row:
     c2: bool = True
     c3: bool = True
     model: str = "default"  # "default" or "ambient"
+    gate: bool = False  # under the release gate (jobs/gate.py, its defaults)
 
 
 ROWS = (
@@ -64,12 +71,20 @@ ROWS = (
 )
 
 
-def model_rows(name: str) -> tuple[Row, Row]:
-    """The two rows of an extra model: alone (plain CFG) and with full AMG."""
-    return Row(f"{name} model", amg=False, model=name), Row(f"{name} + AMG", model=name)
+GATE_ROWS = (Row("baseline + gate", amg=False, gate=True), Row("full AMG + gate", gate=True))
 
 
-AMBIENT_ROWS = model_rows("ambient")
+def model_rows(name: str, gate: bool = False) -> tuple[Row, ...]:
+    """The rows of an extra model: alone (plain CFG) and with full AMG; with ``gate`` both again under
+    the release gate."""
+    rows = (Row(f"{name} model", amg=False, model=name), Row(f"{name} + AMG", model=name))
+    if gate:
+        rows += (Row(f"{name} model + gate", amg=False, model=name, gate=True),
+                 Row(f"{name} + AMG + gate", model=name, gate=True))  # fmt: skip
+    return rows
+
+
+AMBIENT_ROWS = model_rows("ambient", gate=True)
 
 
 @dataclass(frozen=True)
@@ -141,11 +156,14 @@ def run_row(
     from engine.engine import DEFAULT_INDEX_DIR, Engine
     from jobs.adherence import pooled_share
     from jobs.audit import AuditConfig, run_audit
+    from jobs.gate import ReleaseGate
     from jobs.generate import JobConfig, run_generate
 
     run_dir = out / block / slug(row.name)
     engine = Engine(row_config(row, steps=steps), model_dirs[row.model], DEFAULT_INDEX_DIR)
-    run_generate(manifest, run_dir, engine, JobConfig(progress=progress))
+    run_generate(
+        manifest, run_dir, engine, JobConfig(progress=progress, gate=ReleaseGate() if row.gate else None)
+    )
     threshold = engine.replication_threshold
     summary = run_audit(
         run_dir / "results.parquet", DEFAULT_INDEX_DIR, run_dir / "audit", AuditConfig(pairs=4),
@@ -162,8 +180,26 @@ def run_row(
         **{name: None if a is None else a[name]["share"] for name in ATTRIBUTE_COLUMNS},
         "attributes": pooled_share(a, headline), "retained": None,
         "fad": summary.fad, "kad": summary.kad, "fad_heldout": summary.fad_heldout,
-        "kad_heldout": summary.kad_heldout,
+        "kad_heldout": summary.kad_heldout, **release_cost(run_dir / "results.parquet"),
     }  # fmt: skip
+
+
+def release_cost(results: Path) -> dict:
+    """Shares of rows released (status ok) and rejected, and the row-generations and generation
+    seconds spent per released clip (rows without gate columns: one attempt, their ``timing``)."""
+    import pyarrow.parquet as pq
+
+    cols = pq.read_table(results, columns=["status", "attempts", "attempt_seconds", "timing"]).to_pydict()
+    n, released, gens, seconds = len(cols["status"]), 0, 0, 0.0
+    for status, attempts, secs, timing in zip(*cols.values(), strict=True):
+        if status in ("ok", "rejected"):
+            released += status == "ok"
+            gens += attempts or 1
+            seconds += sum(secs) if secs else (timing or 0.0)
+    per = (lambda v: v / released) if released else (lambda v: None)  # noqa: E731
+    rejected = sum(s == "rejected" for s in cols["status"])
+    return {"released": released / n if n else None, "rejected": rejected / n if n else None,
+            "gens_per_released": per(gens), "seconds_per_released": per(seconds)}  # fmt: skip
 
 
 def family_adherence(prompts, nearest_captions, status) -> float:
@@ -199,7 +235,7 @@ def add_retained(table: list[dict]) -> list[dict]:
 
 def run_ablation(
     out: str | Path,
-    rows=ROWS,
+    rows=ROWS + GATE_ROWS,
     ambient: Path | None = None,
     limit: int | None = None,
     extra_models: dict[str, Path] | None = None,
@@ -207,10 +243,12 @@ def run_ablation(
     progress: bool = True,
     prompt_sets: Sequence[PromptSet] = PROMPT_SETS,
     estimators: dict | None = None,
+    only: Sequence[str] | None = None,
 ) -> list[dict]:
     """Run every row on every block of prompts (the first ``limit`` of each, if given) -> the table.
 
-    ``estimators``: :func:`estimator_accuracy`'s result, if already measured."""
+    ``estimators``: :func:`estimator_accuracy`'s result, if already measured; ``only``: run just the
+    rows of these names (or folder names, :func:`slug`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -224,7 +262,13 @@ def run_ablation(
     extra = ({"ambient": ambient} if ambient is not None else {}) | dict(extra_models or {})
     for name, path in extra.items():
         model_dirs[name] = Path(path)
-        rows = tuple(rows) + model_rows(name)
+        rows = tuple(rows) + model_rows(name, gate=name == "ambient")
+    if only is not None:
+        unknown = sorted({slug(o) for o in only} - {slug(r.name) for r in rows})
+        if unknown:
+            raise ValueError(f"--rows {', '.join(unknown)}: no such row; the rows are "
+                             f"{', '.join(slug(r.name) for r in rows)}")  # fmt: skip
+        rows = tuple(r for r in rows if slug(r.name) in {slug(o) for o in only})
     table = []
     for ps in prompt_sets:
         manifest = ps.manifest(out / f"{ps.name}.parquet")
@@ -246,6 +290,8 @@ COLUMNS = (  # header, key, format: one place for the table's layout
     ("attributes", "attributes", "pct"), ("retained", "retained", "pct"),
     ("FAD train", "fad", "num"), ("KAD train", "kad", "num"),
     ("FAD held-out", "fad_heldout", "num"), ("KAD held-out", "kad_heldout", "num"),
+    ("released", "released", "pct"), ("rejected", "rejected", "pct"),
+    ("gens / released", "gens_per_released", "{:.2f}"), ("s / released", "seconds_per_released", "{:.2f}"),
 )  # fmt: skip
 
 
@@ -284,7 +330,29 @@ def format_notes(table: list[dict], estimators: dict) -> str:
                              for name, g in goals)  # fmt: skip
         lines.append(f"- full AMG keeps {_cell(share, 'pct')} of the baseline's attribute adherence on "
                      f"{block} prompts (goal {verdicts})")  # fmt: skip
+    lines += gate_verdicts(table)
     return "\n".join(lines)
+
+
+def gate_verdicts(table: list[dict]) -> list[str]:
+    """Per block: is full AMG + gate cheaper per released clip than plain CFG + gate, and at what
+    adherence."""
+    lines = []
+    for block in dict.fromkeys(r["prompts"] for r in table):
+        rows = {r["row"]: r for r in table if r["prompts"] == block}
+        cfg, amg = rows.get("baseline + gate"), rows.get("full AMG + gate")
+        if not cfg or not amg or not cfg["seconds_per_released"] or not amg["seconds_per_released"]:
+            continue
+        ratio = amg["seconds_per_released"] / cfg["seconds_per_released"]
+        lines.append(
+            f"- {block} prompts, release gate: full AMG spends {_cell(amg['seconds_per_released'], 'num')} s "
+            f"({amg['gens_per_released']:.2f} row-generations) per released clip, plain CFG "
+            f"{_cell(cfg['seconds_per_released'], 'num')} s ({cfg['gens_per_released']:.2f}): AMG is "
+            f"{ratio:.2f}x the time, {'cheaper' if ratio < 1 else 'dearer'}; released "
+            f"{_cell(amg['released'], 'pct')} vs {_cell(cfg['released'], 'pct')}, attribute adherence "
+            f"{_cell(amg['attributes'], 'pct')} vs {_cell(cfg['attributes'], 'pct')}"
+        )
+    return lines
 
 
 def cmd_ablate(args) -> int:
@@ -302,7 +370,7 @@ def cmd_ablate(args) -> int:
     sets = [ps for ps in PROMPT_SETS if ps.name in args.prompts]
     table = run_ablation(args.out, ambient=None if args.no_ambient else ambient, limit=args.limit,
                          steps=args.steps, progress=not args.quiet, extra_models=extra,
-                         prompt_sets=sets)  # fmt: skip
+                         prompt_sets=sets, only=args.rows)  # fmt: skip
     print(format_table(table))
     print((Path(args.out) / "ablation.md").read_text().split("\n\n", 1)[1].rstrip())
     print(f"table: {Path(args.out) / 'ablation.md'}")
@@ -337,6 +405,14 @@ def register_ablate(sub) -> None:
         "--limit", type=int, default=None, help="only the first N prompts of each block (quick look)"
     )
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the preset's)")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        metavar="ROW",
+        help="run only these rows, by folder name (e.g. baseline full-amg baseline-gate full-amg-gate "
+        "ambient-model-gate ambient-amg-gate); default: all",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ablate)
 
@@ -354,6 +430,6 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 __all__ = [
-    "ROWS", "AMBIENT_ROWS", "PROMPT_SETS", "PromptSet", "Row", "model_rows", "run_ablation", "format_table",
-    "register_ablate",
+    "ROWS", "GATE_ROWS", "AMBIENT_ROWS", "PROMPT_SETS", "PromptSet", "Row", "model_rows", "run_ablation",
+    "format_table", "register_ablate",
 ]  # fmt: skip
