@@ -255,9 +255,6 @@ def run_ablation(
     from engine.models import DEFAULT_MODEL_DIR
 
     out = Path(out)
-    estimators = estimators or estimator_accuracy()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "estimators.json").write_text(json.dumps(estimators, indent=1))
     model_dirs = {"default": DEFAULT_MODEL_DIR}
     extra = ({"ambient": ambient} if ambient is not None else {}) | dict(extra_models or {})
     for name, path in extra.items():
@@ -269,6 +266,9 @@ def run_ablation(
             raise ValueError(f"--rows {', '.join(unknown)}: no such row; the rows are "
                              f"{', '.join(slug(r.name) for r in rows)}")  # fmt: skip
         rows = tuple(r for r in rows if slug(r.name) in {slug(o) for o in only})
+    estimators = estimators or estimator_accuracy()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "estimators.json").write_text(json.dumps(estimators, indent=1))
     table = []
     for ps in prompt_sets:
         manifest = ps.manifest(out / f"{ps.name}.parquet")
@@ -379,6 +379,11 @@ def cmd_ablate(args) -> int:
 
 def register_ablate(sub) -> None:
     p = sub.add_parser("ablate", help="the AMG ablation table on the embedded default model")
+    add_ablate_arguments(p)
+    p.set_defaults(func=cmd_ablate)
+
+
+def add_ablate_arguments(p) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per row)")
     p.add_argument(
         "--ambient-model",
@@ -414,13 +419,20 @@ def register_ablate(sub) -> None:
         "ambient-model-gate ambient-amg-gate); default: all",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_ablate)
 
 
-def main(argv: list[str] | None = None) -> int:  # `python -m jobs.ablate` == `amg ablate`
-    from jobs.cli import main as amg
+def main(argv: list[str] | None = None) -> int:  # `python -m jobs.ablate`: `amg ablate`'s flags
+    import argparse
+    import sys
 
-    return amg(["ablate", *(argv or [])])
+    p = argparse.ArgumentParser(prog="python -m jobs.ablate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_ablate_arguments(p)
+    try:
+        return cmd_ablate(p.parse_args(argv))
+    except ValueError as e:  # bad input, as `amg ablate` reports it
+        print(f"python -m jobs.ablate: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

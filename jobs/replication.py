@@ -88,23 +88,33 @@ def summarise(results, out_dir: Path, threshold: float = 0.9) -> dict[str, float
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_replication(out: Path, progress: bool = False) -> tuple[dict[str, dict], list[str]]:
+    """Generate the caption manifest without and with AMG into ``out/no-amg`` and ``out/amg``
+    (batches of 32, resumable) -> each run's :func:`summarise` figures, and the per-family lines."""
+    from dataclasses import replace
+
     import pyarrow.parquet as pq
 
-    from jobs.cli import main as amg
+    from engine.config import PRESETS, with_overrides
+    from engine.engine import Engine
+    from jobs.generate import JobConfig, run_generate
 
+    manifest = caption_manifest(out / "captions.parquet")
+    table, families = {}, []
+    for name, amg in (("no-amg", False), ("amg", True)):
+        config = replace(with_overrides(PRESETS["default-model"], amg=amg), batch_size=32)
+        run_generate(manifest, out / name, Engine(config), JobConfig(progress=progress))
+        results = pq.read_table(out / name / "results.parquet").to_pandas()
+        table[name] = summarise(results, out / name)
+        families += [f"{name:8s} {line}" for line in by_family(results, out / name)]
+    return table, families
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per run)")
     args = p.parse_args(argv)
-    manifest = caption_manifest(args.out / "captions.parquet")
-    table, families = {}, []
-    for name, flags in (("no-amg", ["--no-amg"]), ("amg", [])):
-        out = args.out / name
-        if amg(["generate", str(manifest), "--out", str(out), "--quiet", "--batch-size", "32", *flags]) != 0:
-            return 1
-        results = pq.read_table(out / "results.parquet").to_pandas()
-        table[name] = summarise(results, out)
-        families += [f"{name:8s} {line}" for line in by_family(results, out)]
+    table, families = run_replication(args.out)
     keys = list(table["amg"])
     print(f"{'':28s}" + "".join(f"{k:>12s}" for k in table))
     for k in keys:

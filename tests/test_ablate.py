@@ -79,15 +79,22 @@ def test_small_ablation_writes_the_table(tmp_path):
                          extra_models={"control": DEFAULT_MODEL_DIR}, estimators=_estimators())  # fmt: skip
     names = ["baseline", "full AMG", *(r.name for r in AMBIENT_ROWS), "control model", "control + AMG"]
     assert [(r["prompts"], r["row"]) for r in table] == [(b.name, n) for b in PROMPT_SETS for n in names]
-    for r in table:
+    for r in table:  # (under the gate n counts the released clips: all 3 at 6 steps, far under 0.9)
         assert r["n"] == 3 and -1 <= r["mean"] <= r["p95"] <= r["max"] <= 1.0001
         assert 0 <= r["share_replica"] <= 1 and 0 <= r["family_adherence"] <= 1 and r["kad"] is not None
         assert r["fad_heldout"] is not None and r["kad_heldout"] is not None
-    for block in (table[:6], table[6:]):
+    k = len(names)
+    for block in (table[:k], table[k:]):
         # same model, same prompts and seeds, no AMG: the ambient-model stand-in reproduces the baseline
         assert block[2]["mean"] == pytest.approx(block[0]["mean"], abs=1e-6)
-        assert block[4]["mean"] == pytest.approx(block[0]["mean"], abs=1e-6)
-        assert block[5]["mean"] == pytest.approx(block[1]["mean"], abs=1e-6)
+        assert block[6]["mean"] == pytest.approx(block[0]["mean"], abs=1e-6)
+        assert block[7]["mean"] == pytest.approx(block[1]["mean"], abs=1e-6)
+        for r in block:  # without a gate every ok row is released, at one generation each
+            if "gate" not in r["row"]:
+                assert (r["released"], r["rejected"], r["gens_per_released"]) == (1.0, 0.0, 1.0)
+        for r in block[4:6]:  # under the gate: no released clip at or above τ, by the audit's own measure
+            assert r["released"] + r["rejected"] == 1.0 and r["gens_per_released"] >= 1.0
+            assert r["n"] == round(3 * r["released"]) and r["max"] < 0.9
     saved = pq.read_table(tmp_path / "ablation.parquet").to_pylist()
     assert [r["row"] for r in saved] == [r["row"] for r in table]
     md = (tmp_path / "ablation.md").read_text()
@@ -145,3 +152,12 @@ def test_retained_is_relative_to_the_baseline_of_the_same_block():
         {"prompts": "novel", "row": "c1 + c2", "attributes": None},
     ]
     assert [r["retained"] for r in add_retained(table)] == [1.0, 0.6 / 0.8, 1.0, 1.0, None]
+
+
+def test_an_unknown_row_is_named_and_nothing_is_written(tmp_path, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "ablation"
+    assert main(["ablate", "--out", str(out), "--no-ambient", "--rows", "full-amg-gate", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--rows nope: no such row" in err and "baseline-gate" in err and not out.exists()
