@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 from index.clip import EmbedderInfo
 from index.embedders import EmbedderMismatch
-from index.files import file_digest
+from index.files import atomic_write, file_digest
 
 __all__ = ["EmbedderMismatch", "EmbeddingIndex", "build_index", "index_id"]
 
@@ -125,41 +124,8 @@ def index_id(folder: str | Path) -> str:
     return f"{json.loads(info)['name']}:{digest}"
 
 
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` then rename onto ``path``: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def build_index(embedder, audio: torch.Tensor, sample_rate: int, ids, captions, seconds, batch_size=64):
     """Embed ``audio`` [N, C, T] in batches and return an :class:`EmbeddingIndex`."""
     with torch.no_grad():
         parts = [embedder(audio[i : i + batch_size], sample_rate) for i in range(0, len(audio), batch_size)]
     return EmbeddingIndex(torch.cat(parts).float(), list(ids), list(captions), list(seconds), embedder.info)
-
-
-def open_plan_dir(work: Path, plan: dict, restart: bool, what: str) -> Path:
-    """A resumable work folder holding ``plan.json``: reused when it holds the same plan, refused
-    (ValueError naming what differs) when it holds another, emptied first when ``restart``.
-    ``what`` names the work in the message, e.g. "an unfinished build"."""
-    import shutil
-
-    if restart and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    plan_file = work / "plan.json"
-    if plan_file.exists():
-        old = json.loads(plan_file.read_text())
-        if old != plan:
-            changed = sorted(k for k in plan if old.get(k) != plan[k])
-            raise ValueError(
-                f"{work} holds {what} with another {', '.join(changed)}; rerun with the same inputs to "
-                "resume it, or pass --restart (restart=True) to discard it"
-            )
-    else:
-        plan_file.write_text(json.dumps(plan, indent=1))
-    return work

@@ -42,8 +42,9 @@ import torch
 
 from index.build import clips_from_folder, read_clip
 from index.distances import Moments, fad, kad
+from index.files import atomic_write, fsync_replace, open_plan_dir
 from index.search import SearchConfig, make_searcher
-from index.store import EmbeddingIndex, atomic_write, open_plan_dir
+from index.store import EmbeddingIndex
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +354,7 @@ def aggregate(
         n_ok += len(ok)
     if writer is not None:
         writer.close()
-        tmp.replace(out_dir / "audit.parquet")
+        fsync_replace(tmp, out_dir / "audit.parquet")
     sims_a, clap_a, kad_x = sims_a[:n_sim], clap_a[:n_clap], kad_x[:n_kad]
     background = background_similarities(index, config.search)
     fad_v, kad_v = _distances(moments, kad_x, reference if reference is not None else index)

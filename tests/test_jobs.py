@@ -11,10 +11,11 @@ import pytest
 import soundfile as sf
 from jobs_helpers import FakeEngine, fast_config, good_manifest, write_manifest
 
+from index.files import sha256_stream
 from jobs.cli import main
 from jobs.generate import JobConfig, Shard, run_generate
 from jobs.manifest import default_seed
-from jobs.results import FIXED_SCHEMA, ResultStore, file_sha256
+from jobs.results import FIXED_SCHEMA, ResultStore
 from jobs.runner import engine_view
 
 
@@ -289,7 +290,7 @@ def test_a_real_change_of_an_audio_file_regenerates_its_row(tmp_path):
     _, res, engine = _run(m, out, audio_format="wav")
     assert _generated(engine) == ["row-0002"]
     assert (
-        file_sha256(path) == res["audio_sha256"][2].as_py() == first["audio_sha256"][2].as_py()
+        sha256_stream(path) == res["audio_sha256"][2].as_py() == first["audio_sha256"][2].as_py()
     )  # rewritten
 
 
