@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from index.cond_cache import ConditioningCache
 from index.embedders import EmbedderInfo, EmbedderMismatch, MelEmbedder, load_embedder
 from index.latent_nl2 import latent_nl2, nl2_agreement
 from index.search import ExactSearcher, FaissSearcher, SearchConfig, recall_at
@@ -235,29 +234,6 @@ def test_nl2_agreement_on_synthetic_predictions():
     assert agree.n == 5 and agree.nearest == 1.0 and agree.gate == 1.0
     wrong = nl2_agreement(x0, vectors[(rows + 1) % 38], vectors, latents)  # embedding points elsewhere
     assert wrong.nearest == 0.0
-
-
-# -- conditioning cache --------------------------------------------------------------------------
-
-
-def test_conditioning_cache_is_bounded_lru():
-    calls = []
-
-    def encode(rows):
-        calls.append(list(rows))
-        return [f"cond-{r}" for r in rows]
-
-    cache = ConditioningCache(encode, max_items=3)
-    assert cache.get(torch.tensor([1, 2, 1])) == ["cond-1", "cond-2", "cond-1"] and calls == [[1, 2]]
-    assert cache.get([3, 4]) == ["cond-3", "cond-4"] and len(cache) == 3 and 1 not in cache  # 1 was LRU
-    assert cache.get([2]) == ["cond-2"] and calls[-1] == [3, 4]  # hit, no encode
-    cache.get([5])  # evicts 3, the least recently used (2 was just used)
-    assert 3 not in cache and all(r in cache for r in (2, 4, 5))
-    big = cache.get(list(range(10, 17)))  # more distinct rows than max_items: answered in full
-    assert big == [f"cond-{r}" for r in range(10, 17)] and len(cache) == 3 and 16 in cache
-    assert cache.hits == 1 and cache.misses == 2 + 2 + 1 + 7
-    with pytest.raises(ValueError, match="max_items"):
-        ConditioningCache(encode, max_items=0)
 
 
 # -- building ------------------------------------------------------------------------------------
