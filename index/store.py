@@ -6,9 +6,10 @@ On disk an index is a folder with ``vectors.safetensors`` ([N, D] float32, unit-
 training clips' latents, for the latent-space similarity of index/latent_nl2.py). A query with
 another embedder is refused. Each file is written to a temporary name and renamed.
 
-:meth:`EmbeddingIndex.search` is the exact path: one matrix product and a top-k on the device, with
-no host synchronisation, so it can sit inside the denoising step. index/search.py has the sharded
-exact and FAISS paths behind one interface (:meth:`EmbeddingIndex.searcher`).
+Searching it: the denoising step runs the fused kernel ``kernels.nn_search`` (its torch twin off CUDA)
+over :attr:`EmbeddingIndex.vectors` on the engine's device (engine/guidance.py ``search_fn``); the
+audit and the benchmarks use index/search.py's exact and FAISS paths behind one interface
+(:meth:`EmbeddingIndex.searcher`).
 """
 
 from __future__ import annotations
@@ -64,13 +65,8 @@ class EmbeddingIndex:
                 "rebuild the index with `amg index build` using the same embedder"
             )
 
-    def search(self, xq: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact maximum-cosine search. xq [B, D] unit-norm -> (D [B, k] similarity, I [B, k] index)."""
-        sims = xq.float() @ self.vectors.to(xq.device).T  # [B, N]
-        return sims.topk(min(k, len(self)), dim=1)
-
     def searcher(self, config=None):
-        """A :class:`index.search.Searcher` over this index (exact sharded or FAISS, see SearchConfig)."""
+        """A :class:`index.search.Searcher` over this index (exact or FAISS, see SearchConfig)."""
         from index.search import SearchConfig, make_searcher
 
         return make_searcher(self, config or SearchConfig())
