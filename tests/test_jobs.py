@@ -190,7 +190,10 @@ def test_wav_output(tmp_path):
         JobConfig(audio_format="mp3")
 
 
-def test_concurrent_writers_never_overwrite_each_others_shards(tmp_path):
+def test_two_shard_stores_in_one_folder_never_overwrite_each_others_shards(tmp_path):
+    """Two shards' stores writing in turn in this one process: each keeps its own next number, so each
+    tries numbers the other took and the hard link refuses them. Shard processes really running at
+    once: tests/test_jobs_merge.py."""
     a, b = ResultStore(tmp_path, "shard0of2"), ResultStore(tmp_path, "shard1of2")
     a.prepare()
     schema = FIXED_SCHEMA
