@@ -2,10 +2,12 @@
 folders, streaming digests cached on disk, and checkpoint loading that never unpickles code unless
 asked to.
 
-Every file the project writes goes through :func:`atomic_write` (or, for a file streamed to its
-temporary name, :func:`fsync_replace`): written to a temporary name in the same folder, flushed and
-fsynced, renamed onto its name, the folder fsynced. Readers see the old file or the new one, never
-half of one, and after a power cut one of the two is there.
+The files a run, a build or an audit produces go through :func:`atomic_write` (or, for a file
+streamed to its temporary name, :func:`fsync_replace`): written to a temporary name in the same
+folder, flushed and fsynced, renamed onto its name, the folder fsynced. Readers see the old file or
+the new one, never half of one, and after a power cut one of the two is there. (Not so: appended
+logs such as ``run.log`` and ``benchmarks/results.jsonl``, and the files engine/default's
+data-building and training commands write.)
 
 ``file_digest(path)`` is the sha256 of a file's bytes, read in 16 MiB chunks (a 4.8 GB checkpoint
 never sits in memory), and remembered by resolved path, size and modification time: in this process,
