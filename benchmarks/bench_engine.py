@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -66,7 +66,7 @@ def _breakdown(engine, reqs) -> dict[str, float]:
     return dict(out)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=8, help="number of prompts (distinct training captions)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the preset's)")
@@ -76,8 +76,27 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=None, help="model directory (default: embedded)")
     p.add_argument("--index", type=Path, default=None, help="index directory (default: embedded)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.jsonl", help="JSON-lines log")
-    args = p.parse_args()
+    return p.parse_args(argv)
 
+
+@dataclass
+class Figures:
+    """What one run measured: wall seconds per path, agreement with the baseline, the gates."""
+
+    n: int
+    audio_s: float
+    steps: int
+    seconds: dict[str, float]  # baseline, engine_amg, engine_plain, warmup, engine_amg_no_reuse
+    diff: float  # largest per-row relative difference, baseline against engine
+    agree: int  # rows agreeing within 1e-3
+    parts: dict[str, float]
+    open_share: float
+    warm_share: float
+
+
+def measure(args: argparse.Namespace) -> Figures:
+    """Warm up, then time the baseline, the engine with AMG, with plain CFG and without forward reuse
+    on the same prompts and seeds; profile one AMG run."""
     from engine.config import PRESETS
     from engine.engine import DEFAULT_INDEX_DIR, Engine
     from engine.models import DEFAULT_MODEL_DIR
@@ -89,7 +108,6 @@ def main() -> None:
     reqs = _requests(args.prompts)
     cfg = replace(cfg, device=args.device, batch_size=len(reqs), compile=args.compile)
     engine = Engine(cfg, args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR)
-    audio_s = sum(r.seconds for r in reqs)
 
     # warm-up; compiled graphs are specialised to the batch shape, so compile warms up on the full batch
     warm_reqs = reqs if args.compile else reqs[:1]
@@ -110,45 +128,58 @@ def main() -> None:
     # differ when its similarity sits within float rounding of λ_t and the gate falls the other way
     # (batched and single-row matmuls round differently); such a row then follows another trajectory.
     row_diff = (torch.cat(base) - ours).flatten(1).abs().amax(1) / ours.flatten(1).abs().amax(1)
-    diff = row_diff.max().item()
-    agree = int((row_diff < 1e-3).sum())
     parts = _breakdown(engine, reqs)
     gates = torch.stack([t.gate for t in traces])  # [steps, B]
-    open_share = gates.float().mean().item()  # row-steps whose gate is open
-    warm_share = (gates[1:] & gates[:-1]).sum().item() / max(1, gates.sum().item())  # reused a forward
+    return Figures(
+        n=len(reqs), audio_s=sum(r.seconds for r in reqs), steps=cfg.sampler.steps,
+        seconds={"baseline": t_base, "engine_amg": t_amg, "engine_plain": t_plain, "warmup": warmup,
+                 "engine_amg_no_reuse": t_recompute},
+        diff=row_diff.max().item(), agree=int((row_diff < 1e-3).sum()), parts=parts,
+        open_share=gates.float().mean().item(),  # row-steps whose gate is open
+        warm_share=(gates[1:] & gates[:-1]).sum().item() / max(1, gates.sum().item()),  # reused a forward
+    )  # fmt: skip
 
-    n = len(reqs)
+
+def print_table(args: argparse.Namespace, f: Figures) -> None:
+    t = f.seconds
     rows = [
-        ("baseline (published-style)", t_base),
-        ("engine AMG", t_amg),
-        ("engine AMG, no forward reuse", t_recompute),
-        ("engine plain CFG", t_plain),
+        ("baseline (published-style)", t["baseline"]),
+        ("engine AMG", t["engine_amg"]),
+        ("engine AMG, no forward reuse", t["engine_amg_no_reuse"]),
+        ("engine plain CFG", t["engine_plain"]),
     ]
-    print(f"device {args.device}, preset {args.preset}, {n} prompts, {cfg.sampler.steps} steps, "
-          f"compile={args.compile} (warm-up {warmup:.1f} s)")  # fmt: skip
+    print(f"device {args.device}, preset {args.preset}, {f.n} prompts, {f.steps} steps, "
+          f"compile={args.compile} (warm-up {t['warmup']:.1f} s)")  # fmt: skip
     print(f"{'path':30s} {'wall s':>8s} {'clips/s':>8s} {'audio-s/s':>10s}")
-    for name, t in rows:
-        print(f"{name:30s} {t:8.2f} {n / t:8.3f} {audio_s / t:10.3f}")
-    print(f"speed-up engine AMG vs baseline: {t_base / t_amg:.1f}x")
-    print(f"AMG overhead vs plain CFG: {t_amg / t_plain:.2f}x")
-    print(f"forward reuse for warm rows: {t_recompute / t_amg:.2f}x faster than recomputing it")
-    print(f"rows whose final latents agree with the baseline (rel. diff < 1e-3): {agree}/{n} "
-          f"(largest difference {diff:.2e})")  # fmt: skip
-    print(f"gate open on {100 * open_share:.0f}% of row-steps; {100 * warm_share:.0f}% of those "
+    for name, s in rows:
+        print(f"{name:30s} {s:8.2f} {f.n / s:8.3f} {f.audio_s / s:10.3f}")
+    print(f"speed-up engine AMG vs baseline: {t['baseline'] / t['engine_amg']:.1f}x")
+    print(f"AMG overhead vs plain CFG: {t['engine_amg'] / t['engine_plain']:.2f}x")
+    reuse = t["engine_amg_no_reuse"] / t["engine_amg"]
+    print(f"forward reuse for warm rows: {reuse:.2f}x faster than recomputing it")
+    print(f"rows whose final latents agree with the baseline (rel. diff < 1e-3): {f.agree}/{f.n} "
+          f"(largest difference {f.diff:.2e})")  # fmt: skip
+    print(f"gate open on {100 * f.open_share:.0f}% of row-steps; {100 * f.warm_share:.0f}% of those "
           f"reused the row's forward (open at the previous step too)")  # fmt: skip
     print("engine AMG step time by part (profiled run, s):")
-    for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
+    for k, v in sorted(f.parts.items(), key=lambda kv: -kv[1]):
         print(f"  {k:22s} {v:8.3f}")
 
+
+def main() -> None:
+    args = parse_args()
+    f = measure(args)
+    print_table(args, f)
+    t = f.seconds
     record = {
         "bench": "engine", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": args.device,
         **bench_common.environment(args.device),
-        "prompts": n, "steps": cfg.sampler.steps, "compile": args.compile,
-        "seconds": {"baseline": t_base, "engine_amg": t_amg, "engine_plain": t_plain, "warmup": warmup,
-                    "engine_amg_no_reuse": t_recompute},
-        "speedup_vs_baseline": t_base / t_amg, "amg_overhead_vs_plain": t_amg / t_plain,
-        "max_rel_diff": diff, "rows_agreeing": agree, "breakdown_s": parts,
-        "gate_open_share": open_share, "warm_reuse_share": warm_share,
+        "prompts": f.n, "steps": f.steps, "compile": args.compile,
+        "seconds": t,
+        "speedup_vs_baseline": t["baseline"] / t["engine_amg"],
+        "amg_overhead_vs_plain": t["engine_amg"] / t["engine_plain"],
+        "max_rel_diff": f.diff, "rows_agreeing": f.agree, "breakdown_s": f.parts,
+        "gate_open_share": f.open_share, "warm_reuse_share": f.warm_share,
     }  # fmt: skip
     bench_common.append_record(args.out, record)
 

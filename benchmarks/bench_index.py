@@ -5,7 +5,7 @@ For N in 10^4, 10^5, 10^6 random unit vectors (D = 512, CLAP's size) it times, p
 rows (the per-step batch), and prints the speed-up over the exact path measured in the same run:
 
 - exact:          ExactSearcher, one shard (matrix product + top-k on the device; the default)
-- exact-sharded:  ExactSearcher split into ``--shards`` parts (one per GPU when there are several)
+- exact-sharded:  ExactSearcher split into ``--shards`` parts on the same device
 - faiss-flat:     FaissSearcher("Flat"), exact inner product in faiss
 - faiss-ivfpq:    FaissSearcher("IVF{nlist},PQ64"), nlist = 2^round(log2 √N), nprobe = nlist/8,
                   trained on 64·nlist vectors; ``--refine`` adds "…,RFlat" (exact re-rank)
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", help="database sizes (default 10^4 10^5 10^6)")
     p.add_argument("--dim", type=int, default=512, help="vector dimension (CLAP: 512)")
     p.add_argument("--nq", type=int, default=16, help="queries per timed batch (the per-step batch)")
-    p.add_argument("--shards", type=int, help="exact-sharded parts (default: GPU count if > 1, else 4)")
+    p.add_argument("--shards", type=int, help="exact-sharded parts (default 4)")
     p.add_argument("--pq", type=int, default=64, help="PQ sub-quantizers (512 / 64 = 8 dims each)")
     p.add_argument("--nprobe-div", type=int, default=8, help="nprobe = nlist / this")
     p.add_argument("--refine", action="store_true", help="also time IVF-PQ with exact re-ranking (RFlat)")
@@ -104,7 +104,7 @@ def ivf_factory(n: int, pq: int, refine: bool) -> tuple[str, int, int]:
 
 
 def builders(args, n: int) -> dict[str, tuple[Callable, dict]]:
-    shards = args.shards or (torch.cuda.device_count() if torch.cuda.device_count() > 1 else 4)
+    shards = args.shards or 4
     out = {
         "exact": (lambda xb: ExactSearcher(xb), {}),
         "exact-sharded": (lambda xb: ExactSearcher(xb, shards=shards), {"shards": shards}),

@@ -139,8 +139,12 @@ class Report:
         self.write()
 
     def write(self) -> None:
-        (self.out / "gpu_check.json").write_text(json.dumps(self.doc, indent=1, default=str))
-        (self.out / "gpu_check.md").write_text(markdown(self.doc))
+        """Both files, each replaced whole: a check killed mid-write leaves the previous section's."""
+        from index.files import atomic_write
+
+        doc, table = json.dumps(self.doc, indent=1, default=str), markdown(self.doc)
+        atomic_write(self.out / "gpu_check.json", lambda p: Path(p).write_text(doc))
+        atomic_write(self.out / "gpu_check.md", lambda p: Path(p).write_text(table))
 
 
 # ------------------------------------------------------------------------------------------- timing

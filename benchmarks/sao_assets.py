@@ -92,13 +92,14 @@ def write_clap(path: Path) -> Path:
 
 def write_index(folder: Path, checkpoint: Path, n: int, texts: list[str]) -> Path:
     """n random unit vectors [n, 512], recorded with the CLAP checkpoint's identity."""
-    from index.clap import DIM, NAME, SAMPLE_RATE, file_sha256
+    from index.clap import DIM, NAME, SAMPLE_RATE
     from index.embedders import EmbedderInfo
+    from index.files import file_digest
     from index.store import EmbeddingIndex
 
     g = torch.Generator().manual_seed(2)
     vectors = torch.nn.functional.normalize(torch.randn(n, DIM, generator=g), dim=1)
-    info = EmbedderInfo(NAME, SAMPLE_RATE, DIM, file_sha256(checkpoint))
+    info = EmbedderInfo(NAME, SAMPLE_RATE, DIM, file_digest(checkpoint))
     ids = [f"train-{i:07d}" for i in range(n)]
     EmbeddingIndex(vectors, ids, [texts[i % len(texts)] for i in range(n)], [10.0] * n, info).save(folder)
     return folder

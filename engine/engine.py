@@ -18,6 +18,7 @@ import torch
 from torch.profiler import record_function
 
 from engine.compile import compiled_branches, compiled_denoise, maybe_compile
+from engine.cond_cache import ConditioningCache
 from engine.config import EngineConfig
 from engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser, search_fn
 from engine.models import (
@@ -92,7 +93,6 @@ class Engine:
         The cheap checks come first (the index, the embedder's identity against it, the model's files),
         so bad input fails before gigabytes of weights are read.
         """
-        from index.cond_cache import ConditioningCache
         from index.embedders import check_embedder, load_embedder
         from index.store import EmbeddingIndex, index_id
 

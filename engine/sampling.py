@@ -41,7 +41,6 @@ __all__ = [
     "ThreeStepState",
     "TwoStepState",
     "get_sampler",
-    "init_state",
     "karras",
     "polyexponential",
     "sample",
@@ -297,11 +296,6 @@ def get_sampler(name: str) -> Sampler:
     except KeyError:
         valid = ", ".join(sorted(SAMPLERS))
         raise ValueError(f"unknown sampler {name!r}; valid names: {valid}") from None
-
-
-def init_state(name: str, x: Tensor) -> SamplerState:
-    """Fresh state (no history, step counter 0) for sampler ``name`` and latents ``x: [B, C, T]``."""
-    return get_sampler(name).init_state(x)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from index.clip import input_span, prepare_clips
-from index.store import EmbeddingIndex, atomic_write, open_plan_dir
+from index.files import atomic_write, open_plan_dir
+from index.store import EmbeddingIndex
 
 log = logging.getLogger(__name__)
 

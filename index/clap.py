@@ -74,11 +74,6 @@ def _laion_clap() -> SimpleNamespace:
     )
 
 
-def file_sha256(path: str | Path, prefix: int = 16) -> str:
-    """Hex sha256 of a file's bytes, first ``prefix`` characters (streamed, cached: index/files.py)."""
-    return file_digest(path, prefix)
-
-
 def load_clap_state_dict(checkpoint: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
     """The full CLAP state dict of a ``630k-audioset-best.pt``-layout checkpoint, ``module.`` stripped.
 

@@ -1,5 +1,13 @@
-"""File plumbing shared by the index, the engine and the jobs: streaming digests cached on disk, and
-checkpoint loading that never unpickles code unless asked to.
+"""File plumbing shared by the index, the engine and the jobs: durable writes, resumable work
+folders, streaming digests cached on disk, and checkpoint loading that never unpickles code unless
+asked to.
+
+The files a run, a build or an audit produces go through :func:`atomic_write` (or, for a file
+streamed to its temporary name, :func:`fsync_replace`): written to a temporary name in the same
+folder, flushed and fsynced, renamed onto its name, the folder fsynced. Readers see the old file or
+the new one, never half of one, and after a power cut one of the two is there. (Not so: appended
+logs such as ``run.log`` and ``benchmarks/results.jsonl``, and the files engine/default's
+data-building and training commands write.)
 
 ``file_digest(path)`` is the sha256 of a file's bytes, read in 16 MiB chunks (a 4.8 GB checkpoint
 never sits in memory), and remembered by resolved path, size and modification time: in this process,
@@ -11,12 +19,14 @@ read or written only costs the hash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import pickle
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -34,8 +44,74 @@ def cache_dir() -> Path:
     return Path(base) / "amg-engine"
 
 
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in ``folder`` durable."""
+    with contextlib.suppress(OSError):  # not every file system can open a folder for fsync
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a complete file's data to the disk (before it is renamed or linked into place)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_replace(tmp: str | Path, path: str | Path) -> None:
+    """Rename the complete file ``tmp`` onto ``path`` so that a power cut leaves one or the other:
+    the data is flushed before the rename, the rename before returning."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+def atomic_write(
+    path: str | Path, write: Callable[[str], object], tmp: str | Path | None = None, durable: bool = True
+) -> None:
+    """``write(tmp)`` writes the whole file under a temporary name in ``path``'s folder (default
+    ``.<name>.tmp-<pid>``), which then replaces ``path`` (:func:`fsync_replace`; ``durable=False``:
+    a plain rename, for a file whose loss a reader detects and redoes). The temporary file never
+    outlives a failed write."""
+    path = Path(path)
+    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        if durable:
+            fsync_replace(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def open_plan_dir(work: Path, plan: dict, restart: bool, what: str) -> Path:
+    """A resumable work folder holding ``plan.json``: reused when it holds the same plan, refused
+    (ValueError naming what differs) when it holds another, emptied first when ``restart``.
+    ``what`` names the work in the message, e.g. "an unfinished build"."""
+    import shutil
+
+    if restart and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    plan_file = work / "plan.json"
+    if plan_file.exists():
+        old = json.loads(plan_file.read_text())
+        if old != plan:
+            changed = sorted(k for k in plan if old.get(k) != plan[k])
+            raise ValueError(
+                f"{work} holds {what} with another {', '.join(changed)}; rerun with the same inputs to "
+                "resume it, or pass --restart (restart=True) to discard it"
+            )
+    else:
+        atomic_write(plan_file, lambda p: Path(p).write_text(json.dumps(plan, indent=1)))
+    return work
+
+
 def sha256_stream(path: str | Path) -> str:
-    """Hex sha256 of the file's bytes, streamed."""
+    """Hex sha256 of the file's bytes, streamed (the project's one file digest; cached: file_digest)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):
@@ -82,8 +158,8 @@ def _write_cache(path: str, entry: dict) -> None:
         entries = _read_cache()
         entries[path] = entry
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(entries))
-        os.replace(tmp, target)
+        text = json.dumps(entries)
+        atomic_write(target, lambda p: Path(p).write_text(text), tmp=tmp, durable=False)  # a cache
     except OSError as e:  # a read-only home, a full disk: the digest is still right, just not cached
         log.debug("could not write the digest cache %s: %s", target, e)
 

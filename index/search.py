@@ -5,10 +5,10 @@ products (cosines, since both sides are unit-norm) in descending order, I the ro
 index vectors), -1 where an approximate index found fewer than k; ``result.ids`` maps I to the
 index's ids (a host synchronisation, so only outside the denoising step).
 
-- :class:`ExactSearcher`: matrix product + top-k on the device, ``xb`` split into shards (one per
-  CUDA device when there are several; ``shards=`` splits on one device, e.g. to exercise the code on
-  CPU), each shard scanned in chunks of ``chunk`` rows so the [B, chunk] similarity block stays small.
-  No host synchronisation: it can run inside the denoising step. The default, up to ~10^7 vectors.
+- :class:`ExactSearcher`: matrix product + top-k on ``xb``'s device, ``xb`` optionally split into
+  ``shards`` parts on that device, each scanned in chunks of ``chunk`` rows so the [B, chunk]
+  similarity block stays small. No host synchronisation. The default, up to ~10^7 vectors. (The
+  denoising step itself uses the fused ``kernels.nn_search``, see engine/guidance.py ``search_fn``.)
 - :class:`FaissSearcher`: any ``faiss.index_factory`` string ("Flat", "IVF1024,PQ64", "HNSW32", …)
   with inner-product metric, trained on a random sample of ``xb`` when the index needs training,
   split into ``faiss.IndexShards``, on all GPUs when the installed faiss has GPU support
@@ -58,8 +58,8 @@ class Searcher(Protocol):
 class SearchConfig:
     """How to search an index. ``kind`` "exact" (torch, sync-free) or "faiss" (``factory`` string).
 
-    shards: exact: number of parts of xb (None: one per CUDA device when xb is on CUDA and there are
-    several, else 1); faiss: number of ``IndexShards`` parts (None: 1, or one per GPU on GPU).
+    shards: exact: number of parts of xb, all on its device (None: 1); faiss: number of
+    ``IndexShards`` parts (None: 1, or one per GPU on GPU).
     chunk: exact: rows of xb per matrix product. params: faiss runtime parameters, e.g.
     {"nprobe": 64}. train_size: faiss training sample (None: min(N, 100_000)). seed: the sample's seed.
     gpu: faiss on GPU (None: when ``faiss.get_num_gpus() > 0``).
@@ -78,7 +78,7 @@ class SearchConfig:
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r}: use one of {KINDS}")
         if self.shards is not None and self.shards < 1:
-            raise ValueError(f"shards={self.shards}: use a positive number, or None for one per device")
+            raise ValueError(f"shards={self.shards}: use a positive number, or None for the default")
         if self.chunk < 1:
             raise ValueError(f"chunk={self.chunk}: use a positive number of rows, e.g. {1 << 20}")
         if self.train_size is not None and self.train_size < 1:
@@ -127,34 +127,24 @@ def merge_topk(
 
 
 class ExactSearcher:
-    """Exact maximum-inner-product search, xb split into shards across devices; sync-free.
+    """Exact maximum-inner-product search over xb on its device, optionally in shards; sync-free.
 
     xb [N, D] (kept in its dtype; pass float16/bfloat16 to halve memory at 10^7 vectors). shards:
-    parts of xb (default: one per CUDA device when xb is on CUDA and several exist, else 1); part s
-    lives on ``devices[s % len(devices)]``. Results come back on the query's device.
+    parts of xb, each searched in turn and merged (default 1). Results come back on the query's device.
     """
 
     def __init__(
         self,
         xb: torch.Tensor,
         shards: int | None = None,
-        devices: Sequence[torch.device | str] | None = None,
         chunk: int = 1 << 20,
         ids: Sequence[str] | None = None,
     ) -> None:
-        if devices is None:
-            multi = xb.is_cuda and torch.cuda.device_count() > 1
-            devices = (
-                [torch.device("cuda", d) for d in range(torch.cuda.device_count())] if multi else [xb.device]
-            )
-        devices = [torch.device(d) for d in devices]
-        shards = shards or len(devices)
+        shards = shards or 1
         bounds = np.linspace(0, xb.shape[0], shards + 1).round().astype(int).tolist()
-        self.shards = [
-            (lo, xb[lo:hi].to(devices[s % len(devices)])) for s, (lo, hi) in enumerate(pairwise(bounds))
-        ]
+        self.shards = [(lo, xb[lo:hi]) for lo, hi in pairwise(bounds)]
         self.ntotal, self.chunk, self.ids = xb.shape[0], chunk, ids
-        log.debug("exact search over %d vectors in %d shard(s) on %s", self.ntotal, shards, devices)
+        log.debug("exact search over %d vectors in %d shard(s) on %s", self.ntotal, shards, xb.device)
 
     def search(self, xq: torch.Tensor, k: int = 1) -> SearchResult:
         """xq [B, D] -> SearchResult(D [B, k], I [B, k]) on xq's device, no host synchronisation."""

@@ -6,16 +6,16 @@ On disk an index is a folder with ``vectors.safetensors`` ([N, D] float32, unit-
 training clips' latents, for the latent-space similarity of index/latent_nl2.py). A query with
 another embedder is refused. Each file is written to a temporary name and renamed.
 
-:meth:`EmbeddingIndex.search` is the exact path: one matrix product and a top-k on the device, with
-no host synchronisation, so it can sit inside the denoising step. index/search.py has the sharded
-exact and FAISS paths behind one interface (:meth:`EmbeddingIndex.searcher`).
+Searching it: the denoising step runs the fused kernel ``kernels.nn_search`` (its torch twin off CUDA)
+over :attr:`EmbeddingIndex.vectors` on the engine's device (engine/guidance.py ``search_fn``); the
+audit and the benchmarks use index/search.py's exact and FAISS paths behind one interface
+(:meth:`EmbeddingIndex.searcher`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import torch
 
 from index.clip import EmbedderInfo
 from index.embedders import EmbedderMismatch
-from index.files import file_digest
+from index.files import atomic_write, file_digest
 
 __all__ = ["EmbedderMismatch", "EmbeddingIndex", "build_index", "index_id"]
 
@@ -65,13 +65,8 @@ class EmbeddingIndex:
                 "rebuild the index with `amg index build` using the same embedder"
             )
 
-    def search(self, xq: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact maximum-cosine search. xq [B, D] unit-norm -> (D [B, k] similarity, I [B, k] index)."""
-        sims = xq.float() @ self.vectors.to(xq.device).T  # [B, N]
-        return sims.topk(min(k, len(self)), dim=1)
-
     def searcher(self, config=None):
-        """A :class:`index.search.Searcher` over this index (exact sharded or FAISS, see SearchConfig)."""
+        """A :class:`index.search.Searcher` over this index (exact or FAISS, see SearchConfig)."""
         from index.search import SearchConfig, make_searcher
 
         return make_searcher(self, config or SearchConfig())
@@ -125,41 +120,8 @@ def index_id(folder: str | Path) -> str:
     return f"{json.loads(info)['name']}:{digest}"
 
 
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` then rename onto ``path``: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def build_index(embedder, audio: torch.Tensor, sample_rate: int, ids, captions, seconds, batch_size=64):
     """Embed ``audio`` [N, C, T] in batches and return an :class:`EmbeddingIndex`."""
     with torch.no_grad():
         parts = [embedder(audio[i : i + batch_size], sample_rate) for i in range(0, len(audio), batch_size)]
     return EmbeddingIndex(torch.cat(parts).float(), list(ids), list(captions), list(seconds), embedder.info)
-
-
-def open_plan_dir(work: Path, plan: dict, restart: bool, what: str) -> Path:
-    """A resumable work folder holding ``plan.json``: reused when it holds the same plan, refused
-    (ValueError naming what differs) when it holds another, emptied first when ``restart``.
-    ``what`` names the work in the message, e.g. "an unfinished build"."""
-    import shutil
-
-    if restart and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    plan_file = work / "plan.json"
-    if plan_file.exists():
-        old = json.loads(plan_file.read_text())
-        if old != plan:
-            changed = sorted(k for k in plan if old.get(k) != plan[k])
-            raise ValueError(
-                f"{work} holds {what} with another {', '.join(changed)}; rerun with the same inputs to "
-                "resume it, or pass --restart (restart=True) to discard it"
-            )
-    else:
-        plan_file.write_text(json.dumps(plan, indent=1))
-    return work

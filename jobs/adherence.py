@@ -64,7 +64,7 @@ def attribute_rows(items: Sequence, out_dir: Path, progress: bool = True):
     from tqdm import tqdm
 
     from engine.default.attributes import parse_prompt
-    from index.store import atomic_write
+    from index.files import atomic_write
 
     todo = [(it, t) for it in items if (t := parse_prompt(it.prompt)) is not None]
     if not todo:

@@ -42,8 +42,9 @@ import torch
 
 from index.build import clips_from_folder, read_clip
 from index.distances import Moments, fad, kad
+from index.files import atomic_write, fsync_replace, open_plan_dir
 from index.search import SearchConfig, make_searcher
-from index.store import EmbeddingIndex, atomic_write, open_plan_dir
+from index.store import EmbeddingIndex
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,46 @@ class Summary:
         return json.dumps(asdict(self), indent=1)
 
 
+class _Totals:
+    """What :func:`aggregate` keeps while it streams the parts. Preallocated: no per-file Python objects
+    outlive their part (views into a part's tensor, or floats made while reading it, would pin its
+    memory: measured +0.5 to +3 GB at 10^5 files)."""
+
+    def __init__(self, total: int, dim: int, max_pairs: int) -> None:  # total: an upper bound on ok rows
+        self.moments = Moments(dim)
+        self.keep = np.array(sorted(_kad_rows(total)))
+        self.sims, self.clap = np.empty(total), np.empty(total)
+        self.kad_x = torch.empty(len(self.keep), dim)
+        self.n_files = self.n_ok = self.n_sim = self.n_clap = self.n_kad = 0
+        self.pairs: list = []
+        self.max_pairs = max_pairs
+
+    def add(self, table, e: torch.Tensor) -> None:
+        """One part: its rows (Arrow) and ``e`` [n_ok of this part, D], the embeddings of its ok rows."""
+        import pyarrow.compute as pc
+
+        ok = np.flatnonzero(pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False))
+        sim = table["similarity"].to_numpy(zero_copy_only=False)[ok].astype(np.float64)  # NaN: no neighbour
+        found = ~np.isnan(sim)
+        self.sims[self.n_sim : self.n_sim + found.sum()] = sim[found]
+        self.n_sim += int(found.sum())
+        clap = table["clap_score"].to_numpy(zero_copy_only=False)[ok].astype(np.float64)
+        clap = clap[~np.isnan(clap)]
+        self.clap[self.n_clap : self.n_clap + len(clap)] = clap
+        self.n_clap += len(clap)
+        if len(ok):
+            self.moments.add(e)
+            sel = np.flatnonzero(np.isin(self.n_ok + np.arange(len(ok)), self.keep))
+            self.kad_x[self.n_kad : self.n_kad + len(sel)] = e[torch.from_numpy(sel)]
+            self.n_kad += len(sel)
+        for j in np.argsort(-np.nan_to_num(sim, nan=-np.inf), kind="stable")[: self.max_pairs]:  # this part's
+            if found[j]:  # candidates only
+                position = self.n_files + int(ok[j])
+                _offer(self.pairs, self.max_pairs, float(sim[j]), position, table.slice(int(ok[j]), 1))
+        self.n_files += table.num_rows
+        self.n_ok += len(ok)
+
+
 def aggregate(
     part_files: Sequence[Path],
     index: EmbeddingIndex,
@@ -315,19 +356,11 @@ def aggregate(
     heldout: EmbeddingIndex | None = None,
 ) -> Summary:
     """Stream the parts into ``audit.parquet`` and the summary statistics (bounded memory)."""
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from safetensors.torch import load_file
 
-    moments = Moments(index.embedder.dim)
     total = sum(pq.read_metadata(p).num_rows for p in part_files)  # an upper bound on the ok rows
-    keep = np.array(sorted(_kad_rows(total)))
-    # Preallocated: no per-file Python objects outlive their part (views into a part's tensor, or
-    # floats made while reading it, would pin its memory: measured +0.5 to +3 GB at 10^5 files)
-    sims_a, clap_a = np.empty(total), np.empty(total)
-    kad_x = torch.empty(len(keep), index.embedder.dim)
-    n_files = n_ok = n_sim = n_clap = n_kad = 0
-    pairs: list = []
+    totals = _Totals(total, index.embedder.dim, config.pairs)
     tmp = out_dir / "audit.parquet.tmp"
     writer = None
     for part in part_files:
@@ -335,38 +368,35 @@ def aggregate(
         e = load_file(part.with_suffix(".safetensors"))["e"]  # [n_ok of this part, D]
         writer = writer or pq.ParquetWriter(tmp, table.schema)
         writer.write_table(table)
-        ok = np.flatnonzero(pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False))
-        sim = table["similarity"].to_numpy(zero_copy_only=False)[ok].astype(np.float64)  # NaN: no neighbour
-        found = ~np.isnan(sim)
-        sims_a[n_sim : n_sim + found.sum()], n_sim = sim[found], n_sim + int(found.sum())
-        clap = table["clap_score"].to_numpy(zero_copy_only=False)[ok].astype(np.float64)
-        clap = clap[~np.isnan(clap)]
-        clap_a[n_clap : n_clap + len(clap)], n_clap = clap, n_clap + len(clap)
-        if len(ok):
-            moments.add(e)
-            sel = np.flatnonzero(np.isin(n_ok + np.arange(len(ok)), keep))
-            kad_x[n_kad : n_kad + len(sel)], n_kad = e[torch.from_numpy(sel)], n_kad + len(sel)
-        for j in np.argsort(-np.nan_to_num(sim, nan=-np.inf), kind="stable")[: config.pairs]:  # this part's
-            if found[j]:  # candidates only
-                _offer(pairs, config.pairs, float(sim[j]), n_files + int(ok[j]), table.slice(int(ok[j]), 1))
-        n_files += table.num_rows
-        n_ok += len(ok)
+        totals.add(table, e)
     if writer is not None:
         writer.close()
-        tmp.replace(out_dir / "audit.parquet")
-    sims_a, clap_a, kad_x = sims_a[:n_sim], clap_a[:n_clap], kad_x[:n_kad]
+        fsync_replace(tmp, out_dir / "audit.parquet")
+    return _summary(totals, index, config, thresholds, reference, heldout)
+
+
+def _summary(
+    t: _Totals,
+    index: EmbeddingIndex,
+    config: AuditConfig,
+    thresholds: Sequence[float],
+    reference: EmbeddingIndex | None,
+    heldout: EmbeddingIndex | None,
+) -> Summary:
+    """The statistics over what the parts held, against the training clips' own background."""
+    sims_a, clap_a, kad_x = t.sims[: t.n_sim], t.clap[: t.n_clap], t.kad_x[: t.n_kad]
     background = background_similarities(index, config.search)
-    fad_v, kad_v = _distances(moments, kad_x, reference if reference is not None else index)
-    fad_h, kad_h = _distances(moments, kad_x, heldout)
+    fad_v, kad_v = _distances(t.moments, kad_x, reference if reference is not None else index)
+    fad_h, kad_h = _distances(t.moments, kad_x, heldout)
     edges = np.linspace(min(-0.0, float(background.min(initial=0)), float(sims_a.min(initial=0))), 1.0,
                         HIST_BINS + 1)  # fmt: skip
     return Summary(
-        n_files=n_files, n_ok=n_ok, n_error=n_files - n_ok, n_no_neighbour=n_ok - n_sim,
+        n_files=t.n_files, n_ok=t.n_ok, n_error=t.n_files - t.n_ok, n_no_neighbour=t.n_ok - t.n_sim,
         embedder=json.loads(index.embedder.to_json()), thresholds=list(thresholds),
         generated=similarity_stats(sims_a, thresholds), background=similarity_stats(background, thresholds),
         fad=fad_v, kad=kad_v, reference="training index" if reference is None else "reference index",
-        clap_score=(similarity_stats(clap_a, ()) if n_clap else None),
-        top_pairs=[p[2] for p in sorted(pairs, key=lambda p: p[:2], reverse=True)],
+        clap_score=(similarity_stats(clap_a, ()) if t.n_clap else None),
+        top_pairs=[p[2] for p in sorted(t.pairs, key=lambda p: p[:2], reverse=True)],
         histogram={
             "edges": edges.tolist(),
             # cosines of float32 unit vectors can exceed 1 by an ulp: clip into the outer bins

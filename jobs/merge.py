@@ -34,13 +34,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from index.files import fsync_replace
 from jobs.results import (
     FIXED_SCHEMA,
     KEY,
     ResultStore,
     Scan,
     conform,
-    fsync_replace,
     iter_chunks,
     parquet_options,
     tmp_name,

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from index.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 EXCERPT_SECONDS = 10.0
@@ -199,9 +201,7 @@ def write_report(summary, out_dir: Path, train_audio: dict[str, Path] | None = N
         adherence=_adherence_section(summary.adherence),
     )  # fmt: skip
     path = out_dir / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, lambda p: Path(p).write_text(page, encoding="utf-8"))
     return path
 
 

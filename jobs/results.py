@@ -81,7 +81,6 @@ position in the shard.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -96,6 +95,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from index.files import atomic_write, fsync_dir, fsync_file, sha256_stream
 
 log = logging.getLogger(__name__)
 
@@ -200,16 +201,12 @@ def write_audio(path: Path, audio, sample_rate: int, tag: str = "") -> AudioFile
     """``audio`` [C, T] (numpy) to FLAC or WAV by the suffix; encoded in memory (so its digest costs
     no second read), written to a temporary name, then renamed."""
     encoded = encode_audio(audio, sample_rate, path.suffix[1:])
-    tmp = tmp_name(path, tag)
-    tmp.write_bytes(encoded)
-    os.replace(tmp, path)
+    # Not fsynced (durable=False): the row records the file's size, time and digest, so a rerun after a
+    # power cut regenerates a torn file (same_audio); an fsync a file costs ~0.6 ms here, near the job
+    # layer's whole per-row cost (0.70 ms, README: bench_jobs). The shard that names it is durable.
+    atomic_write(path, lambda p: Path(p).write_bytes(encoded), tmp=tmp_name(path, tag), durable=False)
     st = os.stat(path)
     return AudioFile(st.st_size, st.st_mtime_ns, hashlib.sha256(encoded).hexdigest())
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def same_audio(path: Path, size: int | None, mtime_ns: int | None, sha256: str | None) -> bool:
@@ -225,30 +222,12 @@ def same_audio(path: Path, size: int | None, mtime_ns: int | None, sha256: str |
     if st.st_mtime_ns == mtime_ns:
         return True
     try:
-        return sha256 is not None and file_sha256(path) == sha256
+        return sha256 is not None and sha256_stream(path) == sha256
     except OSError:
         return False
 
 
-# -- durable writes and the folder lock ----------------------------------------------------------------
-def fsync_replace(tmp: Path, path: Path) -> None:
-    """Rename the complete file ``tmp`` onto ``path`` so that a power cut leaves one or the other:
-    the data is flushed before the rename, the rename before returning."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system can open a folder for fsync
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
+# -- the folder lock (durable writes: index/files.py) ------------------------------------------------
 class FolderLock:
     """``DIR/.lock``, an advisory ``flock``: shared while a run works in the folder, exclusive for the
     work that must not race with another run (compaction, ``results.parquet``). The kernel drops it
@@ -392,11 +371,12 @@ class ResultStore:
 
     def publish(self, tmp: Path) -> Path:
         """Give a complete pending shard the next free number."""
+        fsync_file(tmp)  # a power cut must not leave a published shard that is not all there
         seq = self._next if self._next is not None else self._max_seq() + 1
         while True:
             final = self.parts / f"part-{seq:05d}.parquet"
             try:
-                os.link(tmp, final)  # fails if another process took the number
+                os.link(tmp, final)  # fails if another process took the number; data flushed first
             except FileExistsError:
                 seq += 1
                 continue
@@ -406,6 +386,7 @@ class ResultStore:
                     continue
                 os.replace(tmp, final)
             tmp.unlink(missing_ok=True)
+            fsync_dir(self.parts)
             self._next = seq + 1
             return final
 

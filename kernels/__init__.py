@@ -6,6 +6,6 @@ This package imports nothing else from the project.
 """
 
 from .guidance import amg_combine, amg_combine_ref
-from .nn_search import merge_shards, nn_search, nn_search_ref
+from .nn_search import nn_search, nn_search_ref
 
-__all__ = ["amg_combine", "amg_combine_ref", "merge_shards", "nn_search", "nn_search_ref"]
+__all__ = ["amg_combine", "amg_combine_ref", "nn_search", "nn_search_ref"]

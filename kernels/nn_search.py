@@ -11,13 +11,12 @@ Contract (kernel and twin alike):
   is **assumed unit-norm already** (CLAP embeddings are) and is not renormalised, so for other
   databases the result is the maximum inner product with the normalised query, not the cosine.
 - All arithmetic is fp32 (inputs fp32/fp16/bf16, mixed allowed, any strides); similarities float32.
-- Ties: the **lowest database index** wins, in the kernel, the twin and ``merge_shards``.
+- Ties: the **lowest database index** wins, in the kernel and the twin alike.
 - Non-finite inputs give unspecified results (the index is still in range).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import cache
 
 import torch
@@ -27,7 +26,7 @@ import triton.language as tl
 
 from ._dispatch import is_interpreted, launcher, register_op, use_triton
 
-__all__ = ["merge_shards", "nn_search", "nn_search_ref"]
+__all__ = ["nn_search", "nn_search_ref"]
 
 _EPS = 1e-12  # F.normalize's default
 _INDEX_SENTINEL = torch.iinfo(torch.int64).max
@@ -101,22 +100,6 @@ def _merge(sim: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     hit = (sim == best) | sim.isnan()  # isnan only matters when best is NaN (amax propagates it)
     best_idx = torch.where(hit, idx, torch.full_like(idx, _INDEX_SENTINEL)).amin(dim=0)
     return best, best_idx
-
-
-def merge_shards(
-    shards: Sequence[tuple[torch.Tensor, torch.Tensor, int]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge per-shard ``(sim [B], idx [B], offset)`` search results into the global ``(sim, idx)``.
-
-    The global index is ``local idx + offset`` (offset = position of the shard's first row in the full
-    database). Takes the max similarity across shards; ties go to the lowest global index, so the result
-    equals an unsharded ``nn_search`` whatever the shard order.
-    """
-    if not shards:
-        raise ValueError("merge_shards got no shards; pass at least one (sim, idx, offset) triple")
-    sims = torch.stack([s.float() for s, _, _ in shards])  # [S, B]
-    idxs = torch.stack([i.long() + int(off) for _, i, off in shards])  # [S, B]
-    return _merge(sims, idxs)
 
 
 def nn_search_ref(xq: torch.Tensor, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,9 @@ import torch
 import torchaudio
 from clap_helpers import build_laion_clap, write_clap_checkpoint
 
-from index.clap import ClapEmbedder, ClapTextUnavailable, file_sha256, repeat_pad
+from index.clap import ClapEmbedder, ClapTextUnavailable, repeat_pad
 from index.embedders import EmbedderInfo, EmbedderMismatch, load_embedder
+from index.files import file_digest
 
 SR = 48_000
 
@@ -73,7 +74,7 @@ def test_checkpoint_layouts_round_trip(laion, checkpoint, embedder, tmp_path):
 
     bare = tmp_path / "bare.pt"
     torch.save(laion.model.state_dict(), bare)
-    info = EmbedderInfo("laion-clap-htsat-tiny", 48000, 512, file_sha256(bare))
+    info = EmbedderInfo("laion-clap-htsat-tiny", 48000, 512, file_digest(bare))
     assert info.checkpoint_hash != embedder.info.checkpoint_hash
     loaded = load_embedder(info, bare)  # the registry builds the embedder the index names
     assert isinstance(loaded, ClapEmbedder) and loaded.info == info

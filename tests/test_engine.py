@@ -13,6 +13,7 @@ import torch
 from jobs_helpers import PROMPTS as BASE_PROMPTS
 from jobs_helpers import assert_gates_are_clear
 
+from engine.cond_cache import ConditioningCache
 from engine.config import EngineConfig, GuidanceConfig, SamplerConfig
 from engine.engine import Engine, Request
 from engine.reference import published_amg
@@ -221,3 +222,26 @@ def test_detector_cut_is_exact_for_the_patched_pretransform(assets):
     # the same samples reach the embedder from a shorter buffer: an FFT over other memory may round
     # differently, so equal within float32 rounding of a unit vector
     torch.testing.assert_close(cut, full, atol=1e-6, rtol=0)
+
+
+# -- conditioning cache --------------------------------------------------------------------------
+
+
+def test_conditioning_cache_is_bounded_lru():
+    calls = []
+
+    def encode(rows):
+        calls.append(list(rows))
+        return [f"cond-{r}" for r in rows]
+
+    cache = ConditioningCache(encode, max_items=3)
+    assert cache.get(torch.tensor([1, 2, 1])) == ["cond-1", "cond-2", "cond-1"] and calls == [[1, 2]]
+    assert cache.get([3, 4]) == ["cond-3", "cond-4"] and len(cache) == 3 and 1 not in cache  # 1 was LRU
+    assert cache.get([2]) == ["cond-2"] and calls[-1] == [3, 4]  # hit, no encode
+    cache.get([5])  # evicts 3, the least recently used (2 was just used)
+    assert 3 not in cache and all(r in cache for r in (2, 4, 5))
+    big = cache.get(list(range(10, 17)))  # more distinct rows than max_items: answered in full
+    assert big == [f"cond-{r}" for r in range(10, 17)] and len(cache) == 3 and 16 in cache
+    assert sum(map(len, calls)) == 2 + 2 + 1 + 7  # rows encoded: each miss once
+    with pytest.raises(ValueError, match="max_items"):
+        ConditioningCache(encode, max_items=0)

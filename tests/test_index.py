@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from index.cond_cache import ConditioningCache
 from index.embedders import EmbedderInfo, EmbedderMismatch, MelEmbedder, load_embedder
 from index.latent_nl2 import latent_nl2, nl2_agreement
 from index.search import ExactSearcher, FaissSearcher, SearchConfig, recall_at
@@ -44,10 +43,6 @@ def assert_same_neighbours(D, I, xq, xb, k, tol=1e-6):  # noqa: E741
 @pytest.mark.parametrize("k", [1, 5])
 def test_exact_search_equals_brute_force(data, k):
     xb, xq = data
-    info = EmbedderInfo("test", 8000, 32, "x")
-    index = EmbeddingIndex(xb, [str(i) for i in range(len(xb))], [""] * len(xb), [1.0] * len(xb), info)
-    sims, rows = index.search(xq, k)
-    assert_same_neighbours(sims, rows, xq, xb, k)
     res = ExactSearcher(xb).search(xq, k)
     assert_same_neighbours(res.D, res.I, xq, xb, k)
 
@@ -65,13 +60,11 @@ def test_sharded_exact_equals_unsharded(data, shards, chunk):
 
 
 def test_exact_search_is_on_device_and_sync_free(data, monkeypatch):
-    """The per-step path: device tensors out, no .item()/.tolist()/.numpy(), no scalar read (the
+    """Device tensors out, no .item()/.tolist()/.numpy(), no scalar read (the
     aten op behind every device-to-host read of a value)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     xb, xq = data
-    info = EmbedderInfo("test", 8000, 32, "x")
-    index = EmbeddingIndex(xb, [str(i) for i in range(len(xb))], [""] * len(xb), [1.0] * len(xb), info)
     searcher = ExactSearcher(xb, shards=3, chunk=500)
 
     class Record(TorchDispatchMode):
@@ -82,17 +75,16 @@ def test_exact_search_is_on_device_and_sync_free(data, monkeypatch):
             return func(*args, **(kwargs or {}))
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("host synchronisation in the per-step search")
+        raise AssertionError("host synchronisation in the exact search")
 
     for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     with Record() as rec:
-        sims, rows = index.search(xq, 3)
         res = searcher.search(xq, 3)
     monkeypatch.undo()
     assert not [op for op in rec.ops if "_local_scalar_dense" in op], rec.ops
     assert "aten.topk.default" in rec.ops  # the mode really saw the search
-    for t in (sims, rows, res.D, res.I):
+    for t in (res.D, res.I):
         assert isinstance(t, torch.Tensor) and t.device == xq.device
 
 
@@ -235,29 +227,6 @@ def test_nl2_agreement_on_synthetic_predictions():
     assert agree.n == 5 and agree.nearest == 1.0 and agree.gate == 1.0
     wrong = nl2_agreement(x0, vectors[(rows + 1) % 38], vectors, latents)  # embedding points elsewhere
     assert wrong.nearest == 0.0
-
-
-# -- conditioning cache --------------------------------------------------------------------------
-
-
-def test_conditioning_cache_is_bounded_lru():
-    calls = []
-
-    def encode(rows):
-        calls.append(list(rows))
-        return [f"cond-{r}" for r in rows]
-
-    cache = ConditioningCache(encode, max_items=3)
-    assert cache.get(torch.tensor([1, 2, 1])) == ["cond-1", "cond-2", "cond-1"] and calls == [[1, 2]]
-    assert cache.get([3, 4]) == ["cond-3", "cond-4"] and len(cache) == 3 and 1 not in cache  # 1 was LRU
-    assert cache.get([2]) == ["cond-2"] and calls[-1] == [3, 4]  # hit, no encode
-    cache.get([5])  # evicts 3, the least recently used (2 was just used)
-    assert 3 not in cache and all(r in cache for r in (2, 4, 5))
-    big = cache.get(list(range(10, 17)))  # more distinct rows than max_items: answered in full
-    assert big == [f"cond-{r}" for r in range(10, 17)] and len(cache) == 3 and 16 in cache
-    assert cache.hits == 1 and cache.misses == 2 + 2 + 1 + 7
-    with pytest.raises(ValueError, match="max_items"):
-        ConditioningCache(encode, max_items=0)
 
 
 # -- building ------------------------------------------------------------------------------------

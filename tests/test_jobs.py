@@ -11,10 +11,11 @@ import pytest
 import soundfile as sf
 from jobs_helpers import FakeEngine, fast_config, good_manifest, write_manifest
 
+from index.files import sha256_stream
 from jobs.cli import main
 from jobs.generate import JobConfig, Shard, run_generate
 from jobs.manifest import default_seed
-from jobs.results import FIXED_SCHEMA, ResultStore, file_sha256
+from jobs.results import FIXED_SCHEMA, ResultStore
 from jobs.runner import engine_view
 
 
@@ -189,7 +190,10 @@ def test_wav_output(tmp_path):
         JobConfig(audio_format="mp3")
 
 
-def test_concurrent_writers_never_overwrite_each_others_shards(tmp_path):
+def test_two_shard_stores_in_one_folder_never_overwrite_each_others_shards(tmp_path):
+    """Two shards' stores writing in turn in this one process: each keeps its own next number, so each
+    tries numbers the other took and the hard link refuses them. Shard processes really running at
+    once: tests/test_jobs_merge.py."""
     a, b = ResultStore(tmp_path, "shard0of2"), ResultStore(tmp_path, "shard1of2")
     a.prepare()
     schema = FIXED_SCHEMA
@@ -289,7 +293,7 @@ def test_a_real_change_of_an_audio_file_regenerates_its_row(tmp_path):
     _, res, engine = _run(m, out, audio_format="wav")
     assert _generated(engine) == ["row-0002"]
     assert (
-        file_sha256(path) == res["audio_sha256"][2].as_py() == first["audio_sha256"][2].as_py()
+        sha256_stream(path) == res["audio_sha256"][2].as_py() == first["audio_sha256"][2].as_py()
     )  # rewritten
 
 

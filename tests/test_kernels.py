@@ -23,7 +23,7 @@ import pytest
 import torch
 from triton.runtime.jit import JITFunction
 
-from kernels import amg_combine, amg_combine_ref, merge_shards, nn_search, nn_search_ref
+from kernels import amg_combine, amg_combine_ref, nn_search, nn_search_ref
 from kernels._dispatch import is_interpreted, use_triton
 
 _INTERPRETED = is_interpreted(importlib.import_module("kernels.guidance")._amg_combine_kernel)
@@ -148,33 +148,6 @@ def test_nn_search_ties_go_to_lowest_index(dtype):
     for sim, idx in (torch.ops.amg.nn_search(xq, xb), nn_search_ref(xq, xb)):
         assert torch.equal(idx, expected)
         assert torch.equal(sim.double(), scores.max(dim=1).values)
-    # Sharded, merged in reverse order so the lowest-index shard comes last: ties still go low.
-    cuts = [0, 100, 101, 300]
-    shards = [(*torch.ops.amg.nn_search(xq, xb[a:b]), a) for a, b in zip(cuts, cuts[1:], strict=False)]
-    sim, idx = merge_shards(shards[::-1])
-    assert torch.equal(idx, expected)
-
-
-@pytest.mark.usefixtures("poisoned_empty")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_merge_shards_equals_unsharded(dtype):
-    B, N, D = 3, 300, 64
-    g = _gen("shards", dtype)
-    xq = torch.randn(B, D, generator=g).to(DEVICE, dtype)
-    xb = _unit_rows(N, D, g).to(DEVICE, dtype)
-    xb[200] = xb[17]  # a cross-shard duplicate (shards 0 and 2), the best match of query 1
-    xq[1] = xb[17]
-    scores = _scores64(xq, xb)
-    cuts = [0, 100, 101, 300]  # unequal shards, one of a single row
-    for search in (torch.ops.amg.nn_search, nn_search_ref):
-        shards = [(*search(xq, xb[a:b]), a) for a, b in zip(cuts, cuts[1:], strict=False)]
-        sim, idx = merge_shards(shards)
-        _assert_search_matches(sim, idx, scores, NN_ATOL[dtype])
-        whole_sim, whole_idx = search(xq, xb)
-        torch.testing.assert_close(sim, whole_sim, atol=NN_ATOL[dtype], rtol=0)
-        assert idx[1] in (17, 200)  # exact-tie order is test_nn_search_ties_go_to_lowest_index's job
-    with pytest.raises(ValueError, match="no shards"):
-        merge_shards([])
 
 
 # --------------------------------------------------------------------------------------- amg_combine

@@ -115,7 +115,7 @@ def _lr_factor(step: int, steps: int, decay: str, warmup: int = 200) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument(
@@ -154,15 +154,15 @@ def main() -> None:
         action="store_true",
         help="do not train: rewrite the training set and rebuild OUT/../index for the model in OUT",
     )
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     validate_sigma_tn(args.ambient_sigma)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-
-    from stable_audio_tools.models.factory import create_model_from_config
-
-    from index.embedders import MelEmbedder
 
     clips = make_clips()
     data_dir = args.data or args.out.parent / "train"
@@ -172,6 +172,18 @@ def main() -> None:
 
         write_index(load_model(args.out)[0], clips, data_dir, args.out.parent / "index")
         return
+    model, config = new_model(args, clips)
+    ema, start = train(model, config, clips, args)
+    save_model(ema, config, args.out, dtype=torch.float16)
+    log.info("done in %.0f s", time.time() - start)
+    write_index(model, clips, data_dir, args.out.parent / "index")
+
+
+def new_model(args: argparse.Namespace, clips) -> tuple[torch.nn.Module, dict]:
+    """Write the tokenizer into OUT and build the model from its config (weights from --init if given);
+    -> (model, the config to save with it)."""
+    from stable_audio_tools.models.factory import create_model_from_config
+
     args.out.mkdir(parents=True, exist_ok=True)
     build_tokenizer([c.caption for c in clips], args.out / "tokenizer")
     config = model_config(depth=args.depth)
@@ -183,6 +195,12 @@ def main() -> None:
 
         model.load_state_dict(load_weights(args.init), strict=True)
         log.info("initialised from %s", args.init)
+    return model, config
+
+
+def training_data(model, config: dict, clips, args: argparse.Namespace):
+    """-> (latents [N, C, L], per-clip conditioning metadata, the fixed noisy copies or None). With
+    --ambient-sigma the cut-off is recorded in ``config``."""
     scale = config["amg_default"]["audio_scale"]
     latents = model.pretransform.encode(clip_tensor(clips) * scale)
     meta = [{"prompt": c.caption, "seconds_total": c.seconds} for c in clips]
@@ -194,7 +212,16 @@ def main() -> None:
         log.info("ambient diffusion: sigma_tn = %g (VE, latent units)", args.ambient_sigma)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2f M parameters; latents %s", n_params / 1e6, tuple(latents.shape))
+    return latents, meta, noisy
 
+
+def train(model, config: dict, clips, args: argparse.Namespace) -> tuple[torch.nn.Module, float]:
+    """AdamW (optionally with an EMA of the weights) for --steps, a replication check and a save every
+    --eval-every steps, stopping once --target replicates. -> (the weights evaluated: the EMA or the
+    model, the loop's start time)."""
+    from index.embedders import MelEmbedder
+
+    latents, meta, noisy = training_data(model, config, clips, args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(_lr_factor, steps=args.steps, decay=args.lr_decay))
     gen = torch.Generator().manual_seed(args.seed)
@@ -214,25 +241,24 @@ def main() -> None:
         if step % 100 == 0:
             log.info("step %d loss %.4f (%.0f s)", step, sum(losses[-100:]) / 100, time.time() - start)
         if step % args.eval_every == 0:
-            ema.eval()
-            rate = replication_rate(ema, clips, scale, embedder)
-            ema.train()
-            history.append(
-                {
-                    "step": step,
-                    "seconds": round(time.time() - start),
-                    "loss": round(sum(losses[-100:]) / len(losses[-100:]), 5),
-                    "replication": rate,
-                }
-            )
-            log.info("step %d: %.0f%% of captions replicate", step, 100 * rate)
-            save_model(ema, config, args.out, dtype=torch.float16)
-            (args.out / "training_log.json").write_text(json.dumps(history, indent=1))
-            if rate >= args.target:
+            record = {"step": step, "seconds": round(time.time() - start),
+                      "loss": round(sum(losses[-100:]) / len(losses[-100:]), 5)}  # fmt: skip
+            if _evaluate_and_save(ema, config, clips, embedder, args.out, record, history) >= args.target:
                 break
-    save_model(ema, config, args.out, dtype=torch.float16)
-    log.info("done in %.0f s", time.time() - start)
-    write_index(model, clips, data_dir, args.out.parent / "index")
+    return ema, start
+
+
+def _evaluate_and_save(ema, config: dict, clips, embedder, out: Path, record: dict, history: list) -> float:
+    """The replication check of the weights ``ema``, logged into ``history`` (OUT/training_log.json)
+    with ``record``; saves the model. -> the share of captions that replicate."""
+    ema.eval()
+    rate = replication_rate(ema, clips, config["amg_default"]["audio_scale"], embedder)
+    ema.train()
+    history.append({**record, "replication": rate})
+    log.info("step %d: %.0f%% of captions replicate", record["step"], 100 * rate)
+    save_model(ema, config, out, dtype=torch.float16)
+    (out / "training_log.json").write_text(json.dumps(history, indent=1))
+    return rate
 
 
 def write_index(model, clips, data_dir: Path, out_dir: Path) -> None:

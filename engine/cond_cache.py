@@ -26,7 +26,6 @@ class ConditioningCache:
             raise ValueError(f"max_items={max_items}: the cache must hold at least 1 row, e.g. 4096")
         self.encode_fn, self.max_items = encode_fn, max_items
         self._items: OrderedDict[int, Any] = OrderedDict()
-        self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -39,8 +38,6 @@ class ConditioningCache:
         rows = rows.tolist() if isinstance(rows, torch.Tensor) else [int(r) for r in rows]
         found = {r: self._items[r] for r in dict.fromkeys(rows) if r in self._items}
         missing = [r for r in dict.fromkeys(rows) if r not in found]
-        self.hits += len(rows) - sum(rows.count(r) for r in missing)
-        self.misses += len(missing)
         if missing:
             values = list(self.encode_fn(missing))
             if len(values) != len(missing):
