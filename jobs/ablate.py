@@ -164,7 +164,12 @@ def run_row(
     run_generate(
         manifest, run_dir, engine, JobConfig(progress=progress, gate=ReleaseGate() if row.gate else None)
     )
-    threshold = engine.replication_threshold
+    threshold, cost = engine.replication_threshold, release_cost(run_dir / "results.parquet")
+    entry = {"prompts": block, "row": row.name, "model": row.model}
+    if not cost["released"]:  # the gate released nothing (or every row failed): nothing to audit
+        empty = ("mean", "p95", "max", "share_replica", "family_adherence", *ATTRIBUTE_COLUMNS, "attributes",
+                 "retained", "fad", "kad", "fad_heldout", "kad_heldout")  # fmt: skip
+        return {**entry, "n": 0, **dict.fromkeys(empty), **cost}
     summary = run_audit(
         run_dir / "results.parquet", DEFAULT_INDEX_DIR, run_dir / "audit", AuditConfig(pairs=4),
         train_audio=DEFAULT_INDEX_DIR.parent / "train" / "train.parquet", progress=False,
@@ -173,14 +178,14 @@ def run_row(
     audit = pq.read_table(run_dir / "audit" / "audit.parquet").to_pydict()
     g, a = summary.generated, summary.adherence
     return {
-        "prompts": block, "row": row.name, "model": row.model, "n": summary.n_ok,
+        **entry, "n": summary.n_ok,
         "mean": g["mean"], "p95": g["p95"], "max": g["max"],
         "share_replica": g["share_at_or_above"][f"{threshold:g}"],
         "family_adherence": family_adherence(audit["prompt"], audit["nearest_caption"], audit["status"]),
         **{name: None if a is None else a[name]["share"] for name in ATTRIBUTE_COLUMNS},
         "attributes": pooled_share(a, headline), "retained": None,
         "fad": summary.fad, "kad": summary.kad, "fad_heldout": summary.fad_heldout,
-        "kad_heldout": summary.kad_heldout, **release_cost(run_dir / "results.parquet"),
+        "kad_heldout": summary.kad_heldout, **cost,
     }  # fmt: skip
 
 
