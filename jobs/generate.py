@@ -196,7 +196,8 @@ def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, ids: RunI
     """Validate the manifest and decide which of this shard's rows still need generating."""
     table = read_manifest(manifest)
     rows = validate(table.to_pylist(), limits)
-    gate_key = None if job.gate is None else job.gate.resolve(ids.threshold).key
+    gate = None if job.gate is None else job.gate.resolve(ids.threshold)
+    gate_key = None if gate is None else gate.key
     hashes: dict[Overrides, str] = {}
     expected = {}
     for r in rows:
@@ -205,7 +206,6 @@ def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, ids: RunI
                 hashes[r.overrides] = r.config(limits.base).config_hash()
             expected[r.id] = (hashes[r.overrides], ids.model_id, ids.index_id, r.prompt, r.seconds, r.seed,
                               gate_key)  # fmt: skip
-    gate = None if job.gate is None else job.gate.resolve(ids.threshold)
     mine = [r for r in rows if job.shard.owns(r.index)]
     schema = result_schema(table.schema)
     done, priors = _done_ids(store, expected, job.retry_failed, schema)

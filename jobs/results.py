@@ -119,7 +119,6 @@ OUTPUT_TYPES: dict[str, pa.DataType] = {
     "gate": pa.string(), "attempts": pa.int64(), "attempt_seeds": pa.list_(pa.int64()),
     "attempt_similarities": pa.list_(pa.float64()), "attempt_seconds": pa.list_(pa.float64()),
 }  # fmt: skip
-FINAL_STATUSES = ("ok", "error", "rejected")  # "retry": a row between two attempts of the release gate
 RESERVED = frozenset({"row", *OUTPUT_TYPES})
 FIXED_SCHEMA = pa.schema([("row", pa.int64()), *INPUT_TYPES.items(), *OUTPUT_TYPES.items()])
 KEY = ("id", "config_hash", "model_id", "index_id", "prompt", "seconds", "seed", "gate")
@@ -189,18 +188,21 @@ def encode_audio(audio, sample_rate: int, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def as_written(audio, sample_rate: int, fmt: str) -> np.ndarray:
-    """``audio`` [C, T] as :func:`write_audio` stores it and an audio reader gives it back: float32."""
+def decode_audio(encoded: bytes) -> np.ndarray:
+    """The samples [C, T] (float32) an audio reader gets from the file bytes ``encoded``."""
     import soundfile as sf
 
-    data, _ = sf.read(io.BytesIO(encode_audio(audio, sample_rate, fmt)), dtype="float32", always_2d=True)
+    data, _ = sf.read(io.BytesIO(encoded), dtype="float32", always_2d=True)
     return data.T
 
 
-def write_audio(path: Path, audio, sample_rate: int, tag: str = "") -> AudioFile:
+def write_audio(
+    path: Path, audio, sample_rate: int, tag: str = "", encoded: bytes | None = None
+) -> AudioFile:
     """``audio`` [C, T] (numpy) to FLAC or WAV by the suffix; encoded in memory (so its digest costs
-    no second read), written to a temporary name, then renamed."""
-    encoded = encode_audio(audio, sample_rate, path.suffix[1:])
+    no second read; ``encoded``: already encoded, by :func:`encode_audio`), written to a temporary
+    name, then renamed."""
+    encoded = encode_audio(audio, sample_rate, path.suffix[1:]) if encoded is None else encoded
     # Not fsynced (durable=False): the row records the file's size, time and digest, so a rerun after a
     # power cut regenerates a torn file (same_audio); an fsync a file costs ~0.6 ms here, near the job
     # layer's whole per-row cost (0.70 ms, README: bench_jobs). The shard that names it is durable.

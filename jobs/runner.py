@@ -29,7 +29,7 @@ import pyarrow as pa
 from engine.config import EngineConfig
 from jobs.gate import ReleaseGate, attempt_of
 from jobs.manifest import Limits, Overrides, Row, check_row, token_problem
-from jobs.results import ResultStore, as_written, base_result, error_result, now, write_audio
+from jobs.results import ResultStore, base_result, decode_audio, encode_audio, error_result, now, write_audio
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +158,13 @@ class BatchRunner:
         Under a release gate the rows share their attempt's c3 scale (run_batch groups them so)."""
         from engine.engine import Request
 
-        priors = priors or {}
+        gate, priors = self.gate, priors or {}
         attempts = [attempt_of(priors.get(r.index)) for r in rows]
         config = overrides.apply(self.engine.config)
-        if self.gate is not None:
-            config = self.gate.config(config, attempts[0])
-        gate = self.gate
+        if gate is not None:
+            config = gate.config(config, attempts[0])
         seeds = [gate.seed(r.seed, k) if gate else r.seed for r, k in zip(rows, attempts, strict=True)]
+        encoded: dict[int, bytes] = {}  # under the gate: each clip's file bytes, encoded once
         common = dict(config_hash=self.config_hash(overrides), **self._ids())
         start = time.perf_counter()
         try:
@@ -173,8 +173,8 @@ class BatchRunner:
             outs = engine_view(self.engine, config).generate(
                 [Request(r.id, r.prompt, r.seconds, seed) for r, seed in zip(rows, seeds, strict=True)]
             )
-            if self.gate is not None:
-                outs = self._as_written(outs)
+            if gate is not None:
+                outs, encoded = self._as_written(outs)
         except Exception as e:  # a failing batch is recorded row by row; the run goes on
             log.exception("engine failed on the batch of rows %s", [r.index for r in rows])
             timing = (time.perf_counter() - start) / len(rows)
@@ -185,21 +185,23 @@ class BatchRunner:
 
         def finish(k: int) -> dict[str, Any]:
             r, g = rows[k], outs[k]
-            if self.gate is None or g.error:
+            if gate is None or g.error:
                 return self._finished(r, g, config, timing, common)
-            return self._gated(r, g, config, timing, common, priors.get(r.index), seeds[k])
+            return self._gated(r, g, config, timing, common, priors.get(r.index), seeds[k], encoded[k])
 
         with ThreadPoolExecutor(min(AUDIO_WRITERS, len(rows))) as pool:  # encoding and file creation overlap
             return list(pool.map(finish, range(len(rows)))), None
 
     def _finished(self, row: Row, g, config: EngineConfig, timing: float, common: dict,
-                  rel: Path | None = None) -> dict[str, Any]:  # fmt: skip
-        """The result of a generated row: its audio written to ``rel`` (default ``audio/<id>``)."""
+                  rel: Path | None = None, encoded: bytes | None = None) -> dict[str, Any]:  # fmt: skip
+        """The result of a generated row: its audio written to ``rel`` (default ``audio/<id>``);
+        ``encoded``: its file bytes, if already encoded."""
         if g.error:
             return self._failed(row, f"row {row.index}: {g.error}", config, timing=timing, **common)
         rel = rel or Path("audio") / f"{row.id}.{self.audio_format}"
         try:
-            f = write_audio(self.store.dir / rel, g.audio.numpy(), self.engine.sample_rate, self.store.tag)
+            audio, rate = g.audio.numpy(), self.engine.sample_rate
+            f = write_audio(self.store.dir / rel, audio, rate, self.store.tag, encoded)
         except Exception as e:  # e.g. a full disk: this row fails, the run goes on
             log.exception("could not write %s", rel)
             msg = f"row {row.index}: could not write {rel}: {type(e).__name__}: {e}"
@@ -212,7 +214,7 @@ class BatchRunner:
         return out
 
     def _gated(self, row: Row, g, config: EngineConfig, timing: float, common: dict,
-               prior: dict[str, Any] | None, seed: int) -> dict[str, Any]:  # fmt: skip
+               prior: dict[str, Any] | None, seed: int, encoded: bytes) -> dict[str, Any]:  # fmt: skip
         """One attempt's result under the release gate (module docstring of jobs.gate)."""
         gate, k, sim = self.gate, attempt_of(prior), float(g.final_similarity)
         history = dict(
@@ -223,7 +225,7 @@ class BatchRunner:
         )
         mine = {self._attempt_file(row.id, j) for j in range(1, gate.max_attempts + 1)}
         if gate.releases(sim):
-            out = self._finished(row, g, config, timing, common)
+            out = self._finished(row, g, config, timing, common, encoded=encoded)
             if out["status"] == "ok":
                 self._superseded += mine  # nothing of this row stays in rejected/
                 out.update(history)
@@ -233,7 +235,7 @@ class BatchRunner:
         if prior is None or sim < prior["final_similarity"]:  # the best attempt so far: keep its audio
             self.store.rejected.mkdir(exist_ok=True)
             rel = Path("rejected") / self._attempt_file(row.id, k).name
-            out = self._finished(row, g, config, timing, common, rel)
+            out = self._finished(row, g, config, timing, common, rel, encoded)
             if out["status"] != "ok":  # its audio could not be written
                 return out
         else:  # an earlier attempt stays the best: its outputs and audio, this attempt's bookkeeping
@@ -242,10 +244,11 @@ class BatchRunner:
         self._superseded += mine - {self.store.dir / out["audio_path"]}
         return out
 
-    def _as_written(self, outs: list) -> list:
+    def _as_written(self, outs: list) -> tuple[list, dict[int, bytes]]:
         """``outs`` with each clip's final similarity and neighbour measured on its audio as it will be
         written (16-bit PCM, read back), in one embedder call per few rows: what the release gate
-        judges is the file it releases, the same measure as ``amg audit`` of that file."""
+        judges is the file it releases, the same measure as ``amg audit`` of that file. Also each
+        clip's file bytes (by position in ``outs``), written as they are."""
         import numpy as np
         import torch
 
@@ -253,9 +256,10 @@ class BatchRunner:
 
         outs, ok = list(outs), [k for k, g in enumerate(outs) if not g.error]
         rate = self.engine.sample_rate
+        encoded = {k: encode_audio(outs[k].audio.numpy(), rate, self.audio_format) for k in ok}
         for a in range(0, len(ok), FINAL_DECODE_ROWS):
             chunk = ok[a : a + FINAL_DECODE_ROWS]
-            clips = [as_written(outs[k].audio.numpy(), rate, self.audio_format) for k in chunk]
+            clips = [decode_audio(encoded[k]) for k in chunk]
             x = np.zeros((len(clips), clips[0].shape[0], max(c.shape[1] for c in clips)), np.float32)
             for j, c in enumerate(clips):
                 x[j, :, : c.shape[1]] = c
@@ -264,7 +268,7 @@ class BatchRunner:
             sims, nns = self.engine.nearest(torch.from_numpy(x).to(dev), lengths)
             for k, sim, nn in zip(chunk, sims, nns, strict=True):
                 outs[k] = replace(outs[k], final_similarity=sim, neighbour=nn)
-        return outs
+        return outs, encoded
 
     def _attempt_file(self, row_id: str, attempt: int) -> Path:
         return self.store.rejected / f"{row_id}-a{attempt}.{self.audio_format}"
