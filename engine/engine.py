@@ -197,10 +197,16 @@ class Engine:
     # -- conditioning ------------------------------------------------------------------------------
     def _encode_training_captions(self, rows: list[int]) -> list[Conditioning]:
         """Conditioning of training rows' captions with the neighbour's own duration (quirk Q8)."""
-        meta = [{"prompt": self.index.captions[i], "seconds_total": self.index.seconds[i]} for i in rows]
+        meta = [{"prompt": self.index.captions[i], "seconds_total": self._seconds(i)} for i in rows]
         with torch.no_grad():
             enc = encode_conditioning(self.model, meta, self.device)
         return [enc[j : j + 1].clone() for j in range(len(rows))]  # copies: a view would pin the batch
+
+    def _seconds(self, row: int) -> float:
+        """A training clip's duration; an index of precomputed embeddings may not know it (None): then
+        the model's window, the longest clip the conditioning describes."""
+        s = self.index.seconds[row]
+        return self.window / self.sample_rate if s is None or s != s else float(s)
 
     def _neighbour_cond(self, idx: torch.Tensor) -> Conditioning:
         """Conditioning of training rows' captions, from a bounded LRU cache keyed by index row."""

@@ -90,11 +90,34 @@ def combine_fn(device: torch.device) -> Callable:
     return amg_combine if device.type == "cuda" else amg_combine_ref
 
 
-def search_fn(device: torch.device) -> Callable:
-    """Nearest training row per query, (sim [B], idx [B]): the fused Triton search on CUDA, else its twin."""
-    from kernels.nn_search import nn_search, nn_search_ref
+SCAN_CHUNK = 1 << 16  # index rows per CPU product: [65536, 512] float32 is 128 MiB
 
-    return nn_search if device.type == "cuda" else nn_search_ref
+
+def search_fn(device: torch.device) -> Callable:
+    """Nearest training row per query, (sim [B], idx [B]): the fused Triton search on CUDA (it reads
+    float16/bfloat16 vectors as they are), else its twin over chunks of the index (:func:`scan_chunked`)."""
+    from kernels.nn_search import nn_search
+
+    return nn_search if device.type == "cuda" else scan_chunked
+
+
+def scan_chunked(xq: torch.Tensor, xb: torch.Tensor, chunk: int = SCAN_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.nn_search_ref`` over xb [N, D] in chunks of ``chunk`` rows, merged on the device.
+
+    For a memory-mapped float16 index the twin's float32 conversion then holds one chunk, not the index
+    (10^7 x 512: 128 MiB instead of 20 GB). Same contract as the twin: the lowest index wins a tie
+    (a later chunk replaces the best only when strictly better). No host synchronisation. Up to one
+    chunk it is the twin itself, so a small index gives the twin's bits."""
+    from kernels.nn_search import nn_search_ref
+
+    if xb.shape[0] <= chunk:
+        return nn_search_ref(xq, xb)
+    best, arg = nn_search_ref(xq, xb[:chunk])
+    for start in range(chunk, xb.shape[0], chunk):
+        sim, idx = nn_search_ref(xq, xb[start : start + chunk])
+        better = sim > best
+        best, arg = torch.where(better, sim, best), torch.where(better, idx + start, arg)
+    return best, arg
 
 
 @dataclass

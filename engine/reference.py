@@ -64,7 +64,7 @@ def _published_step(engine, x, sigma, cond, uncond, detect) -> torch.Tensor:
             x0_u = v_denoise(model, xg, sigma, uncond)
         probe = x0_c if reference else x0_u + g.cfg_scale * (x0_c - x0_u)
         e = detect(probe, torch.zeros(1, dtype=torch.long, device=x.device))
-        sims = e @ index.vectors.T  # [1, N]
+        sims = e @ index.vectors.T.to(e.dtype)  # [1, N]; a reference for small indexes (a float32 copy)
         nn = int(sims.argmax())
         sim_t = sims[0, nn]
         (grad,) = torch.autograd.grad(sim_t, xg)

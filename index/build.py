@@ -7,10 +7,17 @@ next to each file (empty when there is none).
 
 Each clip becomes its embedder's input by the one definition of a clip's embedding (index/clip.py:
 mono, resampled to the embedder's rate, fitted to its window with zeros or CLAP's repeat padding,
-peak-normalised), on reader threads, and the windows are embedded in batches. Each finished batch is
-written to ``OUT/.build/part-<k>.safetensors`` (temporary name, then rename) next to a ``plan.json``
-naming the embedder, batch size and clip list; a rerun after an interruption skips finished parts.
-At the end the parts become the index folder (:class:`EmbeddingIndex` layout) and ``.build`` goes.
+peak-normalised), on reader threads, and the windows are embedded in batches.
+
+A third source is a Parquet file of embeddings a lab already has (:func:`build_from_embeddings`:
+id, caption, vector, and the embedder's identity in the file's metadata), streamed in row batches.
+
+Either way the rows go into memory maps in ``OUT/.build`` (``vectors.npy``, ``seconds.npy``) next to
+a ``plan.json`` naming the inputs and a ``progress.json`` counting the rows written (after a flush);
+a rerun after an interruption starts at the first uncounted row. At the end the items are streamed
+into ``items.arrow``, the vectors' file is renamed into ``OUT`` and the folder is sealed as a
+memory-mapped index (index/store.py); ``.build`` goes. Five files in the work folder and four in the
+index, whatever the number of clips.
 """
 
 from __future__ import annotations
@@ -19,15 +26,17 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from index.clip import input_span, prepare_clips
-from index.files import atomic_write, open_plan_dir
-from index.store import EmbeddingIndex
+from index.clip import EmbedderInfo, input_span, prepare_clips
+from index.files import atomic_write, fsync_replace, open_plan_dir
+from index.store import DTYPES, INDEX_JSON, ITEMS_ARROW, VECTORS_NPY, EmbeddingIndex, finish_mapped, write_items
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +92,14 @@ def clips_from_manifest(manifest: str | Path) -> list[Clip]:
     ]
 
 
+def is_embeddings(source: str | Path) -> bool:
+    """Whether ``source`` is a Parquet file of precomputed embeddings (it has a ``vector`` column)."""
+    import pyarrow.parquet as pq
+
+    source = Path(source)
+    return source.suffix == ".parquet" and source.is_file() and "vector" in pq.read_schema(source).names
+
+
 def clips_from_source(source: str | Path) -> list[Clip]:
     """A folder of audio or a Parquet manifest."""
     source = Path(source)
@@ -135,6 +152,66 @@ def _embed_part(clips: list[Clip], embedder, device: torch.device, pool: ThreadP
     return {"vectors": vectors.contiguous(), "seconds": torch.tensor(seconds, dtype=torch.float64)}
 
 
+class _Rows:
+    """The build's output rows in the work folder, as memory maps that survive a kill: ``vectors.npy``
+    [N, D] in the index's dtype, ``seconds.npy`` [N] float64, and ``progress.json`` counting the
+    rows written (advanced only after the maps are flushed). A bounded number of files whatever N."""
+
+    def __init__(self, work: Path, n: int, dim: int, dtype: str) -> None:
+        self.work, self.progress = work, work / "progress.json"
+        done = json.loads(self.progress.read_text())["rows"] if self.progress.exists() else 0
+        mode = "r+" if done else "w+"  # nothing counted yet: (re)create the maps
+        vectors = work / VECTORS_NPY
+        if done == n and not vectors.exists():  # killed while sealing, after the vectors moved out
+            vectors = work.parent / VECTORS_NPY
+        self.vectors = np.lib.format.open_memmap(vectors, mode, dtype, (n, dim))
+        self.seconds = np.lib.format.open_memmap(work / "seconds.npy", mode, np.float64, (n,))
+        self.done = done
+
+    def write(self, start: int, vectors: np.ndarray, seconds: np.ndarray | None = None) -> None:
+        self.vectors[start : start + len(vectors)] = vectors  # cast to the stored dtype here
+        if seconds is not None:
+            self.seconds[start : start + len(seconds)] = seconds
+
+    def commit(self, rows: int) -> None:
+        """Everything before row ``rows`` is written: flush the maps, then count it."""
+        self.vectors.flush()
+        self.seconds.flush()
+        atomic_write(self.progress, lambda p: Path(p).write_text(json.dumps({"rows": rows})))
+        self.done = rows
+
+    def close(self) -> None:
+        del self.vectors, self.seconds
+
+
+def _seal(work: Path, out_dir: Path, rows: _Rows, items: Iterator[dict], info) -> EmbeddingIndex:
+    """Move the finished rows into ``out_dir`` as a memory-mapped index (index/store.py) and drop
+    ``work``. ``items`` yields {"id", "caption", "seconds"} batches in row order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows.close()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "embedder.json").unlink(missing_ok=True)  # the folder is not an index until sealed
+    for stale in ("vectors.safetensors", "items.parquet", "latents.safetensors", INDEX_JSON):
+        (out_dir / stale).unlink(missing_ok=True)  # an older index in this folder
+    if (work / VECTORS_NPY).exists():
+        fsync_replace(work / VECTORS_NPY, out_dir / VECTORS_NPY)
+    write_items(out_dir / ITEMS_ARROW, items)
+    ids = pa.ipc.open_file(pa.memory_map(str(out_dir / ITEMS_ARROW))).read_all()["id"]
+    if pc.count_distinct(ids).as_py() != len(ids):
+        raise ValueError("the source has duplicate ids; every training clip needs its own id")
+    finish_mapped(out_dir, info)
+    shutil.rmtree(work)
+    return EmbeddingIndex.load(out_dir)
+
+
+def _batches(values: dict[str, list], size: int = 1 << 16) -> Iterator[dict]:
+    n = len(next(iter(values.values())))
+    for s in range(0, n, size):
+        yield {k: v[s : s + size] for k, v in values.items()}
+
+
 def build_index_resumable(
     clips: list[Clip],
     embedder,
@@ -144,44 +221,168 @@ def build_index_resumable(
     progress: bool = True,
     restart: bool = False,
     workers: int = 4,
+    dtype: str = "float32",
 ) -> EmbeddingIndex:
-    """Embed ``clips`` in batches into ``out_dir`` (index folder layout), resuming an interrupted build.
+    """Embed ``clips`` in batches into ``out_dir`` (a memory-mapped index), resuming an interrupted build.
 
     device: where the audio batches go (None: the embedder's device). restart: discard an unfinished
-    build of other inputs instead of refusing it. workers: threads reading audio files.
+    build of other inputs instead of refusing it. workers: threads reading audio files. dtype: the
+    stored vectors' precision, "float32" (default: the embedder's output as it is) or "float16".
     """
-    from safetensors.torch import load_file, save_file
     from tqdm import tqdm
 
     if batch_size < 1 or workers < 1:
         raise ValueError(f"batch_size={batch_size}, workers={workers}: both must be positive, e.g. 32 and 4")
     if not clips:
         raise ValueError("no clips to index")
+    _check_dtype(dtype)
     out_dir = Path(out_dir)
     device = torch.device(device) if device is not None else _device_of(embedder)
-    work = open_plan_dir(
-        out_dir / BUILD_DIR, _plan(clips, embedder, batch_size), restart, "an unfinished build"
-    )
-    starts = range(0, len(clips), batch_size)
-    parts = [work / f"part-{k // batch_size:06d}.safetensors" for k in starts]
-    done = sum(p.exists() for p in parts)
-    if done:
-        log.info("resuming %s: %d of %d batches already embedded", out_dir, done, len(parts))
-    bar = tqdm(total=len(parts), initial=done, desc="embed", unit="batch", disable=not progress)
+    plan = {**_plan(clips, embedder, batch_size), "dtype": dtype}
+    work = open_plan_dir(out_dir / BUILD_DIR, plan, restart, "an unfinished build")
+    rows = _Rows(work, len(clips), embedder.info.dim, dtype)
+    if rows.done:
+        log.info("resuming %s: %d of %d clips already embedded", out_dir, rows.done, len(clips))
+    bar = tqdm(total=len(clips), initial=rows.done, desc="embed", unit="clip", disable=not progress)
     with ThreadPoolExecutor(workers) as pool:
-        for k, part in zip(starts, parts, strict=True):
-            if not part.exists():
-                tensors = _embed_part(clips[k : k + batch_size], embedder, device, pool)
-                atomic_write(part, lambda p, t=tensors: save_file(t, p))
-                bar.update(1)
+        for k in range(rows.done, len(clips), batch_size):
+            part = _embed_part(clips[k : k + batch_size], embedder, device, pool)
+            rows.write(k, part["vectors"].numpy(), part["seconds"].numpy())
+            rows.commit(k + len(part["seconds"]))
+            bar.update(len(part["seconds"]))
     bar.close()
-    loaded = [load_file(p) for p in parts]
-    vectors, seconds = torch.cat([t["vectors"] for t in loaded]), torch.cat([t["seconds"] for t in loaded])
-    ids, captions = [c.id for c in clips], [c.caption for c in clips]
-    index = EmbeddingIndex(vectors, ids, captions, seconds.tolist(), embedder.info)
-    index.save(out_dir)
-    shutil.rmtree(work)
+    seconds = rows.seconds.tolist()
+    items = _batches({"id": [c.id for c in clips], "caption": [c.caption for c in clips], "seconds": seconds})
+    index = _seal(work, out_dir, rows, items, embedder.info)
     log.info("indexed %d clips into %s", len(clips), out_dir)
+    return index
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: store the vectors as one of {sorted(DTYPES)}")
+
+
+# -- precomputed embeddings ---------------------------------------------------------------------------
+
+EMBEDDER_KEY = b"amg.embedder"  # the Parquet file's key-value metadata: EmbedderInfo as JSON
+NORM_TOLERANCE = 1e-3  # |‖v‖ - 1| above this is not a unit vector (float16 storage alone errs ~1e-4)
+
+
+def embeddings_info(path: str | Path) -> tuple[EmbedderInfo, int, int]:
+    """(embedder, rows, dim) of a Parquet file of precomputed embeddings, checked without reading rows.
+
+    Layout: columns ``id`` (string), ``caption`` (string), ``vector`` (fixed-size list of float32 or
+    float16, unit-norm), optional ``seconds`` (float); the file's key-value metadata ``amg.embedder``
+    holds the :class:`EmbedderInfo` JSON (name, sample_rate, dim, checkpoint_hash) of the embedder
+    that computed the vectors.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    schema = pq.read_schema(path)
+    raw = (schema.metadata or {}).get(EMBEDDER_KEY)
+    if raw is None:
+        raise ValueError(
+            f"{path} has no {EMBEDDER_KEY.decode()!r} metadata: store the embedder's identity as JSON "
+            '({"name", "sample_rate", "dim", "checkpoint_hash"}) in the file\'s key-value metadata'
+        )
+    try:
+        info = EmbedderInfo(**json.loads(raw))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {EMBEDDER_KEY.decode()} is not an embedder identity ({e})") from None
+    missing = [c for c in ("id", "caption", "vector") if c not in schema.names]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {missing}; an embeddings file needs id, caption, vector")
+    vtype = schema.field("vector").type
+    if not pa.types.is_fixed_size_list(vtype) or vtype.value_type not in (pa.float32(), pa.float16()):
+        raise ValueError(f"{path}: vector is {vtype}; store it as a fixed-size list of float32 or float16")
+    if vtype.list_size != info.dim:
+        raise ValueError(f"{path}: vectors have {vtype.list_size} values but the embedder says dim {info.dim}")
+    return info, pq.ParquetFile(path).metadata.num_rows, info.dim
+
+
+def _vectors_of(batch, dim: int, first_row: int) -> np.ndarray:
+    """A record batch's ``vector`` column as [b, dim] float32, refused where a row is not unit-norm."""
+    col = batch.column("vector")
+    if col.null_count:
+        raise ValueError(f"a null vector in rows {first_row}..{first_row + len(col)}: every row needs one")
+    x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    norms = np.linalg.norm(x, axis=1)
+    bad = np.flatnonzero(~(np.abs(norms - 1) <= NORM_TOLERANCE))
+    if len(bad):
+        raise ValueError(
+            f"row {first_row + int(bad[0])} has norm {norms[bad[0]]:.4g}: the index holds unit vectors; "
+            "normalise the embeddings (x / ‖x‖) before building"
+        )
+    return x
+
+
+def build_from_embeddings(
+    path: str | Path,
+    out_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    dtype: str = "float16",
+    batch_rows: int = 1 << 16,
+    restart: bool = False,
+    progress: bool = True,
+) -> EmbeddingIndex:
+    """A memory-mapped index from a Parquet file of precomputed embeddings (:func:`embeddings_info`).
+
+    The file's embedder is checked as the engine checks an index's (index/embedders.py
+    ``check_embedder``: a checkpoint-bound embedder needs ``checkpoint``). Rows stream in batches of
+    ``batch_rows`` within each row group, so memory stays about one batch (plus what the Parquet
+    reader buffers of a row group); progress is counted per row group, so a killed build resumes at
+    the first unfinished row group. Files written: the work folder's plan, progress and two memory
+    maps, then the index's four.
+    """
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from index.embedders import check_embedder
+
+    _check_dtype(dtype)
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows={batch_rows}: use a positive number of rows, e.g. {1 << 16}")
+    path, out_dir = Path(path).resolve(), Path(out_dir)
+    info, n, dim = embeddings_info(path)
+    check_embedder(info, checkpoint)
+    if n == 0:
+        raise ValueError(f"{path} has no rows to index")
+    st = path.stat()
+    plan = {
+        "source": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "n": n, "dtype": dtype,
+        "embedder": json.loads(info.to_json()),
+    }  # fmt: skip
+    work = open_plan_dir(out_dir / BUILD_DIR, plan, restart, "an unfinished build")
+    rows = _Rows(work, n, dim, dtype)
+    pf = pq.ParquetFile(path)
+    bar = tqdm(total=n, initial=rows.done, desc="vectors", unit="row", disable=not progress)
+    start = 0
+    for g in range(pf.num_row_groups):
+        size = pf.metadata.row_group(g).num_rows
+        if start + size > rows.done:
+            at = start
+            for batch in pf.iter_batches(batch_rows, row_groups=[g], columns=["vector"]):
+                rows.write(at, _vectors_of(batch, dim, at))
+                at += batch.num_rows
+            rows.commit(start + size)
+            bar.update(size)
+        start += size
+    bar.close()
+    has_seconds = "seconds" in pf.schema_arrow.names
+    columns = ["id", "caption"] + (["seconds"] if has_seconds else [])
+
+    def items() -> Iterator[dict]:
+        for batch in pf.iter_batches(batch_rows, columns=columns):
+            yield {
+                "id": batch.column("id").cast("string"), "caption": batch.column("caption").cast("string"),
+                "seconds": batch.column("seconds").cast("float64") if has_seconds else [None] * batch.num_rows,
+            }  # fmt: skip
+
+    index = _seal(work, out_dir, rows, items(), info)
+    log.info("indexed %d precomputed embeddings into %s (%s)", n, out_dir, dtype)
     return index
 
 

@@ -1,11 +1,16 @@
 """amg index: build and inspect training-set embedding indexes.
 
 amg index build SOURCE --out DIR [--embedder mel|clap --checkpoint PATH]   embed a folder or manifest
+amg index build EMBEDDINGS.parquet --out DIR [--checkpoint PATH]           index precomputed embeddings
 amg index info DIR                                                         embedder, size, a few items
 
 SOURCE is a folder of audio files (searched recursively; ids are relative paths, captions come from
-sidecar <name>.txt files) or a Parquet manifest with id, caption, path[, seconds]. An interrupted
-build resumes where it stopped when rerun with the same arguments.
+sidecar <name>.txt files), a Parquet manifest with id, caption, path[, seconds], or a Parquet file of
+precomputed embeddings: id, caption, vector (fixed-size list of float32/float16, unit-norm)[, seconds],
+with the embedder's identity as JSON under the file metadata key "amg.embedder" (name, sample_rate,
+dim, checkpoint_hash; checked as the engine checks an index, so a CLAP file needs --checkpoint).
+The index is written memory-mapped (vectors.npy, items.arrow); an interrupted build resumes where it
+stopped when rerun with the same arguments.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ def register(subparsers) -> None:
         help="allow a checkpoint that needs full unpickling (it can run code: only for files you trust)",
     )  # fmt: skip
     build.add_argument("--batch-size", type=int, default=32, help="clips per embedding batch")
+    build.add_argument(
+        "--dtype", choices=("float16", "float32"),
+        help="stored vector precision (default: float32 from audio, float16 from precomputed embeddings)",
+    )  # fmt: skip
     build.add_argument("--device", default="cpu", help="torch device for embedding, e.g. cpu or cuda")
     build.add_argument("--workers", type=int, default=4, help="threads reading audio files")
     build.add_argument("--restart", action="store_true", help="discard an unfinished build of other inputs")
@@ -61,13 +70,20 @@ def make_embedder(name: str, checkpoint: Path | None, trust_checkpoint: bool = F
 
 
 def cmd_build(args) -> int:
-    from index.build import build_index_resumable, clips_from_source
+    from index.build import build_from_embeddings, build_index_resumable, clips_from_source, is_embeddings
 
+    if is_embeddings(args.source):
+        index = build_from_embeddings(
+            args.source, args.out, args.checkpoint, args.dtype or "float16", restart=args.restart,
+            progress=not args.quiet,
+        )  # fmt: skip
+        print(f"indexed {len(index)} precomputed {index.embedder.name} embeddings into {args.out}")
+        return 0
     clips = clips_from_source(args.source)
     embedder = make_embedder(args.embedder, args.checkpoint, args.trust_checkpoint).to(args.device)
     index = build_index_resumable(
         clips, embedder, args.out, args.batch_size, device=args.device, progress=not args.quiet,
-        restart=args.restart, workers=args.workers,
+        restart=args.restart, workers=args.workers, dtype=args.dtype or "float32",
     )  # fmt: skip
     print(f"indexed {len(index)} clips with {index.embedder.name} into {args.out}")
     return 0
@@ -80,7 +96,7 @@ def cmd_info(args) -> int:
     e = index.embedder
     print(f"index: {args.index}")
     print(f"embedder: {e.name} ({e.sample_rate} Hz, checkpoint {e.checkpoint_hash})")
-    print(f"vectors: {len(index)} x {e.dim}")
+    print(f"vectors: {len(index)} x {e.dim} ({index.precision})")
     latents = "none" if index.latents is None else "x".join(map(str, index.latents.shape))
     print(f"latents: {latents}")
     for i in range(min(args.show, len(index))):

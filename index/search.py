@@ -9,11 +9,18 @@ index's ids (a host synchronisation, so only outside the denoising step).
   ``shards`` parts on that device, each scanned in chunks of ``chunk`` rows so the [B, chunk]
   similarity block stays small. No host synchronisation. The default, up to ~10^7 vectors. (The
   denoising step itself uses the fused ``kernels.nn_search``, see engine/guidance.py ``search_fn``.)
+  ``xb`` may be a float16 memory map (a memory-mapped index, index/store.py): on the CPU each chunk
+  is converted to float32 as it is scanned, so the scan holds one chunk, never the whole index.
 - :class:`FaissSearcher`: any ``faiss.index_factory`` string ("Flat", "IVF1024,PQ64", "HNSW32", …)
   with inner-product metric, trained on a random sample of ``xb`` when the index needs training,
-  split into ``faiss.IndexShards``, on all GPUs when the installed faiss has GPU support
-  (``faiss.get_num_gpus() > 0``). Runtime parameters (``nprobe``, ``k_factor_rf``, ``efSearch``) go
-  through ``faiss.ParameterSpace``. Queries cross to the host (numpy): not for the per-step path.
+  filled chunk by chunk (one float32 chunk at a time, never a float32 copy of xb), split into
+  ``faiss.IndexShards``, on all GPUs when asked (``gpu=True``) or, by default, when the installed
+  faiss has GPU support and the factory is one faiss's GPU cloner takes (:func:`gpu_cloneable`;
+  HNSW is not: ``gpu=True`` with it is refused before any training). Runtime parameters
+  (``nprobe``, ``k_factor_rf``, ``efSearch``) go through ``faiss.ParameterSpace``. Queries cross to
+  the host (numpy): not for the per-step path. For a memory-mapped index the trained and filled
+  structure is kept in the index folder (``faiss/``) and read back by the next process
+  (:func:`make_searcher`), so a 10^7 IVF-PQ index is built once.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -62,17 +70,20 @@ class SearchConfig:
     ``IndexShards`` parts (None: 1, or one per GPU on GPU).
     chunk: exact: rows of xb per matrix product. params: faiss runtime parameters, e.g.
     {"nprobe": 64}. train_size: faiss training sample (None: min(N, 100_000)). seed: the sample's seed.
-    gpu: faiss on GPU (None: when ``faiss.get_num_gpus() > 0``).
+    gpu: faiss on GPU (None: when ``faiss.get_num_gpus() > 0`` and the factory can go there; True
+    with a factory the GPU cloner cannot take is refused). cache: keep a memory-mapped index's
+    faiss structure in its folder and reuse it.
     """
 
     kind: str = "exact"
     factory: str = "Flat"
     shards: int | None = None
-    chunk: int = 1 << 20
+    chunk: int = 1 << 16  # 128 MiB of float32 at D = 512: the CPU's per-chunk conversion stays small
     params: Mapping[str, float] = field(default_factory=dict)
     train_size: int | None = None
     seed: int = 0
     gpu: bool | None = None
+    cache: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -87,14 +98,74 @@ class SearchConfig:
             raise ValueError("factory is empty: use a faiss index_factory string such as 'Flat'")
 
 
-def make_searcher(index, config: SearchConfig) -> Searcher:
-    """A searcher over ``index.vectors`` (an :class:`EmbeddingIndex`) whose results carry its ids."""
+def check_config(config: SearchConfig, dim: int) -> None:
+    """Refuse, before any work, a faiss configuration that cannot run: a factory faiss cannot parse
+    for ``dim``, or one its GPU cloner cannot take with ``gpu=True``."""
+    if config.kind != "faiss":
+        return
+    import faiss
+
+    try:
+        faiss.index_factory(dim, config.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[-1]
+        raise ValueError(f"faiss factory {config.factory!r} for dim {dim}: {msg}") from None
+    if config.gpu and not gpu_cloneable(config.factory, dim):
+        raise ValueError(
+            f"faiss factory {config.factory!r} cannot go to the GPU (faiss's GPU cloner takes Flat, IVF*,Flat, "
+            "IVF*,PQ* and IVF*,SQ*, optionally after a transform, not HNSW or others): use such a factory, "
+            "e.g. 'IVF4096,PQ64', or search on the CPU"
+        )
+
+
+def gpu_cloneable(factory: str, dim: int) -> bool:
+    """Whether ``faiss.index_cpu_to_gpu`` can take an index of this factory (decided on the CPU)."""
+    import faiss
+
+    index = faiss.downcast_index(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+    if isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    gpu_kinds = (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2, faiss.IndexIVFFlat, faiss.IndexIVFPQ,
+                 faiss.IndexIVFScalarQuantizer)  # fmt: skip
+    return type(index) in gpu_kinds
+
+
+def make_searcher(index, config: SearchConfig, device: str | torch.device | None = None) -> Searcher:
+    """A searcher over ``index.vectors`` (an :class:`EmbeddingIndex`) whose results carry its ids.
+
+    device: where exact search runs (None: where the vectors are; a memory-mapped index's vectors go
+    to a GPU once, in their stored dtype); faiss goes to the GPU when ``config.gpu`` says so."""
+    check_config(config, index.vectors.shape[1])
     if config.kind == "exact":
-        return ExactSearcher(index.vectors, shards=config.shards, chunk=config.chunk, ids=index.ids)
-    return FaissSearcher(
+        xb = index.vectors if device is None else index.vectors.to(device)
+        return ExactSearcher(xb, shards=config.shards, chunk=config.chunk, ids=index.ids)
+    cached = _faiss_cache(index, config)
+    if cached is not None and cached.exists():
+        log.info("faiss index from %s", cached)
+        return FaissSearcher.load(cached, config, ids=index.ids)
+    searcher = FaissSearcher(
         index.vectors, factory=config.factory, shards=config.shards, params=config.params,
         train_size=config.train_size, seed=config.seed, gpu=config.gpu, ids=index.ids,
     )  # fmt: skip
+    if cached is not None:
+        try:
+            searcher.save(cached)
+        except OSError as e:  # a read-only index folder: the structure is only rebuilt next time
+            log.warning("could not keep the faiss index in %s: %s", cached, e)
+    return searcher
+
+
+def _faiss_cache(index, config: SearchConfig):
+    """Where a memory-mapped index keeps this configuration's faiss structure (None: not kept)."""
+    import hashlib
+    import json
+
+    folder = getattr(index, "folder", None)
+    if not config.cache or folder is None or not (folder / "index.json").exists():
+        return None
+    stored = json.loads((folder / "index.json").read_text())["vectors_sha256"]
+    key = json.dumps([stored, config.factory, config.shards, config.train_size, config.seed])
+    return folder / "faiss" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.faissindex"
 
 
 # -- exact ---------------------------------------------------------------------------------------
@@ -103,18 +174,20 @@ def make_searcher(index, config: SearchConfig) -> Searcher:
 def topk_chunked(xq: torch.Tensor, xb: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact max-inner-product top-k of xq [B, D] over xb [N, D] in row chunks -> (D [B, k'], I [B, k']).
 
-    k' = min(k, N). Everything stays on the device; no host synchronisation.
+    k' = min(k, N). Everything stays on the device; no host synchronisation. On the CPU a half-precision
+    xb (a memory map) is scanned in float32, one chunk converted at a time; on a GPU the product runs
+    in xb's dtype. Similarities come back float32.
     """
-    xq = xq.to(xb.dtype)
-    if xb.shape[0] <= chunk:
-        return (xq @ xb.T).topk(min(k, xb.shape[0]), dim=1)
+    upcast = xb.device.type == "cpu" and xb.dtype in (torch.float16, torch.bfloat16)
+    xq = xq.float() if upcast else xq.to(xb.dtype)
     parts_d, parts_i = [], []
     for start in range(0, xb.shape[0], chunk):
         part = xb[start : start + chunk]
+        part = part.float() if upcast else part
         d, i = (xq @ part.T).topk(min(k, part.shape[0]), dim=1)
-        parts_d.append(d)
+        parts_d.append(d.float())
         parts_i.append(i + start)
-    return merge_topk(parts_d, parts_i, k)
+    return merge_topk(parts_d, parts_i, k) if len(parts_d) > 1 else (parts_d[0], parts_i[0])
 
 
 def merge_topk(
@@ -199,14 +272,16 @@ class FaissSearcher:
     ) -> None:
         import faiss
 
-        xb = _as_float32(xb)
         n, d = xb.shape
+        self.gpu = _use_gpu(factory, d, gpu)  # refuses gpu=True with HNSW & co. before any training
         template = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         _no_polysemous_training(faiss, template)
         if not template.is_trained:
-            template.train(train_sample(xb, train_size, seed))
-        self.gpu = faiss_gpus() > 0 if gpu is None else gpu
+            template.train(_as_float32(train_sample(xb, train_size, seed)))
         self.parts = self._fill(faiss, template, xb, 1 if self.gpu else (shards or 1))
+        self._finish(faiss, d, factory, n, shards, params, ids)
+
+    def _finish(self, faiss, d, factory, n, shards, params, ids) -> None:
         self.index = self.parts[0] if len(self.parts) == 1 else self._shard(faiss, d, self.parts)
         if self.gpu:
             self.index = _to_gpus(faiss, self.index, shards)
@@ -214,14 +289,47 @@ class FaissSearcher:
         self.set_params(params or {})
 
     @staticmethod
-    def _fill(faiss, template, xb: np.ndarray, shards: int) -> list:
+    def _fill(faiss, template, xb, shards: int, chunk: int = 1 << 16) -> list:
+        """Clones of the trained ``template``, each filled with its slice of xb, one float32 chunk of
+        ``chunk`` rows at a time (at D = 512: 128 MiB, whatever N)."""
         bounds = np.linspace(0, xb.shape[0], shards + 1).round().astype(int).tolist()
         parts = []
         for lo, hi in pairwise(bounds):
             part = faiss.clone_index(template)
-            part.add(xb[lo:hi])
+            for s in range(lo, hi, chunk):
+                part.add(_as_float32(xb[s : min(s + chunk, hi)]))
             parts.append(part)
         return parts
+
+    def save(self, path) -> None:
+        """Write the CPU structure (all shards) to ``path``, temporary name first (index/files.py)."""
+        import faiss
+
+        from index.files import atomic_write
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        whole = self.parts[0] if len(self.parts) == 1 else self._merged(faiss)
+        atomic_write(path, lambda p: faiss.write_index(whole, p))
+
+    def _merged(self, faiss):
+        shards = faiss.IndexShards(self.parts[0].d, False, True)
+        for part in self.parts:
+            shards.add_shard(part)
+        return shards
+
+    @classmethod
+    def load(cls, path, config: SearchConfig, ids: Sequence[str] | None = None) -> FaissSearcher:
+        """A searcher over a structure :meth:`save` wrote (costs what the structure costs: for
+        IVF-PQ its codes, not the vectors)."""
+        import faiss
+
+        index = faiss.read_index(str(path))
+        self = cls.__new__(cls)
+        self.gpu = _use_gpu(config.factory, index.d, config.gpu)
+        self.parts = [index]
+        self._finish(faiss, index.d, config.factory, index.ntotal, config.shards, config.params, ids)
+        return self
 
     @staticmethod
     def _shard(faiss, d: int, parts: list):
@@ -257,6 +365,18 @@ def _no_polysemous_training(faiss, index) -> None:
             inner = faiss.downcast_index(inner) if inner is not None else None
             if hasattr(inner, "do_polysemous_training"):
                 inner.do_polysemous_training = False
+
+
+def _use_gpu(factory: str, dim: int, gpu: bool | None) -> bool:
+    """gpu=None: on GPU when faiss has GPUs and the factory can go there; True: refused if it cannot."""
+    if gpu is None:
+        ok = faiss_gpus() > 0 and gpu_cloneable(factory, dim)
+        if faiss_gpus() > 0 and not ok:
+            log.info("faiss factory %r stays on the CPU: the GPU cloner does not take it", factory)
+        return ok
+    if gpu:
+        check_config(SearchConfig(kind="faiss", factory=factory, gpu=True), dim)
+    return gpu
 
 
 def _as_float32(x) -> np.ndarray:

@@ -1,10 +1,22 @@
 """A training-set embedding index: unit-norm vectors, ids, captions, durations and the embedder identity.
 
-On disk an index is a folder with ``vectors.safetensors`` ([N, D] float32, unit-norm),
-``items.parquet`` (id, caption, seconds, one row per vector, same order), ``embedder.json``
-(the :class:`EmbedderInfo` that built it) and optionally ``latents.safetensors`` ([N, C, L], the
-training clips' latents, for the latent-space similarity of index/latent_nl2.py). A query with
-another embedder is refused. Each file is written to a temporary name and renamed.
+On disk an index is a folder in one of two layouts, both loaded by :meth:`EmbeddingIndex.load`:
+
+- **in-memory** (what :meth:`EmbeddingIndex.save` writes; the bundled indexes): ``vectors.safetensors``
+  ([N, D] float32, unit-norm), ``items.parquet`` (id, caption, seconds, one row per vector, same
+  order), ``embedder.json`` (the :class:`EmbedderInfo` that built it) and optionally
+  ``latents.safetensors`` ([N, C, L], the training clips' latents, for index/latent_nl2.py). Its
+  vectors are read into memory; its identity (:func:`index_id`) hashes the files (cached by
+  index/files.py's ``file_digest``).
+- **memory-mapped** (what ``amg index build`` writes, index/build.py): ``vectors.npy`` ([N, D]
+  float16 or float32, unit-norm, opened with ``np.load(mmap_mode=...)``: pages are read when a search
+  touches them), ``items.arrow`` (id, caption, seconds as an uncompressed Arrow IPC file, memory-mapped:
+  an id is read when asked for, no Python list of 10^7 strings), ``index.json`` (format, N, D, dtype
+  and the sha256 of both files, computed once when the index was built) and ``embedder.json``,
+  written last. Loading costs the page tables, not the vectors; the identity comes from index.json,
+  never from rehashing 10 GB.
+
+A query with another embedder is refused. Each file is written to a temporary name and renamed.
 
 Searching it: the denoising step runs the fused kernel ``kernels.nn_search`` (its torch twin off CUDA)
 over :attr:`EmbeddingIndex.vectors` on the engine's device (engine/guidance.py ``search_fn``); the
@@ -16,26 +28,73 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from index.clip import EmbedderInfo
 from index.embedders import EmbedderMismatch
 from index.files import atomic_write, file_digest
 
-__all__ = ["EmbedderMismatch", "EmbeddingIndex", "build_index", "index_id"]
+__all__ = ["Column", "EmbedderMismatch", "EmbeddingIndex", "build_index", "index_id"]
+
+FORMAT = 2  # index.json's "format": the memory-mapped layout
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+INDEX_JSON, VECTORS_NPY, ITEMS_ARROW = "index.json", "vectors.npy", "items.arrow"
+
+
+class Column(Sequence):
+    """One column of an index's items (ids, captions or seconds), read from Arrow on demand.
+
+    Indexing a row converts that one value to Python; ``len``, ``in``, ``index`` and comparison with
+    a list work as for a list (the last three walk the column: not for the per-step path). Backed by
+    a memory-mapped Arrow file for a memory-mapped index, by Arrow memory otherwise.
+    """
+
+    def __init__(self, values) -> None:
+        import pyarrow as pa
+
+        self._values = values if isinstance(values, pa.ChunkedArray) else pa.chunked_array([values])
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self._values[i].to_pylist()
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} out of range for a column of {len(self)}")
+        return self._values[int(i)].as_py()
+
+    def __iter__(self):
+        for chunk in self._values.chunks:
+            yield from chunk.to_pylist()
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
+            return False
+        return all(a == b for a, b in zip(self, other, strict=True))
+
+    def __repr__(self) -> str:
+        return f"Column({len(self)} rows: {self[:3]}...)"
+
+    def to_numpy(self) -> np.ndarray:
+        return self._values.to_numpy()
 
 
 @dataclass
 class EmbeddingIndex:
-    vectors: torch.Tensor  # [N, D] unit-norm
-    ids: list[str]
-    captions: list[str]
-    seconds: list[float]
+    vectors: torch.Tensor  # [N, D] unit-norm, float32 or float16 (memory-mapped when loaded so)
+    ids: Sequence[str]  # a list, or a Column read on demand
+    captions: Sequence[str]
+    seconds: Sequence[float]
     embedder: EmbedderInfo
     latents: torch.Tensor | None = None  # [N, C, L] training latents (latent nL2), None when absent
+    folder: Path | None = None  # where it was loaded from (a faiss structure may be kept there)
 
     def __post_init__(self) -> None:
         n = self.vectors.shape[0]
@@ -52,11 +111,16 @@ class EmbeddingIndex:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def precision(self) -> str:
+        """The stored vectors' dtype name, "float32" or "float16" (part of a memory-mapped index's id)."""
+        return str(self.vectors.dtype).removeprefix("torch.")
+
     def to(self, device) -> EmbeddingIndex:
         latents = self.latents.to(device) if self.latents is not None else None
         return EmbeddingIndex(
-            self.vectors.to(device), self.ids, self.captions, self.seconds, self.embedder, latents
-        )
+            self.vectors.to(device), self.ids, self.captions, self.seconds, self.embedder, latents, self.folder
+        )  # a memory-mapped index stays mapped on the CPU (to("cpu") returns the same tensor)
 
     def check_embedder(self, info: EmbedderInfo) -> None:
         if info != self.embedder:
@@ -79,12 +143,12 @@ class EmbeddingIndex:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        vectors = {"vectors": self.vectors.float().contiguous().cpu()}
+        vectors = {"vectors": self.vectors.float().contiguous().cpu()}  # this layout is float32
         atomic_write(folder / "vectors.safetensors", lambda p: save_file(vectors, p))
         if self.latents is not None:
             latents = {"latents": self.latents.float().contiguous().cpu()}
             atomic_write(folder / "latents.safetensors", lambda p: save_file(latents, p))
-        table = pa.table({"id": self.ids, "caption": self.captions, "seconds": self.seconds})
+        table = pa.table({"id": list(self.ids), "caption": list(self.captions), "seconds": list(self.seconds)})
         atomic_write(folder / "items.parquet", lambda p: pq.write_table(table, p))
         atomic_write(folder / "embedder.json", lambda p: Path(p).write_text(self.embedder.to_json()))
 
@@ -94,6 +158,8 @@ class EmbeddingIndex:
         from safetensors.torch import load_file
 
         folder = Path(folder)
+        if (folder / INDEX_JSON).exists():
+            return _load_mapped(cls, folder)
         for name in ("vectors.safetensors", "items.parquet", "embedder.json"):
             if not (folder / name).exists():
                 raise FileNotFoundError(
@@ -105,16 +171,111 @@ class EmbeddingIndex:
         latents_file = folder / "latents.safetensors"
         latents = load_file(latents_file)["latents"] if latents_file.exists() else None
         seconds = [float(s) for s in items["seconds"]]
-        return cls(vectors, items["id"], items["caption"], seconds, info, latents)
+        return cls(vectors, items["id"], items["caption"], seconds, info, latents, folder)
+
+
+def _load_mapped(cls, folder: Path) -> EmbeddingIndex:
+    """A memory-mapped index folder: vectors and items stay on disk until read (see the module doc)."""
+    import pyarrow as pa
+
+    meta = read_index_json(folder)
+    info = EmbedderInfo(**json.loads((folder / "embedder.json").read_text()))
+    # copy-on-write mapping: a writable array (torch needs one) whose pages stay the file's until written
+    array = np.load(folder / VECTORS_NPY, mmap_mode="c")
+    if array.shape != (meta["n"], meta["dim"]) or str(array.dtype) != meta["dtype"]:
+        raise ValueError(
+            f"{folder / VECTORS_NPY} holds {array.shape} {array.dtype} but {INDEX_JSON} says "
+            f"({meta['n']}, {meta['dim']}) {meta['dtype']}: rebuild the index with `amg index build`"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a memory map is fine as a tensor's storage
+        vectors = torch.from_numpy(array)
+    table = pa.ipc.open_file(pa.memory_map(str(folder / ITEMS_ARROW))).read_all()  # zero-copy
+    return cls(
+        vectors, Column(table["id"]), Column(table["caption"]), Column(table["seconds"]), info, None, folder
+    )
+
+
+def read_index_json(folder: str | Path) -> dict:
+    """A memory-mapped index's index.json, checked for the format this code reads."""
+    folder = Path(folder)
+    for name in (INDEX_JSON, VECTORS_NPY, ITEMS_ARROW, "embedder.json"):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder / name} not found: an unfinished index (rerun `amg index build`)")
+    meta = json.loads((folder / INDEX_JSON).read_text())
+    if meta.get("format") != FORMAT or meta.get("dtype") not in DTYPES:
+        raise ValueError(
+            f"{folder / INDEX_JSON}: format {meta.get('format')}, dtype {meta.get('dtype')} is not one this "
+            f"version reads (format {FORMAT}, dtype one of {sorted(DTYPES)})"
+        )
+    return meta
+
+
+def write_items(path: str | Path, batches: Iterable[dict]) -> None:
+    """Stream ``batches`` ({"id", "caption", "seconds"} lists or arrays) into an uncompressed Arrow
+    IPC file at ``path`` (a temporary name, then renamed): one batch in memory at a time."""
+    import pyarrow as pa
+
+    schema = pa.schema([("id", pa.string()), ("caption", pa.string()), ("seconds", pa.float64())])
+
+    def write(tmp: str) -> None:
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for b in batches:
+                writer.write_batch(pa.record_batch([b["id"], b["caption"], b["seconds"]], schema=schema))
+
+    atomic_write(path, write)
+
+
+def finish_mapped(folder: str | Path, info: EmbedderInfo) -> dict:
+    """Seal a memory-mapped index whose vectors.npy and items.arrow are in place: hash both once,
+    write index.json, then embedder.json last (a folder without it is an unfinished build)."""
+    from index.files import sha256_stream
+
+    folder = Path(folder)
+    array = np.load(folder / VECTORS_NPY, mmap_mode="r")
+    if str(array.dtype) not in DTYPES:
+        raise ValueError(f"{folder / VECTORS_NPY} is {array.dtype}; an index stores one of {sorted(DTYPES)}")
+    meta = {
+        "format": FORMAT, "n": int(array.shape[0]), "dim": int(array.shape[1]), "dtype": str(array.dtype),
+        "vectors_sha256": sha256_stream(folder / VECTORS_NPY),
+        "items_sha256": sha256_stream(folder / ITEMS_ARROW),
+    }  # fmt: skip
+    del array
+    atomic_write(folder / INDEX_JSON, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    atomic_write(folder / "embedder.json", lambda p: Path(p).write_text(info.to_json()))
+    return meta
+
+
+def save_mapped(index: EmbeddingIndex, folder: str | Path, dtype: str = "float16") -> None:
+    """Write an in-memory index in the memory-mapped layout, vectors stored as ``dtype`` (a migration:
+    ``amg index build`` writes this layout itself, in bounded memory)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "embedder.json").unlink(missing_ok=True)
+    array = index.vectors.detach().cpu().to(DTYPES[dtype]).contiguous().numpy()
+    atomic_write(folder / VECTORS_NPY, lambda p: np.save(open(p, "wb"), array))  # noqa: SIM115
+    write_items(folder / ITEMS_ARROW, [{
+        "id": list(index.ids), "caption": list(index.captions), "seconds": [float(s) for s in index.seconds],
+    }])  # fmt: skip
+    finish_mapped(folder, index.embedder)
 
 
 def index_id(folder: str | Path) -> str:
     """``<embedder name>:<12 hex>``: a digest of what an index folder answers queries with (its embedder
     identity, checkpoint digest included, its vectors and its ids and captions), independent of where
-    the folder lives. Part of every result's resume key, so another index regenerates the rows."""
+    the folder lives. Part of every result's resume key, so another index regenerates the rows.
+
+    A memory-mapped index's digest comes from its index.json (the files' sha256 stored when it was
+    built, and the vectors' dtype: the same vectors in float16 and float32 are two indexes, since the
+    step's similarities differ), never from reading the vectors again."""
     folder = Path(folder)
     info = (folder / "embedder.json").read_text()
     parts = [json.dumps(json.loads(info), sort_keys=True)]
+    if (folder / INDEX_JSON).exists():
+        meta = read_index_json(folder)
+        parts += [f"format {FORMAT}", meta["dtype"], meta["vectors_sha256"], meta["items_sha256"]]
+        digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+        return f"{json.loads(info)['name']}:{digest}"
     parts += [file_digest(folder / name, 64) for name in ("vectors.safetensors", "items.parquet")]
     digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
     return f"{json.loads(info)['name']}:{digest}"

@@ -43,7 +43,7 @@ import torch
 from index.build import clips_from_folder, read_clip
 from index.distances import Moments, fad, kad
 from index.files import atomic_write, fsync_replace, open_plan_dir
-from index.search import SearchConfig, make_searcher
+from index.search import SearchConfig, Searcher, check_config, make_searcher
 from index.store import EmbeddingIndex
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class AuditConfig:
     """How to audit. thresholds: similarity levels whose exceedance share is reported (the
     embedder's own replication threshold is added when it has one); k: neighbours kept per file;
     pairs: most similar pairs listed and played in the report; attributes: check the prompts' tempo,
-    chord and instrument where they can be parsed (jobs/adherence.py)."""
+    chord and instrument where they can be parsed (jobs/adherence.py); device: where the embedder and
+    exact search run ("cpu", "cuda", "cuda:1"; faiss goes to the GPU when ``search.gpu`` says so)."""
 
     k: int = 5
     batch_size: int = 32
@@ -68,8 +69,13 @@ class AuditConfig:
     workers: int = 4
     search: SearchConfig = field(default_factory=SearchConfig)
     attributes: bool = True
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device={self.device!r}: use a torch device such as 'cpu' or 'cuda'") from None
         for name in ("k", "batch_size", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be a positive integer")
@@ -152,7 +158,7 @@ def _read(item: Item, embedder) -> torch.Tensor | str:
         return f"cannot read {item.path}: {type(e).__name__}: {e}"
 
 
-def _embed_batch(items, embedder, searcher, index, k, text_embedder, pool) -> tuple[dict, torch.Tensor]:
+def _embed_batch(items, embedder, searcher, index, k, text_embedder, pool, device="cpu") -> tuple[dict, torch.Tensor]:
     """One batch -> (columns of its rows, its embeddings [n_ok, D] in row order of the ok rows)."""
     loaded = list(pool.map(lambda it: _read(it, embedder), items))
     ok = [i for i, x in enumerate(loaded) if isinstance(x, torch.Tensor)]
@@ -169,8 +175,9 @@ def _embed_batch(items, embedder, searcher, index, k, text_embedder, pool) -> tu
     if not ok:
         return cols, torch.zeros(0, index.embedder.dim)
     with torch.no_grad():
-        e = embedder.embed_window(torch.stack([loaded[i] for i in ok])).float().cpu()  # [n_ok, D]
+        e = embedder.embed_window(torch.stack([loaded[i] for i in ok]).to(device)).float()  # [n_ok, D]
         res = searcher.search(e, k)
+        e = e.cpu()
         scores = _clap_scores(e, [items[i].prompt for i in ok], text_embedder)
     D, I = res.D.cpu().tolist(), res.I.cpu().tolist()  # noqa: E741
     for j, i in enumerate(ok):
@@ -212,15 +219,17 @@ def embed_all(
     text_embedder: Callable[[list[str]], torch.Tensor] | None = None,
     progress: bool = True,
     restart: bool = False,
+    searcher: Searcher | None = None,
 ) -> list[Path]:
-    """Embed and search every item in batches into ``OUT/parts`` (resuming), -> the part row files."""
+    """Embed and search every item in batches into ``OUT/parts`` (resuming), -> the part row files.
+    ``searcher``: over ``index`` (default: made from ``config.search`` on ``config.device``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     work = open_plan_dir(out_dir / PARTS, _plan(items, index, config), restart, "an audit")
-    searcher = make_searcher(index, config.search)
+    searcher = searcher or make_searcher(index, config.search, config.device)
     starts = range(0, len(items), config.batch_size)
     parts = [work / f"part-{s // config.batch_size:06d}" for s in starts]
     done = sum(_finished(p) for p in parts)
@@ -233,7 +242,7 @@ def embed_all(
             if _finished(part):
                 continue
             batch = items[s : s + config.batch_size]
-            cols, e = _embed_batch(batch, embedder, searcher, index, config.k, text_embedder, pool)
+            cols, e = _embed_batch(batch, embedder, searcher, index, config.k, text_embedder, pool, config.device)
             atomic_write(part.with_suffix(".safetensors"), lambda p, e=e: save_file({"e": e.contiguous()}, p))
             atomic_write(
                 part.with_suffix(".parquet"),
@@ -265,13 +274,16 @@ def similarity_stats(sims: np.ndarray, thresholds: Sequence[float]) -> dict:
     }
 
 
-def background_similarities(index: EmbeddingIndex, config: SearchConfig, sample: int = BACKGROUND_SAMPLE):
-    """Each (sampled) training clip's similarity to its nearest *other* training clip."""
+def background_similarities(
+    index: EmbeddingIndex, config: SearchConfig, sample: int = BACKGROUND_SAMPLE, searcher: Searcher | None = None
+):
+    """Each (sampled) training clip's similarity to its nearest *other* training clip (``searcher``:
+    the audit's own, so a faiss index is not built twice)."""
     n = len(index)
     if n < 2:
         return np.zeros(0)
     rows = torch.arange(n) if n <= sample else torch.linspace(0, n - 1, sample).long()
-    res = make_searcher(index, config).search(index.vectors[rows], 2)
+    res = (searcher or make_searcher(index, config)).search(index.vectors[rows].float(), 2)
     D, I = res.D.cpu(), res.I.cpu()  # noqa: E741
     # the best match is usually the clip itself; take the best that is not (ties with exact copies stay)
     other = torch.where(I[:, 0] == rows, D[:, 1], D[:, 0])
@@ -354,6 +366,7 @@ def aggregate(
     thresholds: Sequence[float],
     reference: EmbeddingIndex | None = None,
     heldout: EmbeddingIndex | None = None,
+    searcher: Searcher | None = None,
 ) -> Summary:
     """Stream the parts into ``audit.parquet`` and the summary statistics (bounded memory)."""
     import pyarrow.parquet as pq
@@ -372,7 +385,7 @@ def aggregate(
     if writer is not None:
         writer.close()
         fsync_replace(tmp, out_dir / "audit.parquet")
-    return _summary(totals, index, config, thresholds, reference, heldout)
+    return _summary(totals, index, config, thresholds, reference, heldout, searcher)
 
 
 def _summary(
@@ -382,10 +395,11 @@ def _summary(
     thresholds: Sequence[float],
     reference: EmbeddingIndex | None,
     heldout: EmbeddingIndex | None,
+    searcher: Searcher | None = None,
 ) -> Summary:
     """The statistics over what the parts held, against the training clips' own background."""
     sims_a, clap_a, kad_x = t.sims[: t.n_sim], t.clap[: t.n_clap], t.kad_x[: t.n_kad]
-    background = background_similarities(index, config.search)
+    background = background_similarities(index, config.search, searcher=searcher)
     fad_v, kad_v = _distances(t.moments, kad_x, reference if reference is not None else index)
     fad_h, kad_h = _distances(t.moments, kad_x, heldout)
     edges = np.linspace(min(-0.0, float(background.min(initial=0)), float(sims_a.min(initial=0))), 1.0,
@@ -411,7 +425,16 @@ def _distances(moments: Moments, kad_x: torch.Tensor, ref: EmbeddingIndex | None
     """(FAD, KAD) of the audited embeddings against ``ref``; (None, None) without two of each."""
     if ref is None or moments.n < 2 or len(ref) < 2:
         return None, None
-    return fad(moments, ref.vectors), kad(kad_x, ref.vectors[sorted(_kad_rows(len(ref)))])
+    return fad(moments, _moments_of(ref.vectors)), kad(kad_x, ref.vectors[sorted(_kad_rows(len(ref)))].float())
+
+
+def _moments_of(vectors: torch.Tensor, chunk: int = 1 << 16) -> Moments:
+    """The running moments of an index's vectors [N, D], a chunk at a time (a memory-mapped index is
+    read once, never copied whole)."""
+    m = Moments(vectors.shape[1])
+    for s in range(0, vectors.shape[0], chunk):
+        m.add(vectors[s : s + chunk].float())
+    return m
 
 
 PAIR_FIELDS = ("id", "path", "prompt", "nearest_id", "nearest_caption", "similarity")
@@ -459,15 +482,21 @@ def run_audit(
     from jobs.report import write_report
 
     out_dir = Path(out_dir)
-    index = EmbeddingIndex.load(index_dir)
+    index = EmbeddingIndex.load(index_dir)  # memory-mapped where it was built so: nothing read yet
+    check_config(config.search, index.embedder.dim)  # e.g. HNSW on the GPU: refused before any work
     embedder = load_embedder(index.embedder, embedder_checkpoint, trust_checkpoint)
     if hasattr(embedder, "eval"):
         embedder.eval()
+    if hasattr(embedder, "to"):
+        embedder = embedder.to(config.device)
     reference, heldout = (_load_like(d, index) for d in (reference_dir, heldout_dir))
     items = items_from_source(source)
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = embed_all(items, index, embedder, out_dir, config, text_embedder, progress, restart)
-    summary = aggregate(parts, index, out_dir, config, thresholds_for(config, embedder), reference, heldout)
+    searcher = make_searcher(index, config.search, config.device)  # one for the files and the background
+    parts = embed_all(items, index, embedder, out_dir, config, text_embedder, progress, restart, searcher)
+    summary = aggregate(
+        parts, index, out_dir, config, thresholds_for(config, embedder), reference, heldout, searcher
+    )
     if config.attributes:
         from jobs.adherence import adherence_summary, attribute_rows
 

@@ -211,7 +211,11 @@ def cmd_audit(args) -> int:
         heldout = heldout or HELDOUT_INDEX_DIR
     config = AuditConfig(
         k=args.k, batch_size=args.batch_size, thresholds=tuple(args.thresholds), pairs=args.pairs,
-        search=SearchConfig(kind=args.search, factory=args.faiss_factory), attributes=not args.no_attributes,
+        search=SearchConfig(
+            kind=args.search, factory=args.faiss_factory, gpu=args.device.startswith("cuda") and args.search == "faiss",
+            params={"nprobe": args.faiss_nprobe} if args.faiss_nprobe else {},
+        ),
+        attributes=not args.no_attributes, device=args.device,
     )  # fmt: skip
     text = _clap_text(args) if args.clap_text_encoder else None
     summary = run_audit(
@@ -284,6 +288,15 @@ def _add_audit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="files embedded per batch")
     p.add_argument("--search", choices=("exact", "faiss"), default="exact", help="nearest-neighbour search")
     p.add_argument("--faiss-factory", default="Flat", help="faiss index_factory string, with --search faiss")
+    p.add_argument(
+        "--faiss-nprobe", type=int, default=None,
+        help="IVF lists visited per query, with an IVF factory (faiss default 1; e.g. 64 at 10^7 clips)",
+    )  # fmt: skip
+    p.add_argument(
+        "--device", default="cpu",
+        help="where the embedder and the search run: cpu, cuda (faiss too: a factory its GPU cloner "
+        "cannot take, such as HNSW, is refused before any work)",
+    )  # fmt: skip
     p.add_argument("--restart", action="store_true", help="discard an unfinished audit of other inputs")
     _add_trust_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -328,7 +328,7 @@ def test_a_search_that_finds_no_neighbour_is_not_the_last_clip(folder, tmp_path,
     from index.search import SearchResult
 
     class Sparse:  # finds one neighbour for the first file of a batch, none for the others
-        def __init__(self, index, config):
+        def __init__(self, index, config, device=None):
             self.index = index
 
         def search(self, xq, k=1):
