@@ -72,7 +72,9 @@ class SearchConfig:
     {"nprobe": 64}. train_size: faiss training sample (None: min(N, 100_000)). seed: the sample's seed.
     gpu: faiss on GPU (None: when ``faiss.get_num_gpus() > 0`` and the factory can go there; True
     with a factory the GPU cloner cannot take is refused). cache: keep a memory-mapped index's
-    faiss structure in its folder and reuse it.
+    faiss structure in its folder and reuse it. refine: faiss returns ``refine·k`` candidates that
+    are re-scored exactly against the stored vectors (1: none; e.g. 10 with IVF-PQ, whose codes alone
+    lose near-duplicates of random-like data and report estimated, not exact, similarities).
     """
 
     kind: str = "exact"
@@ -84,6 +86,7 @@ class SearchConfig:
     seed: int = 0
     gpu: bool | None = None
     cache: bool = True
+    refine: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -94,6 +97,8 @@ class SearchConfig:
             raise ValueError(f"chunk={self.chunk}: use a positive number of rows, e.g. {1 << 20}")
         if self.train_size is not None and self.train_size < 1:
             raise ValueError(f"train_size={self.train_size}: use a positive sample size or None")
+        if self.refine < 1:
+            raise ValueError(f"refine={self.refine}: use 1 (no re-scoring) or more candidates per hit, e.g. 10")
         if not self.factory.strip():
             raise ValueError("factory is empty: use a faiss index_factory string such as 'Flat'")
 
@@ -142,10 +147,10 @@ def make_searcher(index, config: SearchConfig, device: str | torch.device | None
     cached = _faiss_cache(index, config)
     if cached is not None and cached.exists():
         log.info("faiss index from %s", cached)
-        return FaissSearcher.load(cached, config, ids=index.ids)
+        return FaissSearcher.load(cached, config, ids=index.ids, xb=index.vectors)
     searcher = FaissSearcher(
         index.vectors, factory=config.factory, shards=config.shards, params=config.params,
-        train_size=config.train_size, seed=config.seed, gpu=config.gpu, ids=index.ids,
+        train_size=config.train_size, seed=config.seed, gpu=config.gpu, ids=index.ids, refine=config.refine,
     )  # fmt: skip
     if cached is not None:
         try:
@@ -269,10 +274,12 @@ class FaissSearcher:
         seed: int = 0,
         gpu: bool | None = None,
         ids: Sequence[str] | None = None,
+        refine: int = 1,
     ) -> None:
         import faiss
 
         n, d = xb.shape
+        self.xb, self.refine = xb, refine  # a reference (a memory map stays one), for re-scoring
         self.gpu = _use_gpu(factory, d, gpu)  # refuses gpu=True with HNSW & co. before any training
         template = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         _no_polysemous_training(faiss, template)
@@ -319,13 +326,14 @@ class FaissSearcher:
         return shards
 
     @classmethod
-    def load(cls, path, config: SearchConfig, ids: Sequence[str] | None = None) -> FaissSearcher:
+    def load(cls, path, config: SearchConfig, ids: Sequence[str] | None = None, xb=None) -> FaissSearcher:
         """A searcher over a structure :meth:`save` wrote (costs what the structure costs: for
         IVF-PQ its codes, not the vectors)."""
         import faiss
 
         index = faiss.read_index(str(path))
         self = cls.__new__(cls)
+        self.xb, self.refine = xb, config.refine
         self.gpu = _use_gpu(config.factory, index.d, config.gpu)
         self.parts = [index]
         self._finish(faiss, index.d, config.factory, index.ntotal, config.shards, config.params, ids)
@@ -347,8 +355,16 @@ class FaissSearcher:
             space.set_index_parameter(self.index, name, float(value))
 
     def search(self, xq: torch.Tensor, k: int = 1) -> SearchResult:
-        """xq [B, D] -> SearchResult(D [B, k], I [B, k]) on xq's device (through the host)."""
-        d, i = self.index.search(_as_float32(xq), k)
+        """xq [B, D] -> SearchResult(D [B, k], I [B, k]) on xq's device (through the host).
+
+        With ``refine`` > 1 (and the base vectors at hand), ``refine·k`` candidates are re-scored
+        exactly against the stored vectors (float32 products with rows gathered from xb, a memory map
+        for a memory-mapped index) and the best k kept: D are then exact cosines, not PQ estimates."""
+        q = _as_float32(xq)
+        refine = self.refine if self.xb is not None else 1
+        d, i = self.index.search(q, k * refine)
+        if refine > 1:
+            d, i = _rescore(q, self.xb, i, k)
         device = xq.device if isinstance(xq, torch.Tensor) else torch.device("cpu")
         return SearchResult(torch.from_numpy(d).to(device), torch.from_numpy(i).to(device), self.ids)
 
@@ -365,6 +381,22 @@ def _no_polysemous_training(faiss, index) -> None:
             inner = faiss.downcast_index(inner) if inner is not None else None
             if hasattr(inner, "do_polysemous_training"):
                 inner.do_polysemous_training = False
+
+
+def _rescore(q: np.ndarray, xb, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of q [B, D] with its candidate rows cand [B, K] of xb (-1: none) -> the best
+    k (D [B, k] float32 descending, I [B, k]); ties keep faiss's order."""
+    valid = cand >= 0
+    rows = np.where(valid, cand, 0)
+    flat = np.unique(rows)  # sorted: a memory map reads forward
+    vecs = _as_float32(xb[torch.from_numpy(flat) if isinstance(xb, torch.Tensor) else flat])  # [U, D]
+    pos = np.searchsorted(flat, rows)  # [B, K]
+    scores = np.einsum("bd,bkd->bk", q, vecs[pos])
+    scores = np.where(valid, scores, -np.inf).astype(np.float32)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    d, i = np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
+    d[i < 0] = -np.finfo(np.float32).max  # faiss's "no neighbour"
+    return d, i
 
 
 def _use_gpu(factory: str, dim: int, gpu: bool | None) -> bool:
