@@ -127,8 +127,9 @@ def gpu_cloneable(factory: str, dim: int) -> bool:
     """Whether ``faiss.index_cpu_to_gpu`` can take an index of this factory (decided on the CPU)."""
     import faiss
 
-    index = faiss.downcast_index(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
-    if isinstance(index, faiss.IndexPreTransform):
+    made = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)  # owns the C++ index: keep it
+    index = faiss.downcast_index(made)
+    if isinstance(index, faiss.IndexPreTransform):  # "PCA64,IVF…": the transforms go, what they feed?
         index = faiss.downcast_index(index.index)
     gpu_kinds = (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2, faiss.IndexIVFFlat, faiss.IndexIVFPQ,
                  faiss.IndexIVFScalarQuantizer)  # fmt: skip

@@ -1,0 +1,244 @@
+"""The memory-mapped index (issue 30) at small sizes: the same neighbours as the in-memory index on the
+bundled data, an identity from the stored digest, builds from precomputed embeddings that resume after
+a kill, chunked scans with the twin's tie rule, and faiss without float32 copies or GPU surprises.
+
+Tolerances: a float16 vector differs from its float32 source by at most 2^-11 relative per component,
+so a cosine of unit vectors moves by at most 2^-11 ≈ 4.9e-4 (Σ|q_i v_i| ≤ 1); neighbours are compared
+where the runner-up is further than twice that from the best.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from jobs_helpers import assert_gates_are_clear, tiny_assets
+
+from engine.default.heldout import HELDOUT_INDEX_DIR
+from engine.engine import DEFAULT_INDEX_DIR
+from index.embedders import EmbedderMismatch, MelEmbedder
+from index.search import FaissSearcher, SearchConfig, gpu_cloneable, make_searcher
+from index.store import Column, EmbeddingIndex, index_id, save_mapped
+
+FP16_COS = 2.0**-11  # the largest change of a unit-vector cosine when one side is stored in float16
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+@pytest.fixture(scope="module")
+def mapped(tmp_path_factory):
+    """The bundled index in memory, and memory-mapped copies in float32 and float16."""
+    root = tmp_path_factory.mktemp("mapped")
+    bundled = EmbeddingIndex.load(DEFAULT_INDEX_DIR)
+    for dtype in ("float32", "float16"):
+        save_mapped(bundled, root / dtype, dtype)
+    return bundled, root
+
+
+def test_mapped_index_gives_the_bundled_neighbours(mapped):
+    bundled, root = mapped
+    xq = EmbeddingIndex.load(HELDOUT_INDEX_DIR).vectors  # real queries: held-out clips, same embedder
+    ref = bundled.searcher().search(xq, 5)
+    m32, m16 = (EmbeddingIndex.load(root / d) for d in ("float32", "float16"))
+    assert m16.vectors.dtype == torch.float16 and m16.precision == "float16" and m32.precision == "float32"
+    assert m16.ids == bundled.ids and m16.captions == bundled.captions and m16.seconds == bundled.seconds
+    # float32 mapped: the same values through the same product (one chunk): exact by construction
+    got = m32.searcher().search(xq, 5)
+    assert torch.equal(got.I, ref.I) and torch.equal(got.D, ref.D) and got.ids == ref.ids
+    # float16, tie-aware: the top hit is one of the rows within the rounding of the best (the bundled
+    # set holds exact duplicates, whose order top-k does not fix); cosines within the rounding
+    scores = xq @ bundled.vectors.T  # [B, N]
+    near = scores >= scores.max(dim=1, keepdim=True).values - 2 * FP16_COS
+    assert near.sum(1).max() < len(bundled) / 4, "the test needs queries with few near-best rows"
+    for chunk in (1 << 16, 7):  # one chunk, and a scan in chunks of 7 rows
+        got = m16.searcher(SearchConfig(chunk=chunk)).search(xq, 5)
+        assert near.gather(1, got.I[:, :1]).all()
+        torch.testing.assert_close(got.D[:, 0], ref.D[:, 0], atol=FP16_COS, rtol=0)
+
+
+def test_mapped_identity_is_the_stored_digest_with_the_precision(mapped, monkeypatch):
+    import index.files
+
+    bundled, root = mapped
+    ids = {d: index_id(root / d) for d in ("float32", "float16")}
+    assert ids["float32"] != ids["float16"] != index_id(DEFAULT_INDEX_DIR)  # precision is in the key
+
+    def no_hashing(*a, **k):
+        raise AssertionError("a memory-mapped index is never rehashed")
+
+    monkeypatch.setattr(index.files, "sha256_stream", no_hashing)
+    monkeypatch.setattr(index.files, "file_digest", no_hashing)
+    monkeypatch.setattr("index.store.file_digest", no_hashing)
+    assert index_id(root / "float16") == ids["float16"]
+    assert len(EmbeddingIndex.load(root / "float16")) == len(bundled)
+
+
+def test_column_reads_rows_on_demand():
+    col = Column(pa.chunked_array([["a", "b"], ["c"]]))
+    assert len(col) == 3 and col[2] == "c" and col[-1] == "c" and col[0:2] == ["a", "b"]
+    assert col == ["a", "b", "c"] and col != ["a", "b"] and "b" in col and col.index("c") == 2
+    with pytest.raises(IndexError):
+        col[3]
+
+
+# -- builds from precomputed embeddings -------------------------------------------------------------
+
+
+def write_embeddings(path: Path, n: int, group: int = 100, info=None, seed: int = 0, **changes) -> np.ndarray:
+    """A Parquet file of n unit vectors (the mel embedder's identity), row groups of ``group``."""
+    info = MelEmbedder().info if info is None else info
+    dim = MelEmbedder().info.dim if info is False else info.dim
+    x = unit(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))).numpy()
+    x = changes.get("vectors", x)
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
+    meta = {"amg.embedder": info.to_json()} if info is not False else {}
+    table = pa.table({"id": [f"c{i}" for i in range(n)], "caption": [f"clip {i}" for i in range(n)],
+                      "vector": vec, "seconds": [1.0 + i for i in range(n)]}).replace_schema_metadata(meta)  # fmt: skip
+    pq.write_table(table, path, row_group_size=group)
+    return x
+
+
+def test_build_from_embeddings_resumes_after_a_kill(tmp_path, monkeypatch):
+    import index.build as build
+
+    x = write_embeddings(tmp_path / "e.parquet", 300)
+    whole = build.build_from_embeddings(tmp_path / "e.parquet", tmp_path / "whole", batch_rows=40, progress=False)
+    # float16 storage is numpy's round-to-nearest of the float32 source: the same cast, exact
+    assert torch.equal(whole.vectors, torch.from_numpy(x.astype(np.float16)))
+    assert whole.ids[299] == "c299" and whole.captions[0] == "clip 0" and whole.seconds[2] == 3.0
+    assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == [
+        "embedder.json", "index.json", "items.arrow", "vectors.npy"
+    ]  # fmt: skip
+
+    real, calls, kills = build._vectors_of, [], []
+
+    def killed(batch, dim, first_row):
+        calls.append(first_row)
+        if first_row == 140 and not kills:  # the 2nd batch of the 2nd row group, once
+            kills.append(first_row)
+            raise KeyboardInterrupt("killed")
+        return real(batch, dim, first_row)
+
+    monkeypatch.setattr(build, "_vectors_of", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_from_embeddings(tmp_path / "e.parquet", tmp_path / "idx", batch_rows=40, progress=False)
+    work = tmp_path / "idx" / ".build"
+    assert json.loads((work / "progress.json").read_text())["rows"] == 100  # the first row group counted
+    assert not (tmp_path / "idx" / "embedder.json").exists()  # not an index yet
+    calls.clear()
+    index = build.build_from_embeddings(tmp_path / "e.parquet", tmp_path / "idx", batch_rows=40, progress=False)
+    assert calls[0] == 100  # resumed at the first unfinished row group
+    assert not work.exists() and index_id(tmp_path / "idx") == index_id(tmp_path / "whole")
+    for name in ("vectors.npy", "items.arrow"):
+        assert (tmp_path / "idx" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_build_from_embeddings_refuses_what_the_engine_would(tmp_path):
+    from index.build import build_from_embeddings
+
+    info = MelEmbedder().info
+    cases = {
+        "no metadata": (dict(info=False), ValueError, "amg.embedder"),
+        "another sample rate": (dict(info=type(info)(info.name, 16000, info.dim, info.checkpoint_hash)),
+                                EmbedderMismatch, "sample_rate"),  # fmt: skip
+        "not unit-norm": (dict(vectors=np.full((10, info.dim), 0.5, np.float32)), ValueError, "norm"),
+    }
+    for name, (changes, error, match) in cases.items():
+        write_embeddings(tmp_path / f"{name}.parquet", 10, **changes)
+        with pytest.raises(error, match=match):
+            build_from_embeddings(tmp_path / f"{name}.parquet", tmp_path / name, progress=False)
+        assert not (tmp_path / name / "embedder.json").exists()
+
+
+def test_cli_builds_from_embeddings(tmp_path, capsys):
+    from index.cli import main
+
+    write_embeddings(tmp_path / "e.parquet", 20)
+    assert main(["build", str(tmp_path / "e.parquet"), "--out", str(tmp_path / "idx"), "--quiet"]) == 0
+    assert main(["info", str(tmp_path / "idx")]) == 0
+    assert "20 x 1024 (float16)" in capsys.readouterr().out
+
+
+# -- chunked scans and faiss --------------------------------------------------------------------------
+
+
+def test_chunked_scan_is_the_twin_with_its_tie_rule():
+    """Exact by construction: components in multiples of 1/4 and queries of norm 2 (four ±1 entries),
+    so every product is an exact sum of multiples of 1/8 in any order; duplicated rows tie exactly."""
+    from engine.guidance import scan_chunked
+    from kernels.nn_search import nn_search_ref
+
+    g = torch.Generator().manual_seed(0)
+    xb = torch.randint(-1, 2, (50, 16), generator=g).float() / 4  # products below 1 but for the planted
+    xq = torch.zeros(9, 16)
+    for r in range(9):
+        xq[r, torch.randperm(16, generator=g)[:4]] = torch.randint(0, 2, (4,), generator=g).float() * 2 - 1
+    xb[3], xb[11] = xq[0] / 2, xq[1] / 2  # queries 0 and 1 best match rows 3 and 11 (product 1) ...
+    xb[37], xb[45] = xb[3], xb[11]  # ... and their copies in later chunks: the lower row must win
+    for dtype in (torch.float32, torch.float16):  # multiples of 1/4 are exact in float16
+        want = nn_search_ref(xq, xb.to(dtype))
+        for chunk in (1, 7, 16, 50, 64):
+            got = scan_chunked(xq, xb.to(dtype), chunk)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dtype, chunk)
+        assert want[1][:2].tolist() == [3, 11]
+
+
+def test_faiss_never_copies_the_index_to_float32(tmp_path):
+    """A float16 index of 10^6 x 16 is 32 MB; a float32 copy 64 MB. Filling faiss chunk by chunk
+    allocates 65,536-row float32 chunks (4.2 MB; the next may be made before the last is freed)."""
+    import tracemalloc
+
+    xb = unit(torch.randn(1_000_000, 16, generator=torch.Generator().manual_seed(0))).half()
+    tracemalloc.start()
+    FaissSearcher(xb.numpy(), "Flat", gpu=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16e6, f"{peak / 1e6:.1f} MB allocated while filling faiss: a copy of the whole index"
+
+
+def test_faiss_gpu_refuses_what_its_cloner_cannot_take():
+    assert gpu_cloneable("Flat", 32) and gpu_cloneable("IVF16,PQ8", 32) and gpu_cloneable("PCA16,IVF4,Flat", 32)
+    assert not gpu_cloneable("HNSW32", 32)
+    xb = unit(torch.randn(500, 32, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="cannot go to the GPU"):
+        FaissSearcher(xb, "HNSW32", gpu=True)
+    with pytest.raises(ValueError, match="cannot go to the GPU"):
+        make_searcher(EmbeddingIndex.load(DEFAULT_INDEX_DIR), SearchConfig(kind="faiss", factory="HNSW8", gpu=True))
+
+
+def test_audit_refuses_an_uncloneable_gpu_factory_before_any_work(tmp_path):
+    from jobs.audit import AuditConfig, run_audit
+
+    config = AuditConfig(search=SearchConfig(kind="faiss", factory="HNSW32", gpu=True))
+    with pytest.raises(ValueError, match="cannot go to the GPU"):
+        run_audit(tmp_path / "nothing-here", DEFAULT_INDEX_DIR, tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_faiss_structure_is_kept_with_a_mapped_index_and_refined_exactly(tmp_path, monkeypatch):
+    x = write_embeddings(tmp_path / "e.parquet", 2000, group=500)
+    from index.build import build_from_embeddings
+
+    index = build_from_embeddings(tmp_path / "e.parquet", tmp_path / "idx", progress=False)
+    config = SearchConfig(kind="faiss", factory="IVF8,PQ16", params={"nprobe": 8}, refine=20)
+    xq = unit(torch.from_numpy(x[:50]) + 0.01 * torch.randn(50, x.shape[1], generator=torch.Generator().manual_seed(1)))
+    first = make_searcher(index, config).search(xq, 3)
+    assert len(list((tmp_path / "idx" / "faiss").glob("*.faissindex"))) == 1
+
+    def no_training(*a, **k):
+        raise AssertionError("the kept structure is read, not rebuilt")
+
+    monkeypatch.setattr(FaissSearcher, "__init__", no_training)
+    again = make_searcher(EmbeddingIndex.load(tmp_path / "idx"), config).search(xq, 3)
+    assert torch.equal(again.I, first.I) and torch.equal(again.D, first.D)
+    # refined: the similarities are the exact products with the stored (float16) rows, in order
+    exact = (xq[:, None, :] * index.vectors[first.I].float()).sum(-1)
+    torch.testing.assert_close(first.D, exact, atol=1e-6, rtol=1e-6)
+    assert (first.I[:, 0] == torch.arange(50)).float().mean() == 1.0  # near-copies found with nprobe = nlist
