@@ -242,3 +242,75 @@ def test_faiss_structure_is_kept_with_a_mapped_index_and_refined_exactly(tmp_pat
     exact = (xq[:, None, :] * index.vectors[first.I].float()).sum(-1)
     torch.testing.assert_close(first.D, exact, atol=1e-6, rtol=1e-6)
     assert (first.I[:, 0] == torch.arange(50)).float().mean() == 1.0  # near-copies found with nprobe = nlist
+
+
+# -- the engine and the audit against a memory-mapped index --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """The tiny assets' model, and their index in the in-memory layout and memory-mapped in float16."""
+    assets = tiny_assets(tmp_path_factory)
+    root = tmp_path_factory.mktemp("tiny-pair")
+    index = EmbeddingIndex.load(assets / "index")
+    EmbeddingIndex(torch.as_tensor(index.vectors).float().clone(), list(index.ids), list(index.captions),
+                   [float(s) for s in index.seconds], index.embedder).save(root / "in-memory")  # fmt: skip
+    save_mapped(index, root / "float16", "float16")
+    return assets, root
+
+
+def test_engine_run_against_a_mapped_index_finds_the_same_neighbours(tiny_pair, monkeypatch):
+    """The AMG run's per-step neighbours and the final ones, in-memory float32 vs memory-mapped
+    float16 scanned in chunks of 5 rows. The gates are compared only where no σ_t lies within the
+    float16 rounding (plus the float32 drift of jobs_helpers.GATE_MARGIN) of λ_t."""
+    from dataclasses import replace
+
+    import engine.guidance as guidance
+    from engine.config import EngineConfig, GuidanceConfig, SamplerConfig
+    from engine.engine import Engine, Request
+
+    assets, root = tiny_pair
+    real = guidance.scan_chunked
+    monkeypatch.setattr(guidance, "scan_chunked", lambda xq, xb: real(xq, xb, 5))
+    g = GuidanceConfig(cfg_scale=3.0, c1=1.0, c2=1.0, c3=50.0, lambda_min=0.55, lambda_max=0.65)
+    s = SamplerConfig(sampler="dpmpp-2m-sde", steps=4, sigma_min=0.05, sigma_max=20.0)
+    prompts = ["An acoustic drum loop, 90 bpm", "A warm synth pad playing a C major chord", "Rain"]
+    reqs = [Request(f"r{i}", prompts[i % 3], 0.5 + 0.1 * i, 7 + i) for i in range(4)]
+    runs = {}
+    for name in ("in-memory", "float16"):
+        engine = Engine(EngineConfig(replace(g), s), assets / "model", root / name)
+        runs[name] = (engine.generate(reqs), engine.index_id)
+    (mem, mem_id), (f16, f16_id) = runs["in-memory"], runs["float16"]
+    assert mem_id != f16_id  # another precision, another resume key
+    sims = [[t["similarity"] for t in r.trace] for r in mem]
+    lams = [[t["lambda"] for t in r.trace] for r in mem]
+    assert_gates_are_clear(sims, lams, margin=2 * FP16_COS)
+    gates = [t["gate"] for r in mem for t in r.trace]
+    assert any(gates) and not all(gates), "the test needs open and closed gates"
+    for a, b in zip(mem, f16, strict=True):
+        assert [t["neighbour"] for t in a.trace] == [t["neighbour"] for t in b.trace]
+        assert [t["gate"] for t in a.trace] == [t["gate"] for t in b.trace]
+        assert a.neighbour == b.neighbour
+        assert a.final_similarity == pytest.approx(b.final_similarity, abs=2 * FP16_COS)
+
+
+def test_audit_against_a_mapped_index_finds_the_same_neighbours(tiny_pair, tmp_path):
+    from jobs.audit import AuditConfig, run_audit
+
+    assets, root = tiny_pair
+    audio = tmp_path / "audio"  # the tiny training set's own clips: each has itself as nearest clip
+    train = pq.read_table(assets / "train" / "train.parquet").slice(0, 6).to_pylist()
+    audio.mkdir()
+    for row in train:
+        (audio / f"{row['id']}.wav").symlink_to((assets / "train" / row["path"]).resolve())
+    tables = {}
+    for name in ("in-memory", "float16"):
+        config = AuditConfig(k=3, attributes=False, pairs=2)
+        run_audit(audio, root / name, tmp_path / name, config, progress=False)
+        tables[name] = pq.read_table(tmp_path / name / "audit.parquet").to_pylist()
+    for a, b in zip(tables["in-memory"], tables["float16"], strict=True):
+        assert a["status"] == b["status"] == "ok" and a["nearest_id"] == b["nearest_id"]
+        assert a["similarity"] == pytest.approx(b["similarity"], abs=FP16_COS)
+        gaps = np.diff(a["neighbour_similarities"])
+        if (np.abs(gaps) > 2 * FP16_COS).all():  # the order of the k is fixed where no two are close
+            assert a["neighbour_ids"] == b["neighbour_ids"]

@@ -152,3 +152,22 @@ def test_the_instrument_sees_a_sync(assets, monkeypatch):
     monkeypatch.setattr(guidance, "search_fn", search_with_a_sync)
     _, implicit, _ = _count(engine, _requests(2), monkeypatch)
     assert len(implicit) == engine.config.sampler.steps
+
+
+def test_amg_step_over_a_chunked_float16_memory_map_reads_the_device_once(assets, tmp_path, monkeypatch):
+    """The CPU's chunked scan of a memory-mapped float16 index (5 rows a chunk here) merges on the
+    device: still the one host read per step."""
+    from index.store import EmbeddingIndex, save_mapped
+
+    save_mapped(EmbeddingIndex.load(assets / "index"), tmp_path / "idx", "float16")
+    real = guidance.scan_chunked
+    monkeypatch.setattr(guidance, "scan_chunked", lambda xq, xb: real(xq, xb, 5))
+    g = GuidanceConfig(cfg_scale=3.0, c1=1.0, c2=1.0, c3=50.0, lambda_min=0.55, lambda_max=0.65)
+    s = SamplerConfig(sampler="dpmpp-2m-sde", steps=6, sigma_min=0.05, sigma_max=20.0)
+    engine = Engine(EngineConfig(g, s), assets / "model", tmp_path / "idx")
+    assert engine.index.vectors.dtype == torch.float16 and len(engine.index) > 5
+    reqs = _requests(4)
+    engine.sample(reqs)
+    per_call, implicit, traces = _count(engine, reqs, monkeypatch)
+    assert torch.stack([t.gate for t in traces]).any()
+    assert per_call == [1] * engine.config.sampler.steps and implicit == []
