@@ -213,7 +213,7 @@ def cmd_audit(args) -> int:
         k=args.k, batch_size=args.batch_size, thresholds=tuple(args.thresholds), pairs=args.pairs,
         search=SearchConfig(
             kind=args.search, factory=args.faiss_factory, gpu=args.device.startswith("cuda") and args.search == "faiss",
-            params={"nprobe": args.faiss_nprobe} if args.faiss_nprobe else {},
+            params={"nprobe": args.faiss_nprobe} if args.faiss_nprobe else {}, refine=args.faiss_refine,
         ),
         attributes=not args.no_attributes, device=args.device,
     )  # fmt: skip
@@ -291,6 +291,11 @@ def _add_audit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--faiss-nprobe", type=int, default=None,
         help="IVF lists visited per query, with an IVF factory (faiss default 1; e.g. 64 at 10^7 clips)",
+    )  # fmt: skip
+    p.add_argument(
+        "--faiss-refine", type=int, default=1,
+        help="re-score this many faiss candidates per neighbour exactly against the stored vectors "
+        "(1: none; e.g. 10 with IVF-PQ, whose own similarities are estimates)",
     )  # fmt: skip
     p.add_argument(
         "--device", default="cpu",
