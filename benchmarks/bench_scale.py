@@ -93,15 +93,24 @@ def stage_build(a) -> dict:
     # synthetic vectors come from no registered embedder: skip the identity check the CLI makes
     index.embedders.check_embedder = lambda info, checkpoint=None: None
 
-    idx = build_from_embeddings(a.work / "embeddings.parquet", a.work / "index", dtype="float16", progress=False)
-    return {"rows": len(idx), "bytes": sum(p.stat().st_size for p in (a.work / "index").iterdir() if p.is_file())}
+    idx = build_from_embeddings(
+        a.work / "embeddings.parquet", a.work / "index", dtype="float16", progress=False
+    )
+    return {
+        "rows": len(idx),
+        "bytes": sum(p.stat().st_size for p in (a.work / "index").iterdir() if p.is_file()),
+    }
 
 
 def _search_config(a):
     from index.search import SearchConfig
 
     return SearchConfig(
-        kind="faiss", factory=a.factory, params={"nprobe": a.nprobe}, train_size=a.train_size, gpu=False,
+        kind="faiss",
+        factory=a.factory,
+        params={"nprobe": a.nprobe},
+        train_size=a.train_size,
+        gpu=False,
         refine=a.refine,
     )
 
@@ -160,7 +169,9 @@ def _search(a, kind: str) -> dict:
     res = searcher.search(torch.from_numpy(xq), 1)
     seconds = time.perf_counter() - t
     top = res.I[:, 0].numpy()
-    recall = {f"{c:g}": float((top[cos == np.float32(c)] == rows[cos == np.float32(c)]).mean()) for c in COSINES}
+    recall = {
+        f"{c:g}": float((top[cos == np.float32(c)] == rows[cos == np.float32(c)]).mean()) for c in COSINES
+    }
     return {"queries": len(xq), "search_s": seconds, "qps": len(xq) / seconds, "recall_at_1": recall}
 
 
@@ -209,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dim", type=int, default=512, help="vector dimension")
     p.add_argument("--work", type=Path, required=True, help="folder for the data and the index")
     p.add_argument("--queries", type=int, default=1000, help="planted queries per cosine")
-    p.add_argument("--factory", default=None, help="faiss factory (default IVF<4·sqrt N rounded to 2^k>,PQ64)")
+    p.add_argument(
+        "--factory", default=None, help="faiss factory (default IVF<4·sqrt N rounded to 2^k>,PQ64)"
+    )
     p.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query")
     p.add_argument("--refine", type=int, default=10, help="IVF-PQ candidates re-scored exactly per hit")
     p.add_argument("--train-size", type=int, default=None, help="IVF-PQ training sample (default 100k)")
@@ -225,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     results = {s: run_stage(a, s) for s in a.stages.split(",")}
     record = {
-        "bench": "scale", "n": a.n, "dim": a.dim, "factory": a.factory, "nprobe": a.nprobe, "refine": a.refine,
+        "bench": "scale", "n": a.n, "dim": a.dim, "factory": a.factory, "nprobe": a.nprobe,
+        "refine": a.refine,
         "queries_per_cosine": a.queries, "cpus": os.cpu_count(), "load": os.getloadavg(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stages": results,
     }  # fmt: skip

@@ -101,7 +101,9 @@ def search_fn(device: torch.device) -> Callable:
     return nn_search if device.type == "cuda" else scan_chunked
 
 
-def scan_chunked(xq: torch.Tensor, xb: torch.Tensor, chunk: int = SCAN_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def scan_chunked(
+    xq: torch.Tensor, xb: torch.Tensor, chunk: int = SCAN_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``kernels.nn_search_ref`` over xb [N, D] in chunks of ``chunk`` rows, merged on the device.
 
     For a memory-mapped float16 index the twin's float32 conversion then holds one chunk, not the index

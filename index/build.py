@@ -36,7 +36,15 @@ import torch
 
 from index.clip import EmbedderInfo, input_span, prepare_clips
 from index.files import atomic_write, fsync_replace, open_plan_dir
-from index.store import DTYPES, INDEX_JSON, ITEMS_ARROW, VECTORS_NPY, EmbeddingIndex, finish_mapped, write_items
+from index.store import (
+    DTYPES,
+    INDEX_JSON,
+    ITEMS_ARROW,
+    VECTORS_NPY,
+    EmbeddingIndex,
+    finish_mapped,
+    write_items,
+)
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +307,9 @@ def embeddings_info(path: str | Path) -> tuple[EmbedderInfo, int, int]:
     if not pa.types.is_fixed_size_list(vtype) or vtype.value_type not in (pa.float32(), pa.float16()):
         raise ValueError(f"{path}: vector is {vtype}; store it as a fixed-size list of float32 or float16")
     if vtype.list_size != info.dim:
-        raise ValueError(f"{path}: vectors have {vtype.list_size} values but the embedder says dim {info.dim}")
+        raise ValueError(
+            f"{path}: vectors have {vtype.list_size} values but the embedder says dim {info.dim}"
+        )
     return info, pq.ParquetFile(path).metadata.num_rows, info.dim
 
 
@@ -377,8 +387,11 @@ def build_from_embeddings(
     def items() -> Iterator[dict]:
         for batch in pf.iter_batches(batch_rows, columns=columns):
             yield {
-                "id": batch.column("id").cast("string"), "caption": batch.column("caption").cast("string"),
-                "seconds": batch.column("seconds").cast("float64") if has_seconds else [None] * batch.num_rows,
+                "id": batch.column("id").cast("string"),
+                "caption": batch.column("caption").cast("string"),
+                "seconds": (
+                    batch.column("seconds").cast("float64") if has_seconds else [None] * batch.num_rows
+                ),
             }  # fmt: skip
 
     index = _seal(work, out_dir, rows, items(), info)

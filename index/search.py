@@ -98,7 +98,9 @@ class SearchConfig:
         if self.train_size is not None and self.train_size < 1:
             raise ValueError(f"train_size={self.train_size}: use a positive sample size or None")
         if self.refine < 1:
-            raise ValueError(f"refine={self.refine}: use 1 (no re-scoring) or more candidates per hit, e.g. 10")
+            raise ValueError(
+                f"refine={self.refine}: use 1 (no re-scoring) or more candidates per hit, e.g. 10"
+            )
         if not self.factory.strip():
             raise ValueError("factory is empty: use a faiss index_factory string such as 'Flat'")
 
@@ -117,9 +119,9 @@ def check_config(config: SearchConfig, dim: int) -> None:
         raise ValueError(f"faiss factory {config.factory!r} for dim {dim}: {msg}") from None
     if config.gpu and not gpu_cloneable(config.factory, dim):
         raise ValueError(
-            f"faiss factory {config.factory!r} cannot go to the GPU (faiss's GPU cloner takes Flat, IVF*,Flat, "
-            "IVF*,PQ* and IVF*,SQ*, optionally after a transform, not HNSW or others): use such a factory, "
-            "e.g. 'IVF4096,PQ64', or search on the CPU"
+            f"faiss factory {config.factory!r} cannot go to the GPU (faiss's GPU cloner takes Flat, "
+            "IVF*,Flat, IVF*,PQ* and IVF*,SQ*, optionally after a transform, not HNSW or others): use "
+            "such a factory, e.g. 'IVF4096,PQ64', or search on the CPU"
         )
 
 

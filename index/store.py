@@ -119,7 +119,13 @@ class EmbeddingIndex:
     def to(self, device) -> EmbeddingIndex:
         latents = self.latents.to(device) if self.latents is not None else None
         return EmbeddingIndex(
-            self.vectors.to(device), self.ids, self.captions, self.seconds, self.embedder, latents, self.folder
+            self.vectors.to(device),
+            self.ids,
+            self.captions,
+            self.seconds,
+            self.embedder,
+            latents,
+            self.folder,
         )  # a memory-mapped index stays mapped on the CPU (to("cpu") returns the same tensor)
 
     def check_embedder(self, info: EmbedderInfo) -> None:
@@ -148,7 +154,9 @@ class EmbeddingIndex:
         if self.latents is not None:
             latents = {"latents": self.latents.float().contiguous().cpu()}
             atomic_write(folder / "latents.safetensors", lambda p: save_file(latents, p))
-        table = pa.table({"id": list(self.ids), "caption": list(self.captions), "seconds": list(self.seconds)})
+        table = pa.table(
+            {"id": list(self.ids), "caption": list(self.captions), "seconds": list(self.seconds)}
+        )
         atomic_write(folder / "items.parquet", lambda p: pq.write_table(table, p))
         atomic_write(folder / "embedder.json", lambda p: Path(p).write_text(self.embedder.to_json()))
 
@@ -201,7 +209,9 @@ def read_index_json(folder: str | Path) -> dict:
     folder = Path(folder)
     for name in (INDEX_JSON, VECTORS_NPY, ITEMS_ARROW, "embedder.json"):
         if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder / name} not found: an unfinished index (rerun `amg index build`)")
+            raise FileNotFoundError(
+                f"{folder / name} not found: an unfinished index (rerun `amg index build`)"
+            )
     meta = json.loads((folder / INDEX_JSON).read_text())
     if meta.get("format") != FORMAT or meta.get("dtype") not in DTYPES:
         raise ValueError(

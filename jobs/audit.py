@@ -158,7 +158,9 @@ def _read(item: Item, embedder) -> torch.Tensor | str:
         return f"cannot read {item.path}: {type(e).__name__}: {e}"
 
 
-def _embed_batch(items, embedder, searcher, index, k, text_embedder, pool, device="cpu") -> tuple[dict, torch.Tensor]:
+def _embed_batch(
+    items, embedder, searcher, index, k, text_embedder, pool, device="cpu"
+) -> tuple[dict, torch.Tensor]:
     """One batch -> (columns of its rows, its embeddings [n_ok, D] in row order of the ok rows)."""
     loaded = list(pool.map(lambda it: _read(it, embedder), items))
     ok = [i for i, x in enumerate(loaded) if isinstance(x, torch.Tensor)]
@@ -242,7 +244,9 @@ def embed_all(
             if _finished(part):
                 continue
             batch = items[s : s + config.batch_size]
-            cols, e = _embed_batch(batch, embedder, searcher, index, config.k, text_embedder, pool, config.device)
+            cols, e = _embed_batch(
+                batch, embedder, searcher, index, config.k, text_embedder, pool, config.device
+            )
             atomic_write(part.with_suffix(".safetensors"), lambda p, e=e: save_file({"e": e.contiguous()}, p))
             atomic_write(
                 part.with_suffix(".parquet"),
@@ -275,7 +279,10 @@ def similarity_stats(sims: np.ndarray, thresholds: Sequence[float]) -> dict:
 
 
 def background_similarities(
-    index: EmbeddingIndex, config: SearchConfig, sample: int = BACKGROUND_SAMPLE, searcher: Searcher | None = None
+    index: EmbeddingIndex,
+    config: SearchConfig,
+    sample: int = BACKGROUND_SAMPLE,
+    searcher: Searcher | None = None,
 ):
     """Each (sampled) training clip's similarity to its nearest *other* training clip (``searcher``:
     the audit's own, so a faiss index is not built twice)."""
@@ -425,7 +432,9 @@ def _distances(moments: Moments, kad_x: torch.Tensor, ref: EmbeddingIndex | None
     """(FAD, KAD) of the audited embeddings against ``ref``; (None, None) without two of each."""
     if ref is None or moments.n < 2 or len(ref) < 2:
         return None, None
-    return fad(moments, _moments_of(ref.vectors)), kad(kad_x, ref.vectors[sorted(_kad_rows(len(ref)))].float())
+    return fad(moments, _moments_of(ref.vectors)), kad(
+        kad_x, ref.vectors[sorted(_kad_rows(len(ref)))].float()
+    )
 
 
 def _moments_of(vectors: torch.Tensor, chunk: int = 1 << 16) -> Moments:

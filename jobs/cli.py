@@ -212,7 +212,8 @@ def cmd_audit(args) -> int:
     config = AuditConfig(
         k=args.k, batch_size=args.batch_size, thresholds=tuple(args.thresholds), pairs=args.pairs,
         search=SearchConfig(
-            kind=args.search, factory=args.faiss_factory, gpu=args.device.startswith("cuda") and args.search == "faiss",
+            kind=args.search, factory=args.faiss_factory,
+            gpu=args.device.startswith("cuda") and args.search == "faiss",
             params={"nprobe": args.faiss_nprobe} if args.faiss_nprobe else {}, refine=args.faiss_refine,
         ),
         attributes=not args.no_attributes, device=args.device,

@@ -272,7 +272,12 @@ def test_build_resumes_after_interruption(tmp_path):
         build_index_resumable(clips, Flaky(fail_at=3), tmp_path / "idx", batch_size=2, progress=False)
     work = tmp_path / "idx" / ".build"  # 2 batches of 2 counted; a bounded set of files, none per batch
     assert json.loads((work / "progress.json").read_text())["rows"] == 4
-    assert sorted(p.name for p in work.iterdir()) == ["plan.json", "progress.json", "seconds.npy", "vectors.npy"]
+    assert sorted(p.name for p in work.iterdir()) == [
+        "plan.json",
+        "progress.json",
+        "seconds.npy",
+        "vectors.npy",
+    ]
     with pytest.raises(ValueError, match="batch_size"):  # another plan is refused, not mixed in
         build_index_resumable(clips, Flaky(), tmp_path / "idx", batch_size=3, progress=False)
     rerun = Flaky()

@@ -99,8 +99,10 @@ def write_embeddings(path: Path, n: int, group: int = 100, info=None, seed: int 
     x = changes.get("vectors", x)
     vec = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])
     meta = {"amg.embedder": info.to_json()} if info is not False else {}
-    table = pa.table({"id": [f"c{i}" for i in range(n)], "caption": [f"clip {i}" for i in range(n)],
-                      "vector": vec, "seconds": [1.0 + i for i in range(n)]}).replace_schema_metadata(meta)  # fmt: skip
+    table = pa.table({
+        "id": [f"c{i}" for i in range(n)], "caption": [f"clip {i}" for i in range(n)],
+        "vector": vec, "seconds": [1.0 + i for i in range(n)],
+    }).replace_schema_metadata(meta)  # fmt: skip
     pq.write_table(table, path, row_group_size=group)
     return x
 
@@ -109,7 +111,9 @@ def test_build_from_embeddings_resumes_after_a_kill(tmp_path, monkeypatch):
     import index.build as build
 
     x = write_embeddings(tmp_path / "e.parquet", 300)
-    whole = build.build_from_embeddings(tmp_path / "e.parquet", tmp_path / "whole", batch_rows=40, progress=False)
+    whole = build.build_from_embeddings(
+        tmp_path / "e.parquet", tmp_path / "whole", batch_rows=40, progress=False
+    )
     # float16 storage is numpy's round-to-nearest of the float32 source: the same cast, exact
     assert torch.equal(whole.vectors, torch.from_numpy(x.astype(np.float16)))
     assert whole.ids[299] == "c299" and whole.captions[0] == "clip 0" and whole.seconds[2] == 3.0
@@ -133,7 +137,7 @@ def test_build_from_embeddings_resumes_after_a_kill(tmp_path, monkeypatch):
     assert json.loads((work / "progress.json").read_text())["rows"] == 100  # the first row group counted
     assert not (tmp_path / "idx" / "embedder.json").exists()  # not an index yet
     calls.clear()
-    index = build.build_from_embeddings(tmp_path / "e.parquet", tmp_path / "idx", batch_rows=40, progress=False)
+    build.build_from_embeddings(tmp_path / "e.parquet", tmp_path / "idx", batch_rows=40, progress=False)
     assert calls[0] == 100  # resumed at the first unfinished row group
     assert not work.exists() and index_id(tmp_path / "idx") == index_id(tmp_path / "whole")
     for name in ("vectors.npy", "items.arrow"):
@@ -146,8 +150,11 @@ def test_build_from_embeddings_refuses_what_the_engine_would(tmp_path):
     info = MelEmbedder().info
     cases = {
         "no metadata": (dict(info=False), ValueError, "amg.embedder"),
-        "another sample rate": (dict(info=type(info)(info.name, 16000, info.dim, info.checkpoint_hash)),
-                                EmbedderMismatch, "sample_rate"),  # fmt: skip
+        "another sample rate": (
+            dict(info=type(info)(info.name, 16000, info.dim, info.checkpoint_hash)),
+            EmbedderMismatch,
+            "sample_rate",
+        ),  # fmt: skip
         "not unit-norm": (dict(vectors=np.full((10, info.dim), 0.5, np.float32)), ValueError, "norm"),
     }
     for name, (changes, error, match) in cases.items():
@@ -204,13 +211,17 @@ def test_faiss_never_copies_the_index_to_float32(tmp_path):
 
 
 def test_faiss_gpu_refuses_what_its_cloner_cannot_take():
-    assert gpu_cloneable("Flat", 32) and gpu_cloneable("IVF16,PQ8", 32) and gpu_cloneable("PCA16,IVF4,Flat", 32)
+    assert (
+        gpu_cloneable("Flat", 32) and gpu_cloneable("IVF16,PQ8", 32) and gpu_cloneable("PCA16,IVF4,Flat", 32)
+    )
     assert not gpu_cloneable("HNSW32", 32)
     xb = unit(torch.randn(500, 32, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="cannot go to the GPU"):
         FaissSearcher(xb, "HNSW32", gpu=True)
     with pytest.raises(ValueError, match="cannot go to the GPU"):
-        make_searcher(EmbeddingIndex.load(DEFAULT_INDEX_DIR), SearchConfig(kind="faiss", factory="HNSW8", gpu=True))
+        make_searcher(
+            EmbeddingIndex.load(DEFAULT_INDEX_DIR), SearchConfig(kind="faiss", factory="HNSW8", gpu=True)
+        )
 
 
 def test_audit_refuses_an_uncloneable_gpu_factory_before_any_work(tmp_path):
@@ -228,7 +239,10 @@ def test_faiss_structure_is_kept_with_a_mapped_index_and_refined_exactly(tmp_pat
 
     index = build_from_embeddings(tmp_path / "e.parquet", tmp_path / "idx", progress=False)
     config = SearchConfig(kind="faiss", factory="IVF8,PQ16", params={"nprobe": 8}, refine=20)
-    xq = unit(torch.from_numpy(x[:50]) + 0.01 * torch.randn(50, x.shape[1], generator=torch.Generator().manual_seed(1)))
+    xq = unit(
+        torch.from_numpy(x[:50])
+        + 0.01 * torch.randn(50, x.shape[1], generator=torch.Generator().manual_seed(1))
+    )
     first = make_searcher(index, config).search(xq, 3)
     assert len(list((tmp_path / "idx" / "faiss").glob("*.faissindex"))) == 1
 
@@ -314,3 +328,16 @@ def test_audit_against_a_mapped_index_finds_the_same_neighbours(tiny_pair, tmp_p
         gaps = np.diff(a["neighbour_similarities"])
         if (np.abs(gaps) > 2 * FP16_COS).all():  # the order of the k is fixed where no two are close
             assert a["neighbour_ids"] == b["neighbour_ids"]
+
+
+def test_cli_audit_on_cuda_refuses_hnsw_before_any_work(tmp_path, capsys):
+    from jobs.cli import main
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    args = [
+        "audit", str(audio), "--out", str(tmp_path / "out"), "--search", "faiss", "--faiss-factory", "HNSW32",
+        "--device", "cuda", "--faiss-nprobe", "4", "--faiss-refine", "10", "--no-attributes",
+    ]  # fmt: skip
+    assert main(args) == 2
+    assert "cannot go to the GPU" in capsys.readouterr().err and not (tmp_path / "out").exists()
