@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -214,6 +215,16 @@ def run_stage(a, stage: str) -> dict:
     return out
 
 
+def _git_sha() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("numpy", "pyarrow", "torch", "faiss-cpu")}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1_000_000, help="index rows")
@@ -242,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
         "refine": a.refine,
         "queries_per_cosine": a.queries, "cpus": os.cpu_count(), "load": os.getloadavg(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stages": results,
+        "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
+        "versions": _versions(), "command": " ".join(sys.argv),
+        "git": _git_sha(),
     }  # fmt: skip
     with open(ROOT / "benchmarks" / "results.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
