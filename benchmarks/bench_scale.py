@@ -216,7 +216,9 @@ def run_stage(a, stage: str) -> dict:
 
 
 def _git_sha() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
 
 
 def _versions() -> dict:
