@@ -14,7 +14,7 @@ On disk an index is a folder in one of two layouts, both loaded by :meth:`Embedd
   an id is read when asked for, no Python list of 10^7 strings), ``index.json`` (format, N, D, dtype
   and the sha256 of both files, computed once when the index was built) and ``embedder.json``,
   written last. Loading costs the page tables, not the vectors; the identity comes from index.json,
-  never from rehashing 10 GB.
+  never from rehashing 10 GB. It holds no training latents (latent nL2 needs the in-memory layout).
 
 A query with another embedder is refused. Each file is written to a temporary name and renamed.
 
