@@ -259,7 +259,7 @@ def build_index_resumable(
             rows.commit(k + len(part["seconds"]))
             bar.update(len(part["seconds"]))
     bar.close()
-    seconds = rows.seconds.tolist()
+    seconds = np.load(work / "seconds.npy", mmap_mode="r")  # read a batch at a time by write_items
     items = _batches({"id": [c.id for c in clips], "caption": [c.caption for c in clips], "seconds": seconds})
     index = _seal(work, out_dir, rows, items, embedder.info)
     log.info("indexed %d clips into %s", len(clips), out_dir)
