@@ -6,7 +6,8 @@ index vectors), -1 where an approximate index found fewer than k; ``result.ids``
 index's ids (a host synchronisation, so only outside the denoising step).
 
 - :class:`ExactSearcher`: matrix product + top-k on ``xb``'s device, ``xb`` optionally split into
-  ``shards`` parts on that device, each scanned in chunks of ``chunk`` rows so the [B, chunk]
+  ``shards`` parts on that device or over several (``devices``; ``make_searcher(..., device="cuda")``
+  shards over every visible GPU), each scanned in chunks of ``chunk`` rows so the [B, chunk]
   similarity block stays small. No host synchronisation. The default, up to ~10^7 vectors. (The
   denoising step itself uses the fused ``kernels.nn_search``, see engine/guidance.py ``search_fn``.)
   ``xb`` may be a float16 memory map (a memory-mapped index, index/store.py): on the CPU each chunk
@@ -145,8 +146,9 @@ def make_searcher(index, config: SearchConfig, device: str | torch.device | None
     to a GPU once, in their stored dtype); faiss goes to the GPU when ``config.gpu`` says so."""
     check_config(config, index.vectors.shape[1])
     if config.kind == "exact":
-        xb = index.vectors if device is None else index.vectors.to(device)
-        return ExactSearcher(xb, shards=config.shards, chunk=config.chunk, ids=index.ids)
+        return ExactSearcher(
+            index.vectors, shards=config.shards, chunk=config.chunk, ids=index.ids, devices=_devices(device)
+        )
     cached = _faiss_cache(index, config)
     if cached is not None and cached.exists():
         log.info("faiss index from %s", cached)
@@ -161,6 +163,17 @@ def make_searcher(index, config: SearchConfig, device: str | torch.device | None
         except OSError as e:  # a read-only index folder: the structure is only rebuilt next time
             log.warning("could not keep the faiss index in %s: %s", cached, e)
     return searcher
+
+
+def _devices(device: str | torch.device | None) -> list[torch.device] | None:
+    """None: where the vectors are; "cuda" (no index): every visible GPU, the index sharded over them;
+    any other device: that one."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [device]
 
 
 def _faiss_cache(index, config: SearchConfig):
@@ -211,19 +224,25 @@ class ExactSearcher:
     """Exact maximum-inner-product search over xb on its device, optionally in shards; sync-free.
 
     xb [N, D] (kept in its dtype; pass float16/bfloat16 to halve memory at 10^7 vectors). shards:
-    parts of xb, each searched in turn and merged (default 1). Results come back on the query's device.
+    parts of xb, each searched in turn and merged (default 1, or one per device). devices: where the
+    shards live, shard j on ``devices[j % len(devices)]`` (each copied there once, in xb's dtype;
+    default: xb's device), e.g. every visible GPU. Results come back on the query's device.
     """
 
     def __init__(
         self,
         xb: torch.Tensor,
         shards: int | None = None,
-        chunk: int = 1 << 20,
+        chunk: int = 1 << 16,
         ids: Sequence[str] | None = None,
+        devices: Sequence[str | torch.device] | None = None,
     ) -> None:
-        shards = shards or 1
+        devices = list(devices or [xb.device])
+        shards = shards or len(devices)
         bounds = np.linspace(0, xb.shape[0], shards + 1).round().astype(int).tolist()
-        self.shards = [(lo, xb[lo:hi]) for lo, hi in pairwise(bounds)]
+        self.shards = [
+            (lo, xb[lo:hi].to(devices[j % len(devices)])) for j, (lo, hi) in enumerate(pairwise(bounds))
+        ]
         self.ntotal, self.chunk, self.ids = xb.shape[0], chunk, ids
         log.debug("exact search over %d vectors in %d shard(s) on %s", self.ntotal, shards, xb.device)
 

@@ -341,3 +341,23 @@ def test_cli_audit_on_cuda_refuses_hnsw_before_any_work(tmp_path, capsys):
     ]  # fmt: skip
     assert main(args) == 2
     assert "cannot go to the GPU" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_exact_search_sharded_over_devices_equals_one_device():
+    """Shards on a list of devices (here two "devices" that are both the CPU: the code path a list of
+    GPUs takes, not run on GPUs here) merge to the single scan's result. Shard boundaries move the
+    chunk boundaries, so the products may differ in the last bit: the top neighbour is compared
+    exactly where the runner-up is more than 1e-4 below it, the top-5 similarities to 1e-6 (float32 rounding of a 32-term
+    dot product of unit vectors is below 1e-6)."""
+    from index.search import ExactSearcher
+
+    g = torch.Generator().manual_seed(0)
+    xb, xq = unit(torch.randn(1000, 32, generator=g)).half(), unit(torch.randn(20, 32, generator=g))
+    one = ExactSearcher(xb, chunk=64).search(xq, 5)
+    clear = (one.D[:, 0] - one.D[:, 1]) > 1e-4
+    assert clear.sum() >= 15, "the test needs queries without a near-tie for the top"
+    for shards in (None, 3):
+        many = ExactSearcher(xb, shards=shards, chunk=64, devices=["cpu", "cpu"]).search(xq, 5)
+        assert len(ExactSearcher(xb, shards=shards, devices=["cpu", "cpu"]).shards) == (shards or 2)
+        assert torch.equal(many.I[clear, 0], one.I[clear, 0])
+        torch.testing.assert_close(many.D, one.D, atol=1e-6, rtol=0)
