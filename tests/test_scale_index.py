@@ -347,8 +347,8 @@ def test_exact_search_sharded_over_devices_equals_one_device():
     """Shards on a list of devices (here two "devices" that are both the CPU: the code path a list of
     GPUs takes, not run on GPUs here) merge to the single scan's result. Shard boundaries move the
     chunk boundaries, so the products may differ in the last bit: the top neighbour is compared
-    exactly where the runner-up is more than 1e-4 below it, the top-5 similarities to 1e-6 (float32 rounding of a 32-term
-    dot product of unit vectors is below 1e-6)."""
+    exactly where the runner-up is more than 1e-4 below it, the top-5 similarities to 1e-6 (float32
+    rounding of a 32-term dot product of unit vectors is below 1e-6)."""
     from index.search import ExactSearcher
 
     g = torch.Generator().manual_seed(0)
