@@ -88,8 +88,9 @@ def stage_embeddings(a) -> dict:
 
 
 def stage_build(a) -> dict:
-    import index.embedders
-    from index.build import build_from_embeddings
+    import amg_engine.index.embedders
+    from amg_engine import index
+    from amg_engine.index.build import build_from_embeddings
 
     # synthetic vectors come from no registered embedder: skip the identity check the CLI makes
     index.embedders.check_embedder = lambda info, checkpoint=None: None
@@ -104,7 +105,7 @@ def stage_build(a) -> dict:
 
 
 def _search_config(a):
-    from index.search import SearchConfig
+    from amg_engine.index.search import SearchConfig
 
     return SearchConfig(
         kind="faiss",
@@ -117,8 +118,8 @@ def _search_config(a):
 
 
 def stage_ivfpq(a) -> dict:
-    from index.search import make_searcher
-    from index.store import EmbeddingIndex
+    from amg_engine.index.search import make_searcher
+    from amg_engine.index.store import EmbeddingIndex
 
     make_searcher(EmbeddingIndex.load(a.work / "index"), _search_config(a))
     files = list((a.work / "index" / "faiss").glob("*.faissindex"))
@@ -126,8 +127,8 @@ def stage_ivfpq(a) -> dict:
 
 
 def stage_load(a) -> dict:
-    from index.search import make_searcher
-    from index.store import EmbeddingIndex
+    from amg_engine.index.search import make_searcher
+    from amg_engine.index.store import EmbeddingIndex
 
     t = time.perf_counter()
     index = EmbeddingIndex.load(a.work / "index")
@@ -158,8 +159,8 @@ def _search(a, kind: str) -> dict:
     import numpy as np
     import torch
 
-    from index.search import SearchConfig, make_searcher
-    from index.store import EmbeddingIndex
+    from amg_engine.index.search import SearchConfig, make_searcher
+    from amg_engine.index.store import EmbeddingIndex
 
     index = EmbeddingIndex.load(a.work / "index")
     xq, rows, cos = planted_queries(index.vectors.numpy(), a.queries, a.seed)

@@ -33,9 +33,9 @@ from functools import partial
 import torch
 from torch.profiler import record_function
 
-from engine.compile import cfg_branches
-from engine.models import Conditioning, v_denoise
-from engine.transfer import host_read, to_device
+from amg_engine.engine.compile import cfg_branches
+from amg_engine.engine.models import Conditioning, v_denoise
+from amg_engine.engine.transfer import host_read, to_device
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def lambda_t(alpha_bar: torch.Tensor, lambda_min: float, lambda_max: float) -> t
 
 def combine_fn(device: torch.device) -> Callable:
     """The Triton combine on CUDA, its torch twin elsewhere (the interpreter is not a fast path)."""
-    from kernels.guidance import amg_combine, amg_combine_ref
+    from amg_engine.kernels.guidance import amg_combine, amg_combine_ref
 
     return amg_combine if device.type == "cuda" else amg_combine_ref
 
@@ -96,7 +96,7 @@ SCAN_CHUNK = 1 << 16  # index rows per CPU product: [65536, 512] float32 is 128 
 def search_fn(device: torch.device) -> Callable:
     """Nearest training row per query, (sim [B], idx [B]): the fused Triton search on CUDA (it reads
     float16/bfloat16 vectors as they are), else its twin over chunks of the index (:func:`scan_chunked`)."""
-    from kernels.nn_search import nn_search
+    from amg_engine.kernels.nn_search import nn_search
 
     return nn_search if device.type == "cuda" else scan_chunked
 
@@ -110,7 +110,7 @@ def scan_chunked(
     (10^7 x 512: 128 MiB instead of 20 GB). Same contract as the twin: the lowest index wins a tie
     (a later chunk replaces the best only when strictly better). No host synchronisation. Up to one
     chunk it is the twin itself, so a small index gives the twin's bits."""
-    from kernels.nn_search import nn_search_ref
+    from amg_engine.kernels.nn_search import nn_search_ref
 
     if xb.shape[0] <= chunk:
         return nn_search_ref(xq, xb)

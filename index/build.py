@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from index.clip import EmbedderInfo, input_span, prepare_clips
-from index.files import atomic_write, fsync_replace, open_plan_dir
-from index.store import (
+from amg_engine.index.clip import EmbedderInfo, input_span, prepare_clips
+from amg_engine.index.files import atomic_write, fsync_replace, open_plan_dir
+from amg_engine.index.store import (
     DTYPES,
     INDEX_JSON,
     ITEMS_ARROW,
@@ -350,7 +350,7 @@ def build_from_embeddings(
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from index.embedders import check_embedder
+    from amg_engine.index.embedders import check_embedder
 
     _check_dtype(dtype)
     if batch_rows < 1:

@@ -59,18 +59,23 @@ def register(subparsers) -> None:
 def make_embedder(name: str, checkpoint: Path | None, trust_checkpoint: bool = False):
     """The embedder the ``--embedder`` flag names."""
     if name == "mel":
-        from index.embedders import MelEmbedder
+        from amg_engine.index.embedders import MelEmbedder
 
         return MelEmbedder()
     if checkpoint is None:
         raise ValueError("--embedder clap needs --checkpoint PATH (a local 630k-audioset-best.pt)")
-    from index.clap import ClapEmbedder
+    from amg_engine.index.clap import ClapEmbedder
 
     return ClapEmbedder(checkpoint, trust_checkpoint=trust_checkpoint)
 
 
 def cmd_build(args) -> int:
-    from index.build import build_from_embeddings, build_index_resumable, clips_from_source, is_embeddings
+    from amg_engine.index.build import (
+        build_from_embeddings,
+        build_index_resumable,
+        clips_from_source,
+        is_embeddings,
+    )
 
     if is_embeddings(args.source):
         index = build_from_embeddings(
@@ -90,7 +95,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from index.store import EmbeddingIndex
+    from amg_engine.index.store import EmbeddingIndex
 
     index = EmbeddingIndex.load(args.index)
     e = index.embedder
@@ -113,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m index.cli``); ``amg index`` (jobs/cli.py) is the same commands."""
+    """Standalone entry (``python -m amg_engine.index.cli``); ``amg index`` (jobs/cli.py) is the same commands."""
     import logging
 
     args = build_parser().parse_args(argv)

@@ -36,15 +36,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from index.clip import EmbedderInfo
-from index.embedders import EmbedderMismatch
-from index.files import atomic_write, file_digest
+from amg_engine.index.clip import EmbedderInfo
+from amg_engine.index.embedders import EmbedderMismatch
+from amg_engine.index.files import atomic_write, file_digest
 
 __all__ = ["Column", "EmbedderMismatch", "EmbeddingIndex", "build_index", "index_id"]
 
 FORMAT = 2  # index.json's "format": the memory-mapped layout
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-INDEX_JSON, VECTORS_NPY, ITEMS_ARROW = "index.json", "vectors.npy", "items.arrow"
+INDEX_JSON, VECTORS_NPY, ITEMS_ARROW = "amg_engine.index.json", "vectors.npy", "items.arrow"
 
 
 class Column(Sequence):
@@ -137,7 +137,7 @@ class EmbeddingIndex:
 
     def searcher(self, config=None):
         """A :class:`index.search.Searcher` over this index (exact or FAISS, see SearchConfig)."""
-        from index.search import SearchConfig, make_searcher
+        from amg_engine.index.search import SearchConfig, make_searcher
 
         return make_searcher(self, config or SearchConfig())
 
@@ -239,7 +239,7 @@ def write_items(path: str | Path, batches: Iterable[dict]) -> None:
 def finish_mapped(folder: str | Path, info: EmbedderInfo) -> dict:
     """Seal a memory-mapped index whose vectors.npy and items.arrow are in place: hash both once,
     write index.json, then embedder.json last (a folder without it is an unfinished build)."""
-    from index.files import sha256_stream
+    from amg_engine.index.files import sha256_stream
 
     folder = Path(folder)
     array = np.load(folder / VECTORS_NPY, mmap_mode="r")

@@ -19,11 +19,11 @@ import pytest
 import torch
 from jobs_helpers import assert_gates_are_clear, tiny_assets
 
-from engine.default.heldout import HELDOUT_INDEX_DIR
-from engine.engine import DEFAULT_INDEX_DIR
-from index.embedders import EmbedderMismatch, MelEmbedder
-from index.search import FaissSearcher, SearchConfig, gpu_cloneable, make_searcher
-from index.store import Column, EmbeddingIndex, index_id, save_mapped
+from amg_engine.engine.default.heldout import HELDOUT_INDEX_DIR
+from amg_engine.engine.engine import DEFAULT_INDEX_DIR
+from amg_engine.index.embedders import EmbedderMismatch, MelEmbedder
+from amg_engine.index.search import FaissSearcher, SearchConfig, gpu_cloneable, make_searcher
+from amg_engine.index.store import Column, EmbeddingIndex, index_id, save_mapped
 
 FP16_COS = 2.0**-11  # the largest change of a unit-vector cosine when one side is stored in float16
 
@@ -64,7 +64,8 @@ def test_mapped_index_gives_the_bundled_neighbours(mapped):
 
 
 def test_mapped_identity_is_the_stored_digest_with_the_precision(mapped, monkeypatch):
-    import index.files
+    import amg_engine.index.files
+    from amg_engine import index
 
     bundled, root = mapped
     ids = {d: index_id(root / d) for d in ("float32", "float16")}
@@ -75,7 +76,7 @@ def test_mapped_identity_is_the_stored_digest_with_the_precision(mapped, monkeyp
 
     monkeypatch.setattr(index.files, "sha256_stream", no_hashing)
     monkeypatch.setattr(index.files, "file_digest", no_hashing)
-    monkeypatch.setattr("index.store.file_digest", no_hashing)
+    monkeypatch.setattr("amg_engine.index.store.file_digest", no_hashing)
     assert index_id(root / "float16") == ids["float16"]
     assert len(EmbeddingIndex.load(root / "float16")) == len(bundled)
 
@@ -108,7 +109,7 @@ def write_embeddings(path: Path, n: int, group: int = 100, info=None, seed: int 
 
 
 def test_build_from_embeddings_resumes_after_a_kill(tmp_path, monkeypatch):
-    import index.build as build
+    import amg_engine.index.build as build
 
     x = write_embeddings(tmp_path / "e.parquet", 300)
     whole = build.build_from_embeddings(
@@ -118,7 +119,7 @@ def test_build_from_embeddings_resumes_after_a_kill(tmp_path, monkeypatch):
     assert torch.equal(whole.vectors, torch.from_numpy(x.astype(np.float16)))
     assert whole.ids[299] == "c299" and whole.captions[0] == "clip 0" and whole.seconds[2] == 3.0
     assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == [
-        "embedder.json", "index.json", "items.arrow", "vectors.npy"
+        "embedder.json", "amg_engine.index.json", "items.arrow", "vectors.npy"
     ]  # fmt: skip
 
     real, calls, kills = build._vectors_of, [], []
@@ -145,7 +146,7 @@ def test_build_from_embeddings_resumes_after_a_kill(tmp_path, monkeypatch):
 
 
 def test_build_from_embeddings_refuses_what_the_engine_would(tmp_path):
-    from index.build import build_from_embeddings
+    from amg_engine.index.build import build_from_embeddings
 
     info = MelEmbedder().info
     cases = {
@@ -165,7 +166,7 @@ def test_build_from_embeddings_refuses_what_the_engine_would(tmp_path):
 
 
 def test_cli_builds_from_embeddings(tmp_path, capsys):
-    from index.cli import main
+    from amg_engine.index.cli import main
 
     write_embeddings(tmp_path / "e.parquet", 20)
     assert main(["build", str(tmp_path / "e.parquet"), "--out", str(tmp_path / "idx"), "--quiet"]) == 0
@@ -179,8 +180,8 @@ def test_cli_builds_from_embeddings(tmp_path, capsys):
 def test_chunked_scan_is_the_twin_with_its_tie_rule():
     """Exact by construction: components in multiples of 1/4 and queries of norm 2 (four ±1 entries),
     so every product is an exact sum of multiples of 1/8 in any order; duplicated rows tie exactly."""
-    from engine.guidance import scan_chunked
-    from kernels.nn_search import nn_search_ref
+    from amg_engine.engine.guidance import scan_chunked
+    from amg_engine.kernels.nn_search import nn_search_ref
 
     g = torch.Generator().manual_seed(0)
     xb = torch.randint(-1, 2, (50, 16), generator=g).float() / 4  # products below 1 but for the planted
@@ -225,7 +226,7 @@ def test_faiss_gpu_refuses_what_its_cloner_cannot_take():
 
 
 def test_audit_refuses_an_uncloneable_gpu_factory_before_any_work(tmp_path):
-    from jobs.audit import AuditConfig, run_audit
+    from amg_engine.jobs.audit import AuditConfig, run_audit
 
     config = AuditConfig(search=SearchConfig(kind="faiss", factory="HNSW32", gpu=True))
     with pytest.raises(ValueError, match="cannot go to the GPU"):
@@ -235,7 +236,7 @@ def test_audit_refuses_an_uncloneable_gpu_factory_before_any_work(tmp_path):
 
 def test_faiss_structure_is_kept_with_a_mapped_index_and_refined_exactly(tmp_path, monkeypatch):
     x = write_embeddings(tmp_path / "e.parquet", 2000, group=500)
-    from index.build import build_from_embeddings
+    from amg_engine.index.build import build_from_embeddings
 
     index = build_from_embeddings(tmp_path / "e.parquet", tmp_path / "idx", progress=False)
     config = SearchConfig(kind="faiss", factory="IVF8,PQ16", params={"nprobe": 8}, refine=20)
@@ -279,9 +280,9 @@ def test_engine_run_against_a_mapped_index_finds_the_same_neighbours(tiny_pair, 
     float16 rounding (plus the float32 drift of jobs_helpers.GATE_MARGIN) of λ_t."""
     from dataclasses import replace
 
-    import engine.guidance as guidance
-    from engine.config import EngineConfig, GuidanceConfig, SamplerConfig
-    from engine.engine import Engine, Request
+    import amg_engine.engine.guidance as guidance
+    from amg_engine.engine.config import EngineConfig, GuidanceConfig, SamplerConfig
+    from amg_engine.engine.engine import Engine, Request
 
     assets, root = tiny_pair
     real = guidance.scan_chunked
@@ -309,7 +310,7 @@ def test_engine_run_against_a_mapped_index_finds_the_same_neighbours(tiny_pair, 
 
 
 def test_audit_against_a_mapped_index_finds_the_same_neighbours(tiny_pair, tmp_path):
-    from jobs.audit import AuditConfig, run_audit
+    from amg_engine.jobs.audit import AuditConfig, run_audit
 
     assets, root = tiny_pair
     audio = tmp_path / "audio"  # the tiny training set's own clips: each has itself as nearest clip
@@ -331,7 +332,7 @@ def test_audit_against_a_mapped_index_finds_the_same_neighbours(tiny_pair, tmp_p
 
 
 def test_cli_audit_on_cuda_refuses_hnsw_before_any_work(tmp_path, capsys):
-    from jobs.cli import main
+    from amg_engine.jobs.cli import main
 
     audio = tmp_path / "audio"
     audio.mkdir()
@@ -349,7 +350,7 @@ def test_exact_search_sharded_over_devices_equals_one_device():
     chunk boundaries, so the products may differ in the last bit: the top neighbour is compared
     exactly where the runner-up is more than 1e-4 below it, the top-5 similarities to 1e-6 (float32
     rounding of a 32-term dot product of unit vectors is below 1e-6)."""
-    from index.search import ExactSearcher
+    from amg_engine.index.search import ExactSearcher
 
     g = torch.Generator().manual_seed(0)
     xb, xq = unit(torch.randn(1000, 32, generator=g)).half(), unit(torch.randn(20, 32, generator=g))

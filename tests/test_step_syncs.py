@@ -21,9 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from engine import guidance
-from engine.config import EngineConfig, GuidanceConfig, SamplerConfig
-from engine.engine import Engine, Request
+from amg_engine.engine import guidance
+from amg_engine.engine.config import EngineConfig, GuidanceConfig, SamplerConfig
+from amg_engine.engine.engine import Engine, Request
 
 aten = torch.ops.aten
 # ops whose result the host needs before it can go on (a device -> host copy and a wait on CUDA)
@@ -157,7 +157,7 @@ def test_the_instrument_sees_a_sync(assets, monkeypatch):
 def test_amg_step_over_a_chunked_float16_memory_map_reads_the_device_once(assets, tmp_path, monkeypatch):
     """The CPU's chunked scan of a memory-mapped float16 index (5 rows a chunk here) merges on the
     device: still the one host read per step."""
-    from index.store import EmbeddingIndex, save_mapped
+    from amg_engine.index.store import EmbeddingIndex, save_mapped
 
     save_mapped(EmbeddingIndex.load(assets / "index"), tmp_path / "idx", "float16")
     real = guidance.scan_chunked
