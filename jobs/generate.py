@@ -238,13 +238,14 @@ def _done_ids(store: ResultStore, expected: dict[str, tuple], retry_failed: bool
     cols = scan.table.select(list(AUDIO_IDENTITY)).take(chosen).to_pydict()
     done, waiting = set(), []
     for k, rid in enumerate(picks):
-        status = cols["status"][k]
-        if status == "error":
-            if not retry_failed:
-                done.add(rid)
-        elif same_audio(store.dir / (cols["audio_path"][k] or ""), cols["audio_bytes"][k],
-                        cols["audio_mtime_ns"][k], cols["audio_sha256"][k]):  # fmt: skip
-            if status == "retry":
+        status, path = cols["status"][k], cols["audio_path"][k]
+        if status == "error" and not retry_failed:
+            done.add(rid)
+        elif status == "error" and path is None:  # regenerated from the start
+            continue
+        elif same_audio(store.dir / (path or ""), cols["audio_bytes"][k], cols["audio_mtime_ns"][k],
+                        cols["audio_sha256"][k]):  # fmt: skip
+            if status in ("retry", "error"):  # between attempts, or an attempt failed (--retry-failed)
                 waiting.append(k)
             else:
                 done.add(rid)
@@ -348,8 +349,8 @@ def run_generate(manifest: str | Path, out_dir: str | Path, engine, job: JobConf
 
 def _retries(batch: list[tuple[Row, dict | None]], results: list[dict]) -> list[tuple[Row, dict]]:
     """The batch's rows that need another attempt of the release gate, each with its result."""
-    rows = {r.index: r for r, _ in batch}
-    return [(rows[res["row"]], res) for res in results if res["status"] == "retry"]
+    rows = {r.id: r for r, _ in batch}  # by id: a result from an earlier run may name another position
+    return [(rows[res["id"]], res) for res in results if res["status"] == "retry"]
 
 
 def run_and_finish(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderLock,

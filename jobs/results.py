@@ -39,7 +39,8 @@ status             string          ``ok``, ``error``; under the release gate als
                                    cleared τ) and, between attempts, ``retry``
 error              string          ``row <k>: <problem>`` for error rows, else null
 audio_path         string          ``audio/<id>.flac`` relative to DIR (ok rows; ``rejected/<id>-a<k>.flac``
-                                   for rejected rows)
+                                   for rejected and retry rows, and for error rows of the gate whose
+                                   failed attempt followed earlier ones: their best attempt's)
 final_similarity   float64         cosine similarity of the finished audio to its nearest training clip
                                    (rejected rows: their best attempt's)
 max_similarity     float64         largest per-step similarity σ_t the detector saw (null without AMG)
@@ -74,8 +75,8 @@ A row counts as done, and is skipped by a rerun, when the newest shard row of it
 ok or rejected row, its audio file is unchanged (:func:`same_audio`): it exists with the recorded
 size, and either its modification time is the recorded one or (a folder copied without preserving
 times) its SHA-256 is.
-Error rows are retried only with ``--retry-failed``; a ``retry`` row continues with its next
-attempt. "Newest" is by shard number, which grows with every batch written to the folder, then by
+Error rows are retried only with ``--retry-failed`` (a gated error row that kept earlier attempts, its
+file unchanged, continues with its next attempt); a ``retry`` row continues with its next attempt. "Newest" is by shard number, which grows with every batch written to the folder, then by
 position in the shard.
 """
 

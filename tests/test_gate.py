@@ -30,8 +30,9 @@ class GateEngine(FakeEngine):
     :meth:`nearest` reads it back. ``stop_at``: the generate call (0-based) that raises
     KeyboardInterrupt, as a kill there would stop the run."""
 
-    def __init__(self, config=None, sims=None, seeds=None, default=0.3, stop_at=None, max_attempts=8):
-        super().__init__(config)
+    def __init__(self, config=None, sims=None, seeds=None, default=0.3, stop_at=None, max_attempts=8,
+                 raise_calls=()):  # fmt: skip
+        super().__init__(config, raise_calls=raise_calls)
         self.device = torch.device("cpu")
         self.sims, self.default, self.stop_at = sims or {}, default, stop_at
         self.attempt = {ReleaseGate.seed(s, k): k for s in seeds.values() for k in range(1, max_attempts + 1)}
@@ -44,6 +45,8 @@ class GateEngine(FakeEngine):
             raise KeyboardInterrupt("killed")
         self.calls.append([r.id for r in requests])
         self.configs.append(self.config)
+        if len(self.calls) - 1 in self.raise_calls:
+            raise RuntimeError(self.failure)
         self.requests.append([(r.id, self.attempt[r.seed]) for r in requests])
         out = []
         for r in requests:
@@ -284,3 +287,79 @@ def test_on_the_default_model_every_released_file_is_below_tau(tmp_path, tmp_pat
                 assert float((e @ index.vectors.T).max()) < tau
             else:
                 assert min(r["attempt_similarities"]) >= tau and (out_gate / r["audio_path"]).exists()
+
+
+def test_a_rerun_after_a_row_is_inserted_at_the_top_finishes_each_row_once(tmp_path):
+    """Ids are the resume key, so rows may move: a run stopped between attempts, resumed with a new
+    row at the top of its manifest, finishes every row with each attempt run once, and every result
+    names the row's position in the manifest it was finished with (issue 26, item 1)."""
+    from collections import Counter
+
+    m, seeds = manifest(tmp_path / "m.parquet", 16)
+    # odd rows: attempt 2 the best so far, attempt 3 worse (the earlier attempt stays), attempt 4 clears
+    sims = {rid: [0.95, 0.7, 0.9, 0.2] if i % 2 else [] for i, rid in enumerate(seeds)}
+    gate, out = ReleaseGate(TAU, 4), tmp_path / "out"
+    killed = GateEngine(sims=sims, seeds=seeds, stop_at=3)  # two fresh batches, attempt 2, then killed
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(m, out, killed, JobConfig(progress=False, gate=gate))
+    ids, table = ["row-new", *seeds], pq.read_table(m)
+    write_manifest(m, {"id": ids, "prompt": [PROMPTS[5], *table["prompt"].to_pylist()],
+                       "seconds": [0.25] * 17, "seed": [5, *seeds.values()]})  # fmt: skip
+    again = GateEngine(sims=sims, seeds={**seeds, "row-new": 5})
+    summary = run_generate(m, out, again, JobConfig(progress=False, gate=gate))
+    attempts = Counter(x for c in killed.requests + again.requests for x in c)
+    assert set(attempts.values()) == {1}  # no attempt ran twice
+    assert {rid: max(k for i, k in attempts if i == rid) for rid in ids} == {
+        rid: 4 if rid in sims and sims[rid] else 1 for rid in ids
+    }
+    res = pq.read_table(out / "results.parquet").to_pylist()
+    assert [r["id"] for r in res] == ids and [r["row"] for r in res] == list(range(17))
+    assert {r["status"] for r in res} == {"ok"} and (summary.released, summary.retrying) == (17, 0)
+    assert all(r["attempts"] == len(r["attempt_seeds"]) == len(r["attempt_similarities"]) for r in res)
+    assert list((out / "rejected").iterdir()) == []  # the kept attempts went with their rows' release
+
+
+def test_a_retry_batch_failing_in_the_engine_keeps_its_rows_attempts(tmp_path):
+    """The engine raises on a batch of second attempts: those rows are errors that keep their first
+    attempt (its record and its file in rejected/), and --retry-failed continues at attempt 2
+    (issue 26, item 5)."""
+    m, seeds = manifest(tmp_path / "m.parquet", 8)
+    sims = {rid: [0.95, 0.7, 0.2] if i % 2 else [] for i, rid in enumerate(seeds)}
+    gate, out = ReleaseGate(TAU, 3), tmp_path / "out"
+    failing = GateEngine(sims=sims, seeds=seeds, raise_calls=(1,))  # the batch of second attempts
+    summary = run_generate(m, out, failing, JobConfig(progress=False, gate=gate))
+    res = results(out)
+    odd = [rid for rid in seeds if sims[rid]]
+    assert summary.errors == 4 and {res[rid]["status"] for rid in odd} == {"error"}
+    for rid in odd:
+        r = res[rid]
+        assert "engine failed" in r["error"] and r["attempts"] == 1 and r["attempt_seeds"] == [seeds[rid]]
+        assert r["audio_path"] == f"rejected/{rid}-a1.flac" and (out / r["audio_path"]).exists()
+    assert sorted(p.name for p in (out / "rejected").iterdir()) == sorted(f"{rid}-a1.flac" for rid in odd)
+    rerun = GateEngine(sims=sims, seeds=seeds)
+    assert run_generate(m, out, rerun, JobConfig(progress=False, gate=gate)).generated == 0  # errors stay
+    summary = run_generate(m, out, rerun, JobConfig(progress=False, gate=gate, retry_failed=True))
+    assert sorted(x for c in rerun.requests for x in c) == sorted((rid, k) for rid in odd for k in (2, 3))
+    res = results(out)
+    assert summary.released == 8 and all(res[rid]["attempt_seeds"] == [
+        ReleaseGate.seed(seeds[rid], k) for k in (1, 2, 3)] for rid in odd)  # fmt: skip
+    assert list((out / "rejected").iterdir()) == []
+
+
+def test_the_attempt_history_state_machine():
+    """ReleaseGate.judge: released at the first attempt below τ, else retried until N, keeping the
+    lowest similarity so far (the earliest of equals, NaN never); Attempts round-trips a result row."""
+    from jobs.gate import Attempts
+
+    gate, none = ReleaseGate(0.5, 3), Attempts()
+    assert none.best is None and none.next == 1 and Attempts.of(None) == none
+    v = gate.judge(none, 11, float("nan"), 1.0)
+    assert (v.status, v.keep, v.fresh) == ("retry", 1, True)  # a NaN is kept only while it is all there is
+    v = gate.judge(v.attempts, 12, 0.8, 1.0)
+    assert (v.status, v.keep, v.fresh) == ("retry", 2, True)
+    w = gate.judge(v.attempts, 13, 0.8, 1.0)
+    assert (w.status, w.keep, w.fresh) == ("rejected", 2, False)  # a tie: the earlier attempt stays
+    assert gate.judge(v.attempts, 13, 0.49, 1.0).status == "ok"
+    assert gate.judge(v.attempts, 13, 0.5, 1.0).status == "rejected"  # at τ is not below it
+    assert Attempts.of(w.attempts.columns()) == w.attempts and w.attempts.columns()["attempts"] == 3
+    assert w.attempts.seeds == (11, 12, 13) and Attempts.of({"attempt_seeds": None}) == none
