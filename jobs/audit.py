@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from index.build import clips_from_folder, read_clip
+from index.clip import embed_windows
 from index.distances import Moments, fad, kad
 from index.files import atomic_write, fsync_replace, open_plan_dir
 from index.search import SearchConfig, make_searcher
@@ -169,7 +170,7 @@ def _embed_batch(items, embedder, searcher, index, k, text_embedder, pool) -> tu
     if not ok:
         return cols, torch.zeros(0, index.embedder.dim)
     with torch.no_grad():
-        e = embedder.embed_window(torch.stack([loaded[i] for i in ok])).float().cpu()  # [n_ok, D]
+        e = embed_windows(embedder, torch.stack([loaded[i] for i in ok])).cpu()  # [n_ok, D], float32
         res = searcher.search(e, k)
         scores = _clap_scores(e, [items[i].prompt for i in ok], text_embedder)
     D, I = res.D.cpu().tolist(), res.I.cpu().tolist()  # noqa: E741

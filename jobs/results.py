@@ -76,7 +76,8 @@ ok or rejected row, its audio file is unchanged (:func:`same_audio`): it exists 
 size, and either its modification time is the recorded one or (a folder copied without preserving
 times) its SHA-256 is.
 Error rows are retried only with ``--retry-failed`` (a gated error row that kept earlier attempts, its
-file unchanged, continues with its next attempt); a ``retry`` row continues with its next attempt. "Newest" is by shard number, which grows with every batch written to the folder, then by
+file unchanged, continues with its next attempt); a ``retry`` row continues with its next attempt.
+"Newest" is by shard number, which grows with every batch written to the folder, then by
 position in the shard.
 """
 

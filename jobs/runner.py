@@ -29,7 +29,7 @@ import pyarrow as pa
 from engine.config import EngineConfig
 from jobs.gate import Attempts, ReleaseGate, attempt_of
 from jobs.manifest import Limits, Overrides, Row, check_row, token_problem
-from jobs.results import ResultStore, base_result, decode_audio, encode_audio, error_result, now, write_audio
+from jobs.results import ResultStore, base_result, encode_audio, error_result, now, write_audio
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +174,10 @@ class BatchRunner:
         try:
             if forced:
                 raise WorkerLost(forced)
-            outs = engine_view(self.engine, config).generate(
-                [Request(r.id, r.prompt, r.seconds, seed) for r, seed in zip(rows, seeds, strict=True)]
-            )
+            requests = [Request(r.id, r.prompt, r.seconds, seed) for r, seed in zip(rows, seeds, strict=True)]
+            view = engine_view(self.engine, config)
+            # under the gate the engine leaves the similarity to _as_written: each clip is embedded once
+            outs = view.generate(requests) if gate is None else view.generate(requests, measure=False)
             if gate is not None:
                 outs, encoded = self._as_written(outs)
         except Exception as e:  # a failing batch is recorded row by row; the run goes on
@@ -266,13 +267,11 @@ class BatchRunner:
         return out
 
     def _as_written(self, outs: list) -> tuple[list, dict[int, bytes]]:
-        """``outs`` with each clip's final similarity and neighbour measured on its audio as it will be
-        written (16-bit PCM, read back), in one embedder call per few rows: what the release gate
-        judges is the file it releases, the same measure as ``amg audit`` of that file. Also each
-        clip's file bytes (by position in ``outs``), written as they are."""
-        import numpy as np
-        import torch
-
+        """``outs`` with each clip's final similarity and neighbour measured on its file as it will be
+        written (16-bit PCM), by the audit's measure (:meth:`engine.engine.Engine.measure_files`:
+        read as ``amg audit`` reads it, embedded in float32 whatever the run's precision), a few rows
+        per embedder call: what the release gate judges is the file it releases, measured as ``amg
+        audit`` measures it. Also each clip's file bytes (by position in ``outs``), written as they are."""
         from engine.engine import FINAL_DECODE_ROWS
 
         outs, ok = list(outs), [k for k, g in enumerate(outs) if not g.error]
@@ -280,13 +279,7 @@ class BatchRunner:
         encoded = {k: encode_audio(outs[k].audio.numpy(), rate, self.audio_format) for k in ok}
         for a in range(0, len(ok), FINAL_DECODE_ROWS):
             chunk = ok[a : a + FINAL_DECODE_ROWS]
-            clips = [decode_audio(encoded[k]) for k in chunk]
-            x = np.zeros((len(clips), clips[0].shape[0], max(c.shape[1] for c in clips)), np.float32)
-            for j, c in enumerate(clips):
-                x[j, :, : c.shape[1]] = c
-            dev = self.engine.device
-            lengths = torch.tensor([c.shape[1] for c in clips], device=dev)
-            sims, nns = self.engine.nearest(torch.from_numpy(x).to(dev), lengths)
+            sims, nns = self.engine.measure_files([encoded[k] for k in chunk])
             for k, sim, nn in zip(chunk, sims, nns, strict=True):
                 outs[k] = replace(outs[k], final_similarity=sim, neighbour=nn)
         return outs, encoded

@@ -27,7 +27,7 @@ PCM = 2 / 2**15  # a similarity read back from 16-bit audio is this close to the
 class GateEngine(FakeEngine):
     """A :class:`FakeEngine` whose row ``id`` has similarity ``sims[id][k-1]`` at attempt k (the
     attempt read from the request's seed), else ``default``; its audio is that similarity / 2, and
-    :meth:`nearest` reads it back. ``stop_at``: the generate call (0-based) that raises
+    :meth:`measure_files` reads it back. ``stop_at``: the generate call (0-based) that raises
     KeyboardInterrupt, as a kill there would stop the run."""
 
     def __init__(self, config=None, sims=None, seeds=None, default=0.3, stop_at=None, max_attempts=8,
@@ -38,7 +38,7 @@ class GateEngine(FakeEngine):
         self.attempt = {ReleaseGate.seed(s, k): k for s in seeds.values() for k in range(1, max_attempts + 1)}
         self.requests: list[list[tuple[str, int]]] = []  # (id, attempt) of each call that ran
 
-    def generate(self, requests):
+    def generate(self, requests, measure=True):
         from engine.engine import Generated
 
         if self.stop_at is not None and len(self.calls) == self.stop_at:
@@ -57,8 +57,10 @@ class GateEngine(FakeEngine):
             out.append(Generated(r, audio, sim, 0, [], None))
         return out
 
-    def nearest(self, audio, lengths):
-        sims = [2 * float(audio[i, :, : int(n)].mean()) for i, n in enumerate(lengths)]
+    def measure_files(self, files):
+        from jobs.results import decode_audio
+
+        sims = [2 * float(decode_audio(f).mean()) for f in files]
         return sims, [1] * len(sims)
 
 
@@ -363,3 +365,39 @@ def test_the_attempt_history_state_machine():
     assert gate.judge(v.attempts, 13, 0.5, 1.0).status == "rejected"  # at τ is not below it
     assert Attempts.of(w.attempts.columns()) == w.attempts and w.attempts.columns()["attempts"] == 3
     assert w.attempts.seeds == (11, 12, 13) and Attempts.of({"attempt_seeds": None}) == none
+
+
+def test_under_bf16_the_gate_records_the_audits_measure_of_each_file(tmp_path, tmp_path_factory):
+    """The gate judges a file by the audit's measure, in float32 whatever the run's precision: with
+    bf16 (autocast on the CPU, as on CUDA by default), every released and every kept rejected file
+    audits at the similarity its row records (issue 26, item 3)."""
+    from index.embedders import load_embedder
+    from index.store import EmbeddingIndex
+    from jobs.audit import AuditConfig, embed_all, items_from_source
+
+    assets = tiny_assets(tmp_path_factory)
+    n = 8
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    m = write_manifest(tmp_path / "m.parquet", {"id": [f"r{i}" for i in range(n)], "seconds": [0.5] * n,
+                                                "prompt": prompts})  # fmt: skip
+    argv = ["generate", str(m), "--model", str(assets / "model"), "--index", str(assets / "index"),
+            *FAST_FLAGS, "--precision", "bf16"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    tau = float(np.quantile([r["final_similarity"] for r in results(tmp_path / "plain").values()], 0.5))
+    out = tmp_path / "gated"
+    assert main([*argv, "--out", str(out), "--max-similarity", str(tau), "--max-attempts", "2"]) == 0
+    res = results(out)
+    assert {r["status"] for r in res.values()} == {"ok", "rejected"}  # both kinds of file are checked
+    index = EmbeddingIndex.load(assets / "index")
+    embedder, audited = load_embedder(index.embedder), {}
+    for source, name in ((out / "results.parquet", "a"), (out / "rejected", "b")):  # the audit's measure
+        parts = embed_all(items_from_source(source), index, embedder, tmp_path / name, AuditConfig(),
+                          progress=False)  # fmt: skip
+        for r in pq.read_table(parts).to_pylist():
+            audited[r["id"] if name == "a" else f"rejected/{r['id']}"] = r["similarity"]
+    for rid, r in res.items():
+        measured = audited[rid if r["status"] == "ok" else r["audio_path"]]
+        # the same function on the same file, in float32 on one CPU: equal up to the rounding of other
+        # batch compositions in the embedder's matrix products (≲ 1e-6; bf16 would be ~1e-3 off)
+        assert r["final_similarity"] == pytest.approx(measured, abs=1e-5), rid
+        assert r["final_similarity"] == min(r["attempt_similarities"]) or r["status"] == "ok"
