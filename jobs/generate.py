@@ -203,7 +203,7 @@ def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, ids: RunI
     for r in rows:
         if r.error is None:
             if r.overrides not in hashes:
-                hashes[r.overrides] = r.config(limits.base).config_hash()
+                hashes[r.overrides] = r.overrides.config_hash(limits.base)
             expected[r.id] = (hashes[r.overrides], ids.model_id, ids.index_id, r.prompt, r.seconds, r.seed,
                               gate_key)  # fmt: skip
     mine = [r for r in rows if job.shard.owns(r.index)]

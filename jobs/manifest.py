@@ -77,6 +77,12 @@ class Overrides:
         sampler = {k: v for k, v in (("steps", self.steps), ("sampler", self.sampler)) if v is not None}
         return replace(cfg, sampler=replace(cfg.sampler, **sampler)) if sampler else cfg
 
+    def config_hash(self, base: EngineConfig) -> str:
+        """The configuration part of a row's resume key: the hash of ``base`` with these overrides
+        (holding the precision ``base``'s device resolves). The one place it is computed: by the
+        planner (a Ray driver plans with its actors' configuration) and by the workers that write it."""
+        return self.apply(base).config_hash()
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -118,7 +124,7 @@ class Row:
     def config_hash(self, base: EngineConfig) -> str | None:
         """Hash of the configuration the row runs (or would run) with; None if its overrides are invalid."""
         try:
-            return self.config(base).config_hash() if self.overrides is not None else None
+            return self.overrides.config_hash(base) if self.overrides is not None else None
         except ValueError:
             return None
 

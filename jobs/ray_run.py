@@ -151,7 +151,7 @@ class GenerateActor:
     """A Ray Data map_batches callable: one engine, one batch of manifest rows per call."""
 
     def __init__(self, spec: EngineSpec, out_dir: str, tag: str, schema: pa.Schema, audio_format: str,
-                 ids: RunIds) -> None:  # fmt: skip
+                 ids: RunIds, config_hash: str) -> None:  # fmt: skip
         import ray
 
         from jobs.runner import BatchRunner
@@ -162,6 +162,10 @@ class GenerateActor:
         loaded = (engine.model_id, engine.index_id)
         if loaded != (ids.model_id, ids.index_id):
             raise RuntimeError(f"actor loaded model, index {loaded}; the driver planned for {ids}")
+        mine = engine.config.config_hash()
+        if mine != config_hash:  # the rows' key the driver expects is the one this actor writes
+            raise RuntimeError(f"actor's configuration {engine.config} keys as {mine}; the driver "
+                               f"planned for {config_hash}")  # fmt: skip
         self.store = ResultStore(out_dir, tag)
         self.runner = BatchRunner(engine, self.store, schema, audio_format)
         self.worker = ray.get_runtime_context().get_actor_id() or "driver"  # kept across restarts
@@ -182,6 +186,24 @@ class GenerateActor:
         return pa.Table.from_pylist([row], schema=OUTCOME)
 
 
+@dataclass(frozen=True)
+class Pool:
+    """The actor pool of a run: its size, each actor's GPUs, and the configuration the actors run
+    (``device`` set). The driver plans with that configuration: the rows' resume key (the
+    configuration's hash, which holds the precision the device resolves) is the one the actors write."""
+
+    actors: int
+    gpus: float
+    config: EngineConfig
+
+    @classmethod
+    def of(cls, ray, opts: RayOptions, config: EngineConfig) -> Pool:
+        gpus_in_cluster = int(ray.cluster_resources().get("GPU", 0))
+        gpus = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if gpus_in_cluster else 0.0)
+        actors = opts.actors or (max(1, int(gpus_in_cluster / gpus)) if gpus else 1)
+        return cls(actors, gpus, replace(config, device=opts.device or ("cuda" if gpus else "cpu")))
+
+
 def run_generate_ray(
     manifest: str | Path, out_dir: str | Path, spec: EngineSpec, job: JobConfig, opts: RayOptions
 ) -> Summary:
@@ -196,43 +218,42 @@ def run_generate_ray(
     store.dir.mkdir(parents=True, exist_ok=True)
     with run_log(store.dir / "run.log"), store.lock() as lock:
         store.prepare()
-        log.info("run: engine ray, config %s, shard %s, %s", spec.config, job.shard, opts)
-        plan = plan_run(manifest, store, Limits(spec.window_seconds(), spec.config), spec.ids(), job)
+        started = not ray.is_initialized()
+        if started:  # the cluster decides the actors' device, and so the rows' key: before planning
+            ray.init(address=opts.address, include_dashboard=False)
+        try:
+            pool = Pool.of(ray, opts, spec.config)
+            spec = replace(spec, config=pool.config)
+            log.info("run: engine ray, config %s, shard %s, %s", spec.config, job.shard, opts)
+            plan = plan_run(manifest, store, Limits(spec.window_seconds(), spec.config), spec.ids(), job)
 
-        def work(counts: dict[str, int]) -> None:
-            if not plan.todo:
-                return
-            started = not ray.is_initialized()
+            def work(counts: dict[str, int]) -> None:
+                if plan.todo:
+                    _execute(ray, plan, spec, pool, store, job, opts, counts)
+
+            return run_and_finish(plan, store, job, lock, work)
+        finally:
             if started:
-                ray.init(address=opts.address, include_dashboard=False)
-            try:
-                _execute(ray, plan, spec, store, job, opts, counts)
-            finally:
-                if started:
-                    ray.shutdown()
-
-        return run_and_finish(plan, store, job, lock, work)
+                ray.shutdown()
 
 
-def _execute(ray, plan: Plan, spec: EngineSpec, store: ResultStore, job: JobConfig, opts: RayOptions,
-             counts: dict[str, int]) -> None:  # fmt: skip
-    gpus_in_cluster = int(ray.cluster_resources().get("GPU", 0))
-    gpus = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if gpus_in_cluster else 0.0)
-    actors = opts.actors or (max(1, int(gpus_in_cluster / gpus)) if gpus else 1)
-    config = replace(spec.config, device=opts.device or ("cuda" if gpus else "cpu"))
-    log.info("ray: %d actors × (%g CPU, %g GPU), device %s", actors, opts.cpus_per_actor, gpus, config.device)
+def _execute(ray, plan: Plan, spec: EngineSpec, pool: Pool, store: ResultStore, job: JobConfig,
+             opts: RayOptions, counts: dict[str, int]) -> None:  # fmt: skip
+    log.info("ray: %d actors × (%g CPU, %g GPU), device %s", pool.actors, opts.cpus_per_actor, pool.gpus,
+             spec.config.device)  # fmt: skip
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts rows
     blocks = []
-    for batch in batches(plan.todo, config.batch_size):  # one block per batch
+    for batch in batches(plan.todo, spec.config.batch_size):  # one block per batch
         positions = pa.array([r.index for r in batch], pa.int64())
         blocks.append(plan.manifest.take(positions).append_column("row", positions))
     results = ray.data.from_arrow(blocks).map_batches(
         GenerateActor,
-        fn_constructor_kwargs=dict(spec=replace(spec, config=config), out_dir=str(store.dir), tag=store.tag,
+        fn_constructor_kwargs=dict(spec=spec, out_dir=str(store.dir), tag=store.tag,
                                    schema=plan.schema, audio_format=job.audio_format,
-                                   ids=RunIds(plan.model_id, plan.index_id, plan.threshold)),
-        batch_size=None, batch_format="pyarrow", num_cpus=opts.cpus_per_actor, num_gpus=gpus,
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=TASKS_PER_ACTOR),
+                                   ids=RunIds(plan.model_id, plan.index_id, plan.threshold),
+                                   config_hash=plan.base.config_hash()),
+        batch_size=None, batch_format="pyarrow", num_cpus=opts.cpus_per_actor, num_gpus=pool.gpus,
+        compute=ray.data.ActorPoolStrategy(size=pool.actors, max_tasks_in_flight_per_actor=TASKS_PER_ACTOR),
     )  # fmt: skip
     outcomes = iter(results.iter_batches(batch_size=None, batch_format="pyarrow"))
     try:

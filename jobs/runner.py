@@ -90,7 +90,7 @@ class BatchRunner:
 
     def config_hash(self, overrides: Overrides) -> str:
         if overrides not in self._hashes:
-            self._hashes[overrides] = overrides.apply(self.engine.config).config_hash()
+            self._hashes[overrides] = overrides.config_hash(self.engine.config)
         return self._hashes[overrides]
 
     def _ids(self) -> dict[str, str | None]:
@@ -309,6 +309,13 @@ class BatchRunner:
         if config is not None:
             out.update(_inputs_used(row, config))
         return out
+
+
+def carried(result: dict[str, Any]) -> dict[str, Any]:
+    """What a gated row's next attempt needs of its result (its id, attempts and kept attempt's
+    outputs), in plain JSON types: what a Ray driver and its actors pass between rounds."""
+    keys = ("id", *KEPT_OUTPUTS, "attempt_seeds", "attempt_similarities", "attempt_seconds")
+    return {k: result[k] for k in keys}
 
 
 def _inputs_used(row: Row, config: EngineConfig) -> dict[str, Any]:

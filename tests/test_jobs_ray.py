@@ -134,3 +134,19 @@ def test_the_circuit_breaker_stops_a_ray_run_and_a_rerun_resumes(local_ray, tmp_
     # after the rerun's start cleaned up: the run after deletes them)
     _check_complete(res, 48, tmp_path / "out", no_tmp=False)
     assert summary.ok == 48
+
+
+def test_the_driver_keys_rows_as_its_actors_do(local_ray, tmp_path):
+    """The driver plans for the device its actors run on: a configuration saying cuda with actors on
+    the CPU keys the rows with the actors' precision (fp32), so a rerun finds them done (issue 26,
+    item 4; before, the driver hashed the configuration it was given)."""
+    from jobs.ray_run import RayOptions, run_generate_ray
+
+    m = write_manifest(tmp_path / "m.parquet", {"id": [f"r{k}" for k in range(4)], "prompt": PROMPTS[:4]})
+    (tmp_path / "calls").mkdir()
+    spec = FakeSpec(replace(fast_config(), device="cuda"), str(tmp_path / "calls"))
+    opts, job = RayOptions(actors=1, cpus_per_actor=0.5, device="cpu"), JobConfig(progress=False)
+    assert run_generate_ray(m, tmp_path / "out", spec, job, opts).generated == 4
+    res = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    assert {r["config_hash"] for r in res} == {replace(fast_config(), device="cpu").config_hash()}
+    assert run_generate_ray(m, tmp_path / "out", spec, job, opts).generated == 0
