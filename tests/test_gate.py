@@ -218,7 +218,6 @@ def test_bad_gate_settings_are_named(kw, problem):
         (["--max-similarity", "--max-attempts", "0"], "--max-attempts 0"),
         (["--max-similarity", "0.5", "--escalate", "-1"], "--escalate -1.0"),
         (["--escalate", "2"], "give --max-similarity"),
-        (["--max-similarity", "--engine", "ray"], "--engine local"),
     ],
 )
 def test_bad_gate_flags_exit_2_and_write_nothing(tmp_path, capsys, flags, problem):
