@@ -366,10 +366,12 @@ def test_the_attempt_history_state_machine():
     assert w.attempts.seeds == (11, 12, 13) and Attempts.of({"attempt_seeds": None}) == none
 
 
-def test_under_bf16_the_gate_records_the_audits_measure_of_each_file(tmp_path, tmp_path_factory):
+def test_under_bf16_the_gate_records_the_audits_measure_of_each_file(tmp_path, tmp_path_factory, monkeypatch):
     """The gate judges a file by the audit's measure, in float32 whatever the run's precision: with
     bf16 (autocast on the CPU, as on CUDA by default), every released and every kept rejected file
-    audits at the similarity its row records (issue 26, item 3)."""
+    audits at the similarity its row records; and each clip is embedded once, by that measure (the
+    engine's own final measure does not run under the gate) (issue 26, item 3)."""
+    from engine.engine import Engine
     from index.embedders import load_embedder
     from index.store import EmbeddingIndex
     from jobs.audit import AuditConfig, embed_all, items_from_source
@@ -381,11 +383,18 @@ def test_under_bf16_the_gate_records_the_audits_measure_of_each_file(tmp_path, t
                                                 "prompt": prompts})  # fmt: skip
     argv = ["generate", str(m), "--model", str(assets / "model"), "--index", str(assets / "index"),
             *FAST_FLAGS, "--precision", "bf16"]  # fmt: skip
+    nearest, measured, real_nearest, real_measure = [], [], Engine.nearest, Engine.measure_files
+    monkeypatch.setattr(Engine, "nearest", lambda self, a, n: nearest.append(1) or real_nearest(self, a, n))
+    monkeypatch.setattr(
+        Engine, "measure_files", lambda self, x: measured.append(len(x)) or real_measure(self, x)
+    )
     assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    assert nearest and not measured  # without the gate the engine measures the final audio
     tau = float(np.quantile([r["final_similarity"] for r in results(tmp_path / "plain").values()], 0.5))
-    out = tmp_path / "gated"
+    out, nearest[:] = tmp_path / "gated", []
     assert main([*argv, "--out", str(out), "--max-similarity", str(tau), "--max-attempts", "2"]) == 0
     res = results(out)
+    assert not nearest and sum(measured) == sum(r["attempts"] for r in res.values())  # once per clip
     assert {r["status"] for r in res.values()} == {"ok", "rejected"}  # both kinds of file are checked
     index = EmbeddingIndex.load(assets / "index")
     embedder, audited = load_embedder(index.embedder), {}
