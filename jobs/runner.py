@@ -26,10 +26,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from engine.config import EngineConfig
-from jobs.gate import Attempts, ReleaseGate, attempt_of
-from jobs.manifest import Limits, Overrides, Row, check_row, token_problem
-from jobs.results import ResultStore, base_result, encode_audio, error_result, now, write_audio
+from amg_engine.engine.config import EngineConfig
+from amg_engine.jobs.gate import Attempts, ReleaseGate, attempt_of
+from amg_engine.jobs.manifest import Limits, Overrides, Row, check_row, token_problem
+from amg_engine.jobs.results import ResultStore, base_result, encode_audio, error_result, now, write_audio
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class BatchRunner:
         """-> (result rows, the engine's error as "Type: message" if it raised on the group, else None,
         files of earlier attempts that the result rows no longer name, to delete once they are written).
         Under a release gate the rows share their attempt's c3 scale (run_batch groups them so)."""
-        from engine.engine import Request
+        from amg_engine.engine.engine import Request
 
         gate, priors = self.gate, priors or {}
         attempts = [attempt_of(priors.get(r.index)) for r in rows]
@@ -272,7 +272,7 @@ class BatchRunner:
         read as ``amg audit`` reads it, embedded in float32 whatever the run's precision), a few rows
         per embedder call: what the release gate judges is the file it releases, measured as ``amg
         audit`` measures it. Also each clip's file bytes (by position in ``outs``), written as they are."""
-        from engine.engine import FINAL_DECODE_ROWS
+        from amg_engine.engine.engine import FINAL_DECODE_ROWS
 
         outs, ok = list(outs), [k for k, g in enumerate(outs) if not g.error]
         rate = self.engine.sample_rate

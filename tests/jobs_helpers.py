@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from engine.config import EngineConfig, GuidanceConfig, SamplerConfig
+from amg_engine.engine.config import EngineConfig, GuidanceConfig, SamplerConfig
 
 PROMPTS = [
     "An acoustic drum loop, 90 bpm",
@@ -41,11 +41,11 @@ def make_tiny_assets(root: Path) -> Path:
     """
     from stable_audio_tools.models.factory import create_model_from_config
 
-    from engine.default.data import write_dataset
-    from engine.default.model import build_tokenizer, model_config
-    from engine.models import save_model
-    from index.build import build_from_manifest
-    from index.embedders import MelEmbedder
+    from amg_engine.engine.default.data import write_dataset
+    from amg_engine.engine.default.model import build_tokenizer, model_config
+    from amg_engine.engine.models import save_model
+    from amg_engine.index.build import build_from_manifest
+    from amg_engine.index.embedders import MelEmbedder
 
     manifest = write_dataset(root / "train")
     captions = pq.read_table(manifest).column("caption").to_pylist()
@@ -148,7 +148,7 @@ class FakeEngine:
         self.configs: list[EngineConfig] = []  # the configuration each call ran with
 
     def generate(self, requests, measure=True):
-        from engine.engine import Generated
+        from amg_engine.engine.engine import Generated
 
         ids = [r.id for r in requests]
         self.calls.append(ids)
@@ -207,7 +207,7 @@ class GatedRecordingEngine(RecordingEngine):
     attempt ``kill_attempt`` of ``kill_id`` SIGKILLs its process, the first time only."""
 
     def __init__(self, config, log_dir, sims, seeds, kill_id=None, kill_attempt=None, delay=0.0):
-        from jobs.gate import ReleaseGate
+        from amg_engine.jobs.gate import ReleaseGate
 
         super().__init__(config, log_dir, delay)
         self.sims, self.kill = sims, (kill_id, kill_attempt)
@@ -218,7 +218,7 @@ class GatedRecordingEngine(RecordingEngine):
         import signal
         import time
 
-        from engine.engine import Generated
+        from amg_engine.engine.engine import Generated
 
         calls = [(r.id, self.attempt[r.seed]) for r in requests]
         self._note("begin", [f"{i}@{k}" for i, k in calls])
@@ -236,7 +236,7 @@ class GatedRecordingEngine(RecordingEngine):
         return out
 
     def measure_files(self, files):
-        from jobs.results import decode_audio
+        from amg_engine.jobs.results import decode_audio
 
         sims = [2 * float(decode_audio(f).mean()) for f in files]
         return sims, [1] * len(sims)
@@ -277,7 +277,7 @@ class FakeSpec:
         return 8192 / 8000
 
     def ids(self):
-        from jobs.generate import RunIds
+        from amg_engine.jobs.generate import RunIds
 
         return RunIds("fake:000000000000", "fake-index:000000000000", 0.9)
 

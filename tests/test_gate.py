@@ -16,9 +16,9 @@ import pytest
 import torch
 from jobs_helpers import FAST_FLAGS, PROMPTS, FakeEngine, tiny_assets, write_manifest
 
-from jobs.cli import main
-from jobs.gate import ReleaseGate, RetryQueue
-from jobs.generate import JobConfig, run_generate
+from amg_engine.jobs.cli import main
+from amg_engine.jobs.gate import ReleaseGate, RetryQueue
+from amg_engine.jobs.generate import JobConfig, run_generate
 
 TAU = 0.6
 PCM = 2 / 2**15  # a similarity read back from 16-bit audio is this close to the stub's (two steps)
@@ -39,7 +39,7 @@ class GateEngine(FakeEngine):
         self.requests: list[list[tuple[str, int]]] = []  # (id, attempt) of each call that ran
 
     def generate(self, requests, measure=True):
-        from engine.engine import Generated
+        from amg_engine.engine.engine import Generated
 
         if self.stop_at is not None and len(self.calls) == self.stop_at:
             raise KeyboardInterrupt("killed")
@@ -58,7 +58,7 @@ class GateEngine(FakeEngine):
         return out
 
     def measure_files(self, files):
-        from jobs.results import decode_audio
+        from amg_engine.jobs.results import decode_audio
 
         sims = [2 * float(decode_audio(f).mean()) for f in files]
         return sims, [1] * len(sims)
@@ -234,7 +234,7 @@ def test_seeds_of_attempts():
 
 
 def test_retry_queue_keeps_escalated_attempts_apart():
-    from jobs.manifest import Overrides
+    from amg_engine.jobs.manifest import Overrides
 
     class R:
         def __init__(self, i):
@@ -254,9 +254,9 @@ def test_on_the_default_model_every_released_file_is_below_tau(tmp_path, tmp_pat
     does, is below τ, with and without AMG (--no-amg: generate-and-filter)."""
     import soundfile as sf
 
-    from index.clip import embed_clips
-    from index.embedders import MelEmbedder
-    from index.store import EmbeddingIndex
+    from amg_engine.index.clip import embed_clips
+    from amg_engine.index.embedders import MelEmbedder
+    from amg_engine.index.store import EmbeddingIndex
 
     assets = tiny_assets(tmp_path_factory)
     n = 12
@@ -350,7 +350,7 @@ def test_a_retry_batch_failing_in_the_engine_keeps_its_rows_attempts(tmp_path):
 def test_the_attempt_history_state_machine():
     """ReleaseGate.judge: released at the first attempt below τ, else retried until N, keeping the
     lowest similarity so far (the earliest of equals, NaN never); Attempts round-trips a result row."""
-    from jobs.gate import Attempts
+    from amg_engine.jobs.gate import Attempts
 
     gate, none = ReleaseGate(0.5, 3), Attempts()
     assert none.best is None and none.next == 1 and Attempts.of(None) == none
@@ -371,10 +371,10 @@ def test_under_bf16_the_gate_records_the_audits_measure_of_each_file(tmp_path, t
     bf16 (autocast on the CPU, as on CUDA by default), every released and every kept rejected file
     audits at the similarity its row records; and each clip is embedded once, by that measure (the
     engine's own final measure does not run under the gate) (issue 26, item 3)."""
-    from engine.engine import Engine
-    from index.embedders import load_embedder
-    from index.store import EmbeddingIndex
-    from jobs.audit import AuditConfig, embed_all, items_from_source
+    from amg_engine.engine.engine import Engine
+    from amg_engine.index.embedders import load_embedder
+    from amg_engine.index.store import EmbeddingIndex
+    from amg_engine.jobs.audit import AuditConfig, embed_all, items_from_source
 
     assets = tiny_assets(tmp_path_factory)
     n = 8
