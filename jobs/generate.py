@@ -29,6 +29,7 @@ finishers leave it to that one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import time
 from collections import Counter
@@ -47,8 +48,10 @@ from jobs.results import (
     AUDIO_IDENTITY,
     KEY,
     FolderLock,
+    OutputUnavailable,
     ResultStore,
     error_result,
+    output_errors,
     result_schema,
     same_audio,
 )
@@ -309,9 +312,7 @@ def run_generate(manifest: str | Path, out_dir: str | Path, engine, job: JobConf
     ``job.max_failed_batches`` batches in a row."""
     job = job or JobConfig()
     store = ResultStore(out_dir, job.shard.tag)
-    store.dir.mkdir(parents=True, exist_ok=True)
-    with run_log(store.dir / "run.log"), store.lock() as lock:
-        store.prepare()
+    with output_errors(store.dir), open_output(store) as lock:
         log.info("run: engine local, config %s, shard %s", engine.config, job.shard)
         plan = plan_run(manifest, store, Limits.from_engine(engine), RunIds.of(engine), job)
         runner = BatchRunner(engine, store, plan.schema, job.audio_format, plan.gate)
@@ -346,6 +347,21 @@ def run_generate(manifest: str | Path, out_dir: str | Path, engine, job: JobConf
         return run_and_finish(plan, store, job, lock, work)
 
 
+@contextlib.contextmanager
+def open_output(store: ResultStore) -> Iterator[FolderLock]:
+    """The output folder made ready for a run: created, its log opened, this run's rows claimed (or
+    :class:`~jobs.results.FolderBusy`), the folder lock held shared, this process's leftover
+    temporary files deleted. Wrap it in :func:`~jobs.results.output_errors`: an operating-system
+    error on the folder (a regular file, read-only, full, gone) stops the run as
+    :class:`~jobs.results.OutputUnavailable`."""
+    if store.dir.exists() and not store.dir.is_dir():
+        raise OutputUnavailable(store.dir, NotADirectoryError(errno.ENOTDIR, "not a folder"))
+    store.dir.mkdir(parents=True, exist_ok=True)
+    with run_log(store.dir / "run.log"), store.lock() as lock:
+        store.prepare()
+        yield lock
+
+
 def _retries(batch: list[tuple[Row, dict | None]], results: list[dict]) -> list[tuple[Row, dict]]:
     """The batch's rows that need another attempt of the release gate, each with its result."""
     rows = {r.index: r for r, _ in batch}
@@ -358,15 +374,30 @@ def run_and_finish(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderL
     the circuit breaker stopped it; then re-raise the breaker's :class:`~jobs.runner.CircuitOpen`."""
     start, stopped, counts = time.perf_counter(), None, {"ok": 0, "error": 0}
     try:
-        work(counts)
+        with _not_input("generating"):
+            work(counts)
     except CircuitOpen as e:
         stopped = e
         log.error("%s", e)
+    except OutputUnavailable as e:  # stop at once: a full disk would fail the merge too
+        log.error("%s", e)
+        raise
     seconds = time.perf_counter() - start
-    summary = finish_run(plan, store, job, lock, seconds, sum(counts.values()))
+    with _not_input("merging the results"):
+        summary = finish_run(plan, store, job, lock, seconds, sum(counts.values()))
     if stopped is not None:
         raise stopped
     return summary
+
+
+@contextlib.contextmanager
+def _not_input(doing: str) -> Iterator[None]:
+    """The input was validated before the run began: a ``ValueError`` raised while it works or merges
+    (pyarrow's ``ArrowInvalid`` is one) is a fault of the run, not bad input (the CLI's exit code 2)."""
+    try:
+        yield
+    except ValueError as e:
+        raise RuntimeError(f"failed while {doing}: {type(e).__name__}: {e}") from e
 
 
 def finish_run(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderLock, seconds: float,
@@ -385,10 +416,14 @@ def finish_run(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderLock,
                                         model_id=plan.model_id, index_id=plan.index_id)
                   for r in plan.rows if r.error}  # fmt: skip
         writer = ResultsWriter(store.dir / "results.parquet", store.tag, plan.schema, plan.manifest, errors)
-        if alone and len(scan.files) > 1:
-            compact(store, scan, _manifest_order(plan), (writer, by_row))
-        else:
-            write_results(writer, scan, by_row)
+        try:
+            if alone and len(scan.files) > 1:
+                compact(store, scan, _manifest_order(plan), (writer, by_row))
+            else:
+                write_results(writer, scan, by_row)
+        except BaseException:
+            writer.abort()  # no temporary file left taking space (the shards still hold every row)
+            raise
         log.info("results: %s (%d rows)", writer.path, writer.rows)
     for line in summary.lines():
         log.info("%s", line)

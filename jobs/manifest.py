@@ -10,7 +10,7 @@ id              string required; unique (also ignoring case); a safe file name: 
 prompt          string required; non-empty; at most the text conditioner's ``max_length`` tokens
                        (counted as the encoder sees them, with T5's end-of-text token): longer is
                        an error, not a silent cut
-seconds         float  duration in (0, model window]; default: the model's window
+seconds         float  duration in [one latent frame, model window]; default: the model's window
 seed            int    in [0, 2**63); default: derived from the id, so reruns are reproducible
 negative_prompt string must be empty or null: the engine has no negative-prompt branch yet
 cfg_scale       float  per-row classifier-free guidance scale s0 (≥ 1)
@@ -86,6 +86,7 @@ class Limits:
     base: EngineConfig
     max_tokens: int | None = None
     count_tokens: Callable[[str], int] | None = field(default=None, compare=False)
+    min_seconds: float = 0.0  # the shortest clip the model can produce and the embedder measure
 
     @classmethod
     def from_engine(cls, engine) -> Limits:
@@ -98,7 +99,18 @@ class Limits:
             # as the conditioner tokenizes (special tokens included: T5 appends </s>), so a prompt that
             # fits here is never cut by the encoder's max_length truncation
             count = lambda text: len(tok(text)["input_ids"])  # noqa: E731
-        return cls(engine.window / engine.sample_rate, engine.config, max_len if count else None, count)
+        window = engine.window / engine.sample_rate
+        return cls(window, engine.config, max_len if count else None, count, min_seconds(engine))
+
+
+def min_seconds(engine) -> float:
+    """The shortest clip a row may ask for: one latent frame of the model (its autoencoder's
+    downsampling ratio, in samples), and at least one sample at the embedder's rate, so that the
+    clip's audio is not empty and its similarity is measured. Shorter is an error row."""
+    ds = getattr(getattr(getattr(engine, "model", None), "pretransform", None), "downsampling_ratio", 1)
+    rate = getattr(getattr(engine, "embedder", None), "sample_rate", None) or engine.sample_rate
+    samples = max(int(ds), math.ceil(engine.sample_rate / rate))
+    return samples / engine.sample_rate
 
 
 @dataclass(frozen=True)
@@ -224,6 +236,9 @@ def _seconds(v: Any, limits: Limits) -> tuple[float | None, str | None]:
         return (None, err) if err else (limits.max_seconds, None)
     if not 0 < sec <= limits.max_seconds:
         return None, f"seconds {sec:g} is outside (0, {limits.max_seconds:g}], the model's window"
+    if sec < limits.min_seconds:
+        return None, (f"seconds {sec:g} is shorter than one latent frame of the model "
+                      f"({limits.min_seconds:g} s), the shortest clip it can generate")  # fmt: skip
     return sec, None
 
 

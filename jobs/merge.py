@@ -25,6 +25,7 @@ shards through :func:`write_results`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -189,6 +190,13 @@ class ResultsWriter:
         self._writer.close()
         fsync_replace(self.tmp, self.path)
 
+    def abort(self) -> None:
+        """Give up: close the writer (errors ignored: the disk may be full) and delete the temporary
+        file; ``results.parquet`` stays as it was."""
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
 
 def write_results(writer: ResultsWriter, scan: Scan, picks: dict[int, int]) -> None:
     """Stream the shard rows ``picks`` (manifest position -> position in ``scan.table``) into
@@ -222,14 +230,18 @@ def compact(store: ResultStore, scan: Scan, position: Callable[[list[str]], np.n
     chosen = np.full(scan.table.num_rows, -1, np.int64)  # scan row -> its manifest position in results
     if results is not None:
         chosen[list(results[1].values())] = list(results[1])
-    with pq.ParquetWriter(tmp, FIXED_SCHEMA, **parquet_options(FIXED_SCHEMA)) as writer:
-        for lo, hi in iter_chunks(len(picked), CHUNK_ROWS):
-            rows = reader.take(files[picked[lo:hi]], pos[picked[lo:hi]])
-            writer.write_table(rows, row_group_size=CHUNK_ROWS)
-            if results is not None:
-                keep = np.flatnonzero(chosen[picked[lo:hi]] >= 0)
-                results[0].add(_rows(rows, keep), chosen[picked[lo:hi]][keep])
-    fsync_replace(tmp, target)
+    try:
+        with pq.ParquetWriter(tmp, FIXED_SCHEMA, **parquet_options(FIXED_SCHEMA)) as writer:
+            for lo, hi in iter_chunks(len(picked), CHUNK_ROWS):
+                rows = reader.take(files[picked[lo:hi]], pos[picked[lo:hi]])
+                writer.write_table(rows, row_group_size=CHUNK_ROWS)
+                if results is not None:
+                    keep = np.flatnonzero(chosen[picked[lo:hi]] >= 0)
+                    results[0].add(_rows(rows, keep), chosen[picked[lo:hi]][keep])
+        fsync_replace(tmp, target)
+    except BaseException:  # e.g. a full disk: the old shards still hold every row; no temporary file
+        tmp.unlink(missing_ok=True)  # stays taking space
+        raise
     for old in scan.files[:-1]:
         old.unlink(missing_ok=True)
     log.info("compacted %d shards (%d rows) into %s (%d rows)", len(scan.files), scan.table.num_rows,

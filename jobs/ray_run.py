@@ -47,13 +47,14 @@ from jobs.generate import (
     RunIds,
     Summary,
     batches,
+    open_output,
     plan_run,
     progress_bar,
     run_and_finish,
     run_log,
 )
 from jobs.manifest import Limits
-from jobs.results import ResultStore
+from jobs.results import ResultStore, output_errors
 from jobs.runner import BatchOutcome, CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -193,9 +194,7 @@ def run_generate_ray(
         )
     ray = import_ray()
     store = ResultStore(out_dir, job.shard.tag)
-    store.dir.mkdir(parents=True, exist_ok=True)
-    with run_log(store.dir / "run.log"), store.lock() as lock:
-        store.prepare()
+    with output_errors(store.dir), open_output(store) as lock:
         log.info("run: engine ray, config %s, shard %s, %s", spec.config, job.shard, opts)
         plan = plan_run(manifest, store, Limits(spec.window_seconds(), spec.config), spec.ids(), job)
 

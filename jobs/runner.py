@@ -29,7 +29,16 @@ import pyarrow as pa
 from engine.config import EngineConfig
 from jobs.gate import ReleaseGate, attempt_of
 from jobs.manifest import Limits, Overrides, Row, check_row, token_problem
-from jobs.results import ResultStore, base_result, decode_audio, encode_audio, error_result, now, write_audio
+from jobs.results import (
+    OutputUnavailable,
+    ResultStore,
+    base_result,
+    decode_audio,
+    encode_audio,
+    error_result,
+    now,
+    write_audio,
+)
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +211,9 @@ class BatchRunner:
         try:
             audio, rate = g.audio.numpy(), self.engine.sample_rate
             f = write_audio(self.store.dir / rel, audio, rate, self.store.tag, encoded)
-        except Exception as e:  # e.g. a full disk: this row fails, the run goes on
+        except OSError as e:  # a full disk, a read-only or lost folder: the run's fault, it stops
+            raise OutputUnavailable(self.store.dir / rel, e) from e
+        except Exception as e:  # the audio cannot be encoded: this row fails, the run goes on
             log.exception("could not write %s", rel)
             msg = f"row {row.index}: could not write {rel}: {type(e).__name__}: {e}"
             return self._failed(row, msg, config, timing=timing, **common)
