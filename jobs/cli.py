@@ -320,13 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _output_folder(path: Path) -> None:
-    """``--out`` must be a folder or not exist yet (then it is created)."""
+    """``--out`` must be a folder, or a path where one can be created: checked before anything loads."""
     import errno
 
     from jobs.results import OutputUnavailable
 
-    if path.exists() and not path.is_dir():
-        raise OutputUnavailable(path, NotADirectoryError(errno.ENOTDIR, "not a folder"))
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputUnavailable(existing, NotADirectoryError(errno.ENOTDIR, "not a folder"),
+                                f"--out {path}: give a folder, or a path where one can be created")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -380,7 +380,7 @@ def run_and_finish(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderL
         stopped = e
         log.error("%s", e)
     except OutputUnavailable as e:  # stop at once: a full disk would fail the merge too
-        log.error("%s", e)
+        log.info("%s", e)  # run.log; the console gets the CLI's one line
         raise
     seconds = time.perf_counter() - start
     with _not_input("merging the results"):

@@ -110,12 +110,12 @@ class OutputUnavailable(RuntimeError):
     and the rows in flight get no result row, so rerunning the same command, once the cause is fixed,
     generates them (module docstring of :mod:`jobs.generate`)."""
 
-    def __init__(self, path: str | Path, error: OSError) -> None:
+    RESUME = ("Rows finished before are kept; fix the cause (free space, remount, permissions) and rerun "
+              "the same command to generate the rest")  # fmt: skip
+
+    def __init__(self, path: str | Path, error: OSError, advice: str = RESUME) -> None:
         self.path, self.error = Path(path), error
-        super().__init__(
-            f"stopped: {self.path}: {os_cause(error)}. Rows finished before are kept; fix the cause (free "
-            "space, remount, permissions) and rerun the same command to generate the rest"
-        )
+        super().__init__(f"stopped: {self.path}: {os_cause(error)}. {advice}")
 
 
 def os_cause(error: OSError) -> str:
