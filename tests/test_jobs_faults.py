@@ -416,3 +416,72 @@ def test_the_minimum_duration_is_one_latent_frame_of_the_real_model(tmp_path, tm
     assert [r["status"] for r in res] == ["ok", "ok"]
     audio, _ = sf.read(tmp_path / "out" / res[0]["audio_path"], always_2d=True)
     assert len(audio) == round(limits.min_seconds * rate) > 0 and -1 <= res[0]["final_similarity"] <= 1
+
+
+# -- what held, kept: SIGKILLs inside the merge, hostile rows ------------------------------------------
+MERGE_CHILD = """
+import sys, time
+from pathlib import Path
+from jobs_helpers import FakeEngine
+import jobs.merge as merge
+from jobs.generate import JobConfig, run_generate
+class Logged(FakeEngine):  # every id it generates, appended to a file that outlives the process
+    def generate(self, requests):
+        with open(sys.argv[3], "a") as f:
+            f.write("".join(r.id + "\\n" for r in requests))
+        return super().generate(requests)
+merge.CHUNK_ROWS, take = 4, merge.RowReader.take  # a merge long enough for a kill to land in it
+merge.RowReader.take = lambda self, *a: (time.sleep(0.05), take(self, *a))[1]
+run_generate(sys.argv[1], sys.argv[2], Logged(), JobConfig(progress=False, audio_format="wav"))
+"""
+
+
+def test_sigkills_inside_the_merge_lose_nothing_and_generate_nothing_twice(tmp_path):
+    m, out, ids = good_manifest(tmp_path / "m.parquet", 32), tmp_path / "out", tmp_path / "ids.txt"
+    path = os.pathsep.join([str(Path(__file__).parent), os.getcwd(), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    merging = lambda: any((out / "results").glob("*.parquet.run.tmp")) or (out / "results.parquet.tmp").exists()  # noqa: E731
+    for delay in (0.0, 0.1, 0.25):
+        p = subprocess.Popen([sys.executable, "-c", MERGE_CHILD, str(m), str(out), str(ids)], env=env)
+        deadline = time.monotonic() + 120
+        while not merging() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert p.poll() is None, "the run ended before its merge could be killed"
+        time.sleep(delay)
+        p.kill()
+        assert p.wait(timeout=60) == -9
+    p = subprocess.Popen([sys.executable, "-c", MERGE_CHILD, str(m), str(out), str(ids)], env=env)
+    assert p.wait(timeout=120) == 0
+    res = _results(out)
+    assert [r["id"] for r in res] == [f"row-{i:04d}" for i in range(32)] and {r["status"] for r in res} == {"ok"}
+    assert sorted(ids.read_text().split()) == [r["id"] for r in res]  # each row generated once
+    for r in res:
+        data = (out / r["audio_path"]).read_bytes()
+        assert jobs.results.hashlib.sha256(data).hexdigest() == r["audio_sha256"]
+        assert sf.info(out / r["audio_path"]).frames == 4000
+    assert sorted(p.name for p in (out / "audio").iterdir()) == [f"{r['id']}.wav" for r in res]
+    assert list(out.rglob("*.tmp")) == []
+
+
+def test_hostile_rows_are_clear_errors_and_nothing_is_written_outside_the_folder(tmp_path):
+    hostile = [("id", "../up"), ("id", "a/b"), ("id", ".."), ("id", "nul\x00id"), ("id", "new\nline"),
+               ("seconds", float("nan")), ("seconds", float("inf")), ("seconds", -float("inf")),
+               ("seconds", 1e300), ("seconds", 1e-9), ("seed", 2**63 - 1 + 1.0), ("cfg_scale", -float("inf")),
+               ("steps", 10**9), ("prompt", "x " * 50_000), ("prompt", " ".join(["drum"] * 50_000))]  # fmt: skip
+    n = len(hostile) + 3
+    cols = {"id": [f"r{k}" for k in range(n)], "prompt": ["a drum loop"] * n, "seconds": [0.5] * n,
+            "seed": [float(k) for k in range(n)], "cfg_scale": [None] * n, "steps": [None] * n}  # fmt: skip
+    for k, (col, value) in enumerate(hostile):
+        cols[col][k] = value
+    m = tmp_path / "in" / "m.parquet"
+    m.parent.mkdir()
+    pq.write_table(pa.table(cols), m)
+    before = sorted(tmp_path.rglob("*"))
+    run_generate(m, tmp_path / "out", FakeEngine(), _job())
+    res = _results(tmp_path / "out")
+    assert [r["row"] for r in res] == list(range(n))
+    assert [r["status"] for r in res] == ["error"] * len(hostile) + ["ok"] * 3
+    for r in res[: len(hostile)]:
+        assert r["error"].startswith(f"row {r['row']}: ") and len(r["error"]) < 1000 and r["audio_path"] is None
+    after = {p for p in tmp_path.rglob("*") if (tmp_path / "out") not in p.parents and p != tmp_path / "out"}
+    assert sorted(after) == before
