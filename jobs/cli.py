@@ -329,8 +329,8 @@ def _output_folder(path: Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise OutputUnavailable(existing, NotADirectoryError(errno.ENOTDIR, "not a folder"),
-                                f"--out {path}: give a folder, or a path where one can be created")  # fmt: skip
+        advice = f"--out {path}: give a folder, or a path where one can be created"
+        raise OutputUnavailable(existing, NotADirectoryError(errno.ENOTDIR, "not a folder"), advice)
 
 
 def main(argv: list[str] | None = None) -> int:

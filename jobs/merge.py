@@ -235,7 +235,10 @@ def compact(store: ResultStore, scan: Scan, position: Callable[[list[str]], np.n
     if results is not None:
         chosen[list(results[1].values())] = list(results[1])
     try:
-        with output_errors(tmp), pq.ParquetWriter(tmp, FIXED_SCHEMA, **parquet_options(FIXED_SCHEMA)) as writer:
+        with (
+            output_errors(tmp),
+            pq.ParquetWriter(tmp, FIXED_SCHEMA, **parquet_options(FIXED_SCHEMA)) as writer,
+        ):
             for lo, hi in iter_chunks(len(picked), CHUNK_ROWS):
                 rows = reader.take(files[picked[lo:hi]], pos[picked[lo:hi]])
                 with output_errors(tmp):

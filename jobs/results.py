@@ -140,6 +140,7 @@ def output_errors(path: str | Path) -> Iterator[None]:
             raise
         raise OutputUnavailable(e.filename or path, e) from e
 
+
 # Inputs the results hold as typed columns (the values used, see the module docstring).
 INPUT_TYPES: dict[str, pa.DataType] = {
     "id": pa.string(), "prompt": pa.string(), "seconds": pa.float64(), "seed": pa.int64(),

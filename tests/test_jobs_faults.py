@@ -24,7 +24,7 @@ from jobs_helpers import FakeEngine, fast_config, good_manifest, tiny_assets, wr
 
 import jobs.results
 from jobs.cli import main
-from jobs.generate import JobConfig, Shard, run_generate
+from jobs.generate import JobConfig, run_generate
 from jobs.manifest import Limits, validate
 from jobs.results import FolderBusy, FolderLock, OutputUnavailable, ResultStore
 
@@ -108,7 +108,9 @@ def test_a_full_disk_writing_the_shard_leaves_no_part_and_no_row(tmp_path, monke
         calls.append(where)
         if len(calls) == 2:
             Path(where).write_bytes(b"PAR1 torn")
-            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+            raise OSError(
+                errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device"
+            )
         return real(table, where, **kw)
 
     monkeypatch.setattr(pq, "write_table", write_table)
@@ -123,14 +125,18 @@ def test_a_full_disk_writing_the_shard_leaves_no_part_and_no_row(tmp_path, monke
 
 
 @pytest.mark.parametrize("where", ["compact", "results"])
-def test_a_full_disk_during_the_merge_stops_cleanly_and_the_rerun_merges(tmp_path, monkeypatch, capsys, where):
+def test_a_full_disk_during_the_merge_stops_cleanly_and_the_rerun_merges(
+    tmp_path, monkeypatch, capsys, where
+):
     m, out = good_manifest(tmp_path / "m.parquet", 24), tmp_path / "out"
     real = pq.ParquetWriter.write_table
 
     def write_table(self, table, *a, **kw):
         target = ".parquet.run.tmp" if where == "compact" else "results.parquet.tmp"  # not a batch's shard
         if str(self.where).endswith(target):
-            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+            raise OSError(
+                errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device"
+            )
         return real(self, table, *a, **kw)
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", write_table)
@@ -144,7 +150,9 @@ def test_a_full_disk_during_the_merge_stops_cleanly_and_the_rerun_merges(tmp_pat
     assert sorted(r["id"] for r in _shard_rows(out)) == [f"row-{i:04d}" for i in range(24)]  # nothing lost
     monkeypatch.setattr(pq.ParquetWriter, "write_table", real)  # space freed
     engines = []
-    monkeypatch.setattr("engine.engine.Engine", lambda c, *a, **k: engines.append(FakeEngine(c)) or engines[-1])
+    monkeypatch.setattr(
+        "engine.engine.Engine", lambda c, *a, **k: engines.append(FakeEngine(c)) or engines[-1]
+    )
     assert main(cmd) == 0
     assert engines[0].calls == [] and [r["status"] for r in _results(out)] == ["ok"] * 24
 
@@ -219,7 +227,9 @@ def test_a_read_only_output_folder_is_exit_code_4_for_generate_and_audit(tmp_pat
         assert main(["generate", str(m), "--out", str(out), "--quiet", "--no-amg"]) == 4
         assert main(["audit", str(tmp_path), "--out", str(out), "--quiet", "--no-attributes"]) == 4
         lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 2 and all("Read-only file system (EROFS)" in ln and str(out) in ln for ln in lines)
+        assert len(lines) == 2 and all(
+            "Read-only file system (EROFS)" in ln and str(out) in ln for ln in lines
+        )
     finally:
         subprocess.run(["umount", "--lazy", str(out)], check=False)  # even while a file is open
 
@@ -301,7 +311,11 @@ def test_a_truncated_shard_is_set_aside_and_recovered_from_the_results(tmp_path,
 
 
 def test_a_truncated_shard_not_yet_merged_is_regenerated(tmp_path):
-    m8, m24, out = good_manifest(tmp_path / "a.parquet", 8), good_manifest(tmp_path / "b.parquet", 24), tmp_path / "out"
+    m8, m24, out = (
+        good_manifest(tmp_path / "a.parquet", 8),
+        good_manifest(tmp_path / "b.parquet", 24),
+        tmp_path / "out",
+    )
     run_generate(m8, out, FakeEngine(), _job())  # rows 0-7, merged
 
     class Killed(FakeEngine):  # the process dies after its batch of rows 8-15 (no merge)
@@ -313,7 +327,9 @@ def test_a_truncated_shard_not_yet_merged_is_regenerated(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_generate(m24, out, Killed(fast_config()), JobConfig(progress=False))
     newest = ResultStore(out).part_files()[-1]
-    assert sorted(r["id"] for r in pq.read_table(newest).to_pylist()) == [f"row-{i:04d}" for i in range(8, 16)]
+    assert sorted(r["id"] for r in pq.read_table(newest).to_pylist()) == [
+        f"row-{i:04d}" for i in range(8, 16)
+    ]
     _truncate(newest)
     engine = FakeEngine()
     run_generate(m24, out, engine, _job())  # before: ArrowInvalid, the CLI's exit code 2, on every rerun
@@ -348,18 +364,23 @@ def test_a_second_unsharded_run_on_a_busy_folder_is_refused_naming_the_first(tmp
     m, out, release = good_manifest(tmp_path / "m.parquet", 24), tmp_path / "out", tmp_path / "release"
     cmd = ["generate", str(m), "--out", str(out), "--quiet", "--batch-size", "4"]
     first = _spawn(cmd, release)
-    deadline = time.monotonic() + 120
-    while not list((out / "results").glob("part-*.parquet")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert first.poll() is None, first.stderr.read()
-    second = _spawn(cmd, release)
-    sharded = _spawn([*cmd, "--shard", "1/2"], release)  # an unsharded run does every row, a shard's too
-    for p in (second, sharded):
-        assert p.wait(timeout=120) == 5
-        err = p.stderr.read()
-        assert f"pid {first.pid} on " in err and "another run is working in" in err, err
-        assert len(err.strip().splitlines()) == 1
-    release.touch()
+    procs = [first]
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "results").glob("part-*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()
+        procs += [_spawn(cmd, release), _spawn([*cmd, "--shard", "1/2"], release)]  # a shard: refused too
+        for p in procs[1:]:
+            assert p.wait(timeout=120) == 5
+            err = p.stderr.read()
+            assert f"pid {first.pid} on " in err and "another run is working in" in err, err
+            assert len(err.strip().splitlines()) == 1
+    finally:
+        release.touch()
+        for p in procs[1:]:
+            if p.poll() is None:
+                p.kill()
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     res = _results(out)
     assert [r["status"] for r in res] == ["ok"] * 24
@@ -440,7 +461,9 @@ def test_sigkills_inside_the_merge_lose_nothing_and_generate_nothing_twice(tmp_p
     m, out, ids = good_manifest(tmp_path / "m.parquet", 32), tmp_path / "out", tmp_path / "ids.txt"
     path = os.pathsep.join([str(Path(__file__).parent), os.getcwd(), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    merging = lambda: any((out / "results").glob("*.parquet.run.tmp")) or (out / "results.parquet.tmp").exists()  # noqa: E731
+    merging = lambda: (
+        any((out / "results").glob("*.parquet.run.tmp")) or (out / "results.parquet.tmp").exists()
+    )  # noqa: E731
     for delay in (0.0, 0.1, 0.25):
         p = subprocess.Popen([sys.executable, "-c", MERGE_CHILD, str(m), str(out), str(ids)], env=env)
         deadline = time.monotonic() + 120
@@ -453,7 +476,9 @@ def test_sigkills_inside_the_merge_lose_nothing_and_generate_nothing_twice(tmp_p
     p = subprocess.Popen([sys.executable, "-c", MERGE_CHILD, str(m), str(out), str(ids)], env=env)
     assert p.wait(timeout=120) == 0
     res = _results(out)
-    assert [r["id"] for r in res] == [f"row-{i:04d}" for i in range(32)] and {r["status"] for r in res} == {"ok"}
+    assert [r["id"] for r in res] == [f"row-{i:04d}" for i in range(32)] and {r["status"] for r in res} == {
+        "ok"
+    }
     assert sorted(ids.read_text().split()) == [r["id"] for r in res]  # each row generated once
     for r in res:
         data = (out / r["audio_path"]).read_bytes()
@@ -466,8 +491,9 @@ def test_sigkills_inside_the_merge_lose_nothing_and_generate_nothing_twice(tmp_p
 def test_hostile_rows_are_clear_errors_and_nothing_is_written_outside_the_folder(tmp_path):
     hostile = [("id", "../up"), ("id", "a/b"), ("id", ".."), ("id", "nul\x00id"), ("id", "new\nline"),
                ("seconds", float("nan")), ("seconds", float("inf")), ("seconds", -float("inf")),
-               ("seconds", 1e300), ("seconds", 1e-9), ("seed", 2**63 - 1 + 1.0), ("cfg_scale", -float("inf")),
-               ("steps", 10**9), ("prompt", "x " * 50_000), ("prompt", " ".join(["drum"] * 50_000))]  # fmt: skip
+               ("seconds", 1e300), ("seconds", 1e-9), ("seed", 2**63 - 1 + 1.0),
+               ("cfg_scale", -float("inf")), ("steps", 10**9),
+               ("prompt", "x " * 50_000)]  # 100k characters  # fmt: skip
     n = len(hostile) + 3
     cols = {"id": [f"r{k}" for k in range(n)], "prompt": ["a drum loop"] * n, "seconds": [0.5] * n,
             "seed": [float(k) for k in range(n)], "cfg_scale": [None] * n, "steps": [None] * n}  # fmt: skip
@@ -482,6 +508,8 @@ def test_hostile_rows_are_clear_errors_and_nothing_is_written_outside_the_folder
     assert [r["row"] for r in res] == list(range(n))
     assert [r["status"] for r in res] == ["error"] * len(hostile) + ["ok"] * 3
     for r in res[: len(hostile)]:
-        assert r["error"].startswith(f"row {r['row']}: ") and len(r["error"]) < 1000 and r["audio_path"] is None
+        assert (
+            r["error"].startswith(f"row {r['row']}: ") and len(r["error"]) < 1000 and r["audio_path"] is None
+        )
     after = {p for p in tmp_path.rglob("*") if (tmp_path / "out") not in p.parents and p != tmp_path / "out"}
     assert sorted(after) == before
