@@ -4,13 +4,20 @@ Every manifest row yields exactly one result row (status ``ok`` or ``error``); a
 batch is recorded, never raised. The output folder layout, the results schema and what counts as
 done are described in :mod:`jobs.results`; the manifest schema in :mod:`jobs.manifest`.
 
-A run: take the folder lock shared; delete this process's leftover temporary files; validate the
+A run: claim its rows (a second run of the same rows is refused, :class:`~jobs.results.FolderBusy`);
+take the folder lock shared; delete this process's leftover temporary files; validate the
 manifest; keep this shard's rows (row k belongs to shard k mod n); skip rows already done under the
 same configuration hash (error rows too, unless ``retry_failed``), choosing them from a scan of the
 key columns only; generate the rest in batches of rows sharing their per-row overrides, writing one
 result shard per batch; then, if no other run holds the folder, compact the shards and stream
 ``results.parquet`` (:mod:`jobs.merge`). Killing the process at any moment loses at most the
 batches in flight: a rerun of the same command regenerates exactly those rows.
+
+An operating-system error on the output folder (a full disk, a read-only or lost folder) is the
+run's fault, not a row's: the run stops at once with :class:`~jobs.results.OutputUnavailable`
+naming the path and the cause (the CLI's exit code 4), the rows in flight get no result row, and a
+failed merge leaves the shards as they were and no temporary file; so the same rerun finishes the
+job. A result shard that cannot be read is set aside (:meth:`~jobs.results.ResultStore.scan`).
 
 Under a release gate (``JobConfig.gate``, :mod:`jobs.gate`) a row whose final similarity is at or
 above τ is generated again, its retries gathered across batches into full batches, up to N attempts;

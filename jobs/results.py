@@ -17,6 +17,9 @@ Output folder ``DIR``:
   configuration. Written by streaming (temporary name, fsync, rename) by the last run to finish.
 - ``DIR/.lock``: every run holds it shared while it runs; compaction and ``results.parquet`` need it
   exclusive, so they only happen when no other run is working in the folder (:class:`FolderLock`).
+  ``DIR/.run.lock`` and ``DIR/.shard<i>of<n>.lock``: the runs' claims on their rows (same class).
+- ``DIR/results/part-XXXXX.parquet.corrupt``: a shard that could not be read, set aside; its rows are
+  recovered from ``results.parquet`` where their audio proves them (:meth:`ResultStore.recover`).
 - ``DIR/run.log``: what happened, appended by every run.
 
 Temporary files end in ``.tmp``; under ``--shard i/n`` in ``.shard<i>of<n>.tmp``. A run deletes its
@@ -548,7 +551,9 @@ class ResultStore:
 
     def scan(self, columns: list[str]) -> Scan:
         """``columns`` (of the fixed schema) of every shard row, each file read for those columns only
-        (a manifest's own columns are not read back). Files are read in parallel threads."""
+        (a manifest's own columns are not read back). Files are read in parallel threads. A shard
+        whose data cannot be read (truncated, torn) is set aside as ``*.corrupt`` with a warning
+        naming it, and what ``results.parquet`` proves of its rows is recovered (:meth:`recover`)."""
         from concurrent.futures import ThreadPoolExecutor
 
         files = self.part_files()
