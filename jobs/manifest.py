@@ -236,10 +236,17 @@ def _seconds(v: Any, limits: Limits) -> tuple[float | None, str | None]:
         return (None, err) if err else (limits.max_seconds, None)
     if not 0 < sec <= limits.max_seconds:
         return None, f"seconds {sec:g} is outside (0, {limits.max_seconds:g}], the model's window"
-    if sec < limits.min_seconds:
-        return None, (f"seconds {sec:g} is shorter than one latent frame of the model "
-                      f"({limits.min_seconds:g} s), the shortest clip it can generate")  # fmt: skip
+    if err := duration_problem(sec, limits):
+        return None, err
     return sec, None
+
+
+def duration_problem(seconds: float, limits: Limits) -> str | None:
+    """Shorter than the model's shortest clip (:func:`min_seconds`), or None."""
+    if seconds >= limits.min_seconds:
+        return None
+    return (f"seconds {seconds:g} is shorter than one latent frame of the model ({limits.min_seconds:g} "
+            "s), the shortest clip it can generate and its similarity be measured")  # fmt: skip
 
 
 def _seed(v: Any, rid: str) -> tuple[int | None, str | None]:

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from engine.config import EngineConfig
 from jobs.gate import ReleaseGate, attempt_of
-from jobs.manifest import Limits, Overrides, Row, check_row, token_problem
+from jobs.manifest import Limits, Overrides, Row, check_row, duration_problem, token_problem
 from jobs.results import (
     OutputUnavailable,
     ResultStore,
@@ -144,17 +144,18 @@ class BatchRunner:
     def _check(self, records) -> tuple[list[dict[str, Any]], dict[Overrides, list[Row]]]:
         """Error results for bad rows, and the good rows grouped by their overrides.
 
-        The Ray driver checks rows without the text encoder, so the token check is repeated here; a row
-        it fails keeps its key (config hash, seconds, seed) so that the merge finds its result.
+        The Ray driver checks rows without the text encoder and the model's shortest clip, so those
+        checks are repeated here; a row they fail keeps its key (config hash, seconds, seed) so that
+        the merge finds its result.
         """
-        untokenized = replace(self.limits, count_tokens=None, max_tokens=None)
+        untokenized = replace(self.limits, count_tokens=None, max_tokens=None, min_seconds=0.0)
         rows = [check_row(values, position, untokenized) for position, values in records]
         ids, base = self._ids(), self.engine.config
         errors = [self._failed(r, r.error, None, config_hash=r.config_hash(base), **ids)
                   for r in rows if r.error]  # fmt: skip
         groups: dict[Overrides, list[Row]] = {}
         for r in (r for r in rows if r.error is None):
-            if err := token_problem(r.prompt, self.limits):
+            if err := token_problem(r.prompt, self.limits) or duration_problem(r.seconds, self.limits):
                 config, cfg_hash = r.config(self.engine.config), self.config_hash(r.overrides)
                 errors.append(self._failed(r, f"row {r.index}: {err}", config, config_hash=cfg_hash, **ids))
             else:

@@ -419,6 +419,31 @@ def test_a_clip_shorter_than_one_latent_frame_is_an_error_row(tmp_path):
     assert sf.info(tmp_path / "out" / res[3]["audio_path"]).frames == 1  # the fake engine's frame: 1 sample
 
 
+def test_a_too_short_row_the_ray_driver_lets_through_is_an_error_row_with_its_key(tmp_path):
+    """The Ray driver plans without the model (no shortest clip): the actor's runner refuses the row
+    and keeps its key, so the merge finds its result."""
+    from jobs.generate import RunIds, plan_run
+    from jobs.results import KEY
+    from jobs.runner import BatchRunner
+
+    m = write_manifest(
+        tmp_path / "m.parquet", {"id": ["a", "tiny"], "prompt": ["x", "y"], "seconds": [0.5, 1e-9]}
+    )
+    engine, store = FakeEngine(), ResultStore(tmp_path / "out")
+    store.prepare()
+    limits = Limits(engine.window / engine.sample_rate, engine.config)  # as jobs.ray_run plans
+    plan = plan_run(m, store, limits, RunIds.of(engine), _job())
+    assert [r.id for r in plan.todo] == ["a", "tiny"]
+    res = {
+        r["id"]: r
+        for r in BatchRunner(engine, store, plan.schema).run([(r.index, r.values) for r in plan.todo])
+    }
+    assert res["a"]["status"] == "ok" and res["tiny"]["status"] == "error"
+    assert res["tiny"]["error"].startswith("row 1: seconds 1e-09 is shorter than one latent frame")
+    assert tuple(res["tiny"][k] for k in KEY[1:]) == plan.expected["tiny"]
+    assert engine.calls == [["a"]]
+
+
 def test_the_minimum_duration_is_one_latent_frame_of_the_real_model(tmp_path, tmp_path_factory):
     from engine.engine import Engine
 
