@@ -18,8 +18,10 @@ batches before each so that every phase has work to interrupt:
 
 Then it checks the folder: one ``ok`` result per manifest row, in order; every audio file decodes,
 has the row's length and the recorded SHA-256; nothing else in ``audio/``; no temporary file
-anywhere. It prints each phase's exit codes, the row-generations spent (from ``run.log``) and
-``lost`` (rows without a proven result; must be 0). Exit status 1 when anything was lost.
+anywhere. It prints each phase's exit codes, the rows the engine generated (each child appends the
+ids of every batch the engine returns; a row counts twice when its batch was in flight at a kill or
+a fault, or its shard was cut before its merge) and ``lost`` (rows without a proven result; must be
+0). Exit status 1 when anything was lost.
 
     python benchmarks/fault_inject.py                          # 48 rows, 4 kills, 3 merge kills
     python benchmarks/fault_inject.py --rows 200 --kills 14 --merge-kills 7 --seed 1
@@ -32,12 +34,12 @@ import argparse
 import hashlib
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +79,15 @@ if fault == "slow-merge":  # a merge long enough for a kill to land in it
         time.sleep(0.05)
         return real_take(self, *a)
     m.RowReader.take = take
+if os.environ.get("AMG_IDS_LOG"):  # every id the engine generates, appended once its batch returns
+    import engine.engine as ee
+    real_generate = ee.Engine.generate
+    def generate(self, requests):
+        out = real_generate(self, requests)
+        with open(os.environ["AMG_IDS_LOG"], "a") as f:
+            f.write("".join(r.id + "\n" for r in requests))
+        return out
+    ee.Engine.generate = generate
 from jobs.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -108,7 +119,8 @@ class Night:
     def start(self, fault: str = "") -> subprocess.Popen:
         cmd = [sys.executable, "-c", CHILD, "generate", str(self.manifest), "--out", str(self.out), "--quiet",
                "--batch-size", str(self.batch), *self.flags]  # fmt: skip
-        env = {**os.environ, "AMG_FAULT": fault, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "AMG_FAULT": fault, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+               "AMG_IDS_LOG": str(self.work / "generated.txt")}  # fmt: skip
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)  # fmt: skip
 
@@ -215,13 +227,13 @@ class Night:
         stray = audio - {
             Path(by_id[i]["audio_path"]).name for i in want if i in by_id and by_id[i]["audio_path"]
         }
-        log = (self.out / "run.log").read_text()
-        made = sum(int(n) for n in re.findall(r"batch of (\d+) rows done", log))  # batches finished
+        made = Counter((self.work / "generated.txt").read_text().split())
         return dict(rows=self.rows, results=len(res), in_order=[r["id"] for r in res] == want, lost=len(lost),
                     lost_ids=lost[:5], stray_audio=sorted(stray)[:5],
                     tmp_files=[str(p) for p in self.out.rglob("*.tmp")],
                     corrupt_set_aside=len(list((self.out / "results").glob("*.corrupt"))),
-                    row_generations=made, redone=made - self.rows)  # fmt: skip
+                    row_generations=sum(made.values()), redone=sum(made.values()) - len(made),
+                    ids_redone=sum(c > 1 for c in made.values()))  # fmt: skip
 
 
 def _said(stderr: str) -> list[str]:
@@ -278,7 +290,8 @@ def main() -> int:
     for name, codes, note in night.phases:
         print(f"{name:<11} | {' '.join(map(str, codes)):<18} | {note}")
     print(f"rows {v['rows']}, result rows {v['results']} (in manifest order: {v['in_order']}), "
-          f"row-generations finished {v['row_generations']} ({v['redone']} of them a second time), "
+          f"engine row-generations {v['row_generations']} ({v['redone']} repeated, of {v['ids_redone']} ids: "
+          "rows in flight at a kill or a fault, rows of the shard cut before its merge), "
           f"shards set aside {v['corrupt_set_aside']}")  # fmt: skip
     print(f"lost: {v['lost']} {v['lost_ids'] or ''}; stray audio files: {len(v['stray_audio'])}; "
           f"temporary files left: {len(v['tmp_files'])}")  # fmt: skip
