@@ -53,7 +53,7 @@ def enospc(where):
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
 
 if fault.startswith("enospc-audio:"):  # the disk fills after this many audio files
-    import jobs.results as r
+    import amg_engine.jobs.results as r
     limit, count, real = int(fault.split(":")[1]), [0], r.atomic_write
     def atomic_write(path, write, tmp=None, durable=True):
         count[0] += 1
@@ -73,14 +73,14 @@ if fault == "enospc-merge":  # the disk fills while the merge writes
         return real_write(self, table, *a, **k)
     pq.ParquetWriter.write_table = write_table
 if fault == "slow-merge":  # a merge long enough for a kill to land in it
-    import jobs.merge as m
+    import amg_engine.jobs.merge as m
     m.CHUNK_ROWS, real_take = 8, m.RowReader.take
     def take(self, *a):
         time.sleep(0.05)
         return real_take(self, *a)
     m.RowReader.take = take
 if os.environ.get("AMG_IDS_LOG"):  # every id the engine generates, appended once its batch returns
-    import engine.engine as ee
+    import amg_engine.engine.engine as ee
     real_generate = ee.Engine.generate
     def generate(self, requests):
         out = real_generate(self, requests)
@@ -88,7 +88,7 @@ if os.environ.get("AMG_IDS_LOG"):  # every id the engine generates, appended onc
             f.write("".join(r.id + "\n" for r in requests))
         return out
     ee.Engine.generate = generate
-from jobs.cli import main
+from amg_engine.jobs.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

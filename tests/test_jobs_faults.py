@@ -22,11 +22,12 @@ import pytest
 import soundfile as sf
 from jobs_helpers import FakeEngine, fast_config, good_manifest, tiny_assets, write_manifest
 
-import jobs.results
-from jobs.cli import main
-from jobs.generate import JobConfig, run_generate
-from jobs.manifest import Limits, validate
-from jobs.results import FolderBusy, FolderLock, OutputUnavailable, ResultStore
+import amg_engine.jobs.results
+from amg_engine import jobs
+from amg_engine.jobs.cli import main
+from amg_engine.jobs.generate import JobConfig, run_generate
+from amg_engine.jobs.manifest import Limits, validate
+from amg_engine.jobs.results import FolderBusy, FolderLock, OutputUnavailable, ResultStore
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -92,7 +93,7 @@ def test_a_full_disk_stops_the_run_and_a_plain_rerun_finishes_the_rows(tmp_path,
 
 def test_a_full_disk_is_exit_code_4_with_one_line(tmp_path, monkeypatch, capsys):
     m, out = good_manifest(tmp_path / "m.parquet", 20), tmp_path / "out"
-    monkeypatch.setattr("engine.engine.Engine", lambda config, *a, **k: FakeEngine(config))
+    monkeypatch.setattr("amg_engine.engine.engine.Engine", lambda config, *a, **k: FakeEngine(config))
     _full_after(monkeypatch, 3)
     assert main(["generate", str(m), "--out", str(out), "--quiet", "--batch-size", "8"]) == 4
     err = capsys.readouterr().err.strip()
@@ -140,7 +141,7 @@ def test_a_full_disk_during_the_merge_stops_cleanly_and_the_rerun_merges(
         return real(self, table, *a, **kw)
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", write_table)
-    monkeypatch.setattr("engine.engine.Engine", lambda config, *a, **k: FakeEngine(config))
+    monkeypatch.setattr("amg_engine.engine.engine.Engine", lambda config, *a, **k: FakeEngine(config))
     cmd = ["generate", str(m), "--out", str(out), "--quiet", "--batch-size", "8"]
     assert main(cmd) == 4
     err = capsys.readouterr().err.strip()
@@ -151,7 +152,7 @@ def test_a_full_disk_during_the_merge_stops_cleanly_and_the_rerun_merges(
     monkeypatch.setattr(pq.ParquetWriter, "write_table", real)  # space freed
     engines = []
     monkeypatch.setattr(
-        "engine.engine.Engine", lambda c, *a, **k: engines.append(FakeEngine(c)) or engines[-1]
+        "amg_engine.engine.engine.Engine", lambda c, *a, **k: engines.append(FakeEngine(c)) or engines[-1]
     )
     assert main(cmd) == 0
     assert engines[0].calls == [] and [r["status"] for r in _results(out)] == ["ok"] * 24
@@ -270,12 +271,12 @@ def test_a_read_only_or_vanished_output_folder_stops_the_run(tmp_path, monkeypat
 # -- issue 26 item 8: only input validation is exit code 2 ---------------------------------------------
 def test_a_pyarrow_error_while_merging_is_not_bad_input(tmp_path, monkeypatch, capsys):
     m, out = good_manifest(tmp_path / "m.parquet", 4), tmp_path / "out"
-    monkeypatch.setattr("engine.engine.Engine", lambda config, *a, **k: FakeEngine(config))
+    monkeypatch.setattr("amg_engine.engine.engine.Engine", lambda config, *a, **k: FakeEngine(config))
 
     def broken(*a, **k):
         raise pa.ArrowInvalid("Parquet magic bytes not found in footer")
 
-    monkeypatch.setattr("jobs.generate.write_results", broken)
+    monkeypatch.setattr("amg_engine.jobs.generate.write_results", broken)
     with pytest.raises(RuntimeError, match="failed while merging the results: ArrowInvalid"):
         main(["generate", str(m), "--out", str(out), "--quiet"])  # a traceback (exit 1), not exit 2
     monkeypatch.undo()
@@ -342,14 +343,15 @@ CHILD = """
 import os, sys, time
 from pathlib import Path
 from jobs_helpers import FakeEngine
-import engine.engine
+import amg_engine.engine.engine
+from amg_engine import engine
 class Held(FakeEngine):  # after its first batch, waits until the test lets it go on
     def generate(self, requests):
         while self.calls and not Path(os.environ["RELEASE"]).exists():
             time.sleep(0.05)
         return super().generate(requests)
 engine.engine.Engine = lambda config, *a, **k: Held(config)
-from jobs.cli import main
+from amg_engine.jobs.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -422,9 +424,9 @@ def test_a_clip_shorter_than_one_latent_frame_is_an_error_row(tmp_path):
 def test_a_too_short_row_the_ray_driver_lets_through_is_an_error_row_with_its_key(tmp_path):
     """The Ray driver plans without the model (no shortest clip): the actor's runner refuses the row
     and keeps its key, so the merge finds its result."""
-    from jobs.generate import RunIds, plan_run
-    from jobs.results import KEY
-    from jobs.runner import BatchRunner
+    from amg_engine.jobs.generate import RunIds, plan_run
+    from amg_engine.jobs.results import KEY
+    from amg_engine.jobs.runner import BatchRunner
 
     m = write_manifest(
         tmp_path / "m.parquet", {"id": ["a", "tiny"], "prompt": ["x", "y"], "seconds": [0.5, 1e-9]}
@@ -445,7 +447,7 @@ def test_a_too_short_row_the_ray_driver_lets_through_is_an_error_row_with_its_ke
 
 
 def test_the_minimum_duration_is_one_latent_frame_of_the_real_model(tmp_path, tmp_path_factory):
-    from engine.engine import Engine
+    from amg_engine.engine.engine import Engine
 
     root = tiny_assets(tmp_path_factory)
     engine = Engine(fast_config(), root / "model", root / "index")
@@ -469,8 +471,8 @@ MERGE_CHILD = """
 import sys, time
 from pathlib import Path
 from jobs_helpers import FakeEngine
-import jobs.merge as merge
-from jobs.generate import JobConfig, run_generate
+import amg_engine.jobs.merge as merge
+from amg_engine.jobs.generate import JobConfig, run_generate
 class Logged(FakeEngine):  # every id it generates, appended to a file that outlives the process
     def generate(self, requests):
         with open(sys.argv[3], "a") as f:
