@@ -195,7 +195,7 @@ class Summary:
 def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, ids: RunIds, job: JobConfig) -> Plan:
     """Validate the manifest and decide which of this shard's rows still need generating."""
     table = read_manifest(manifest)
-    rows = validate(table.to_pylist(), limits)
+    rows = validate(table.to_pylist(), limits, table.schema)
     gate = None if job.gate is None else job.gate.resolve(ids.threshold)
     gate_key = None if gate is None else gate.key
     hashes: dict[Overrides, str] = {}
