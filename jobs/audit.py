@@ -32,6 +32,7 @@ import hashlib
 import heapq
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -44,11 +45,12 @@ from index.build import clips_from_folder, read_clip
 from index.distances import Moments, fad, kad
 from index.files import atomic_write, fsync_replace, open_plan_dir
 from index.search import SearchConfig, make_searcher
-from index.store import EmbeddingIndex
+from index.store import EmbeddingIndex, index_id
 
 log = logging.getLogger(__name__)
 
 PARTS = "parts"
+KEY = "items_sha256"  # the metadata key of a part's batch_key
 KAD_SAMPLE = 2000  # embeddings per set for KAD (quadratic cost)
 BACKGROUND_SAMPLE = 5000  # training clips searched against the rest for the background histogram
 HIST_BINS = 50
@@ -119,16 +121,36 @@ def items_from_source(source: str | Path) -> list[Item]:
 # -- embedding, in resumable parts ------------------------------------------------------------------
 
 
-def _plan(items: Sequence[Item], index: EmbeddingIndex, config: AuditConfig) -> dict:
+def _plan(items: Sequence[Item], index_key: str, config: AuditConfig, embedder_info: dict) -> dict:
+    """What the audit folder holds the parts of: the index, the embedder, k, the batches and the listing
+    (ids, paths, prompts). The files' contents are keyed per part (:func:`batch_key`)."""
     listing = json.dumps([[it.id, str(it.path.resolve()), it.prompt] for it in items]).encode()
     return {
-        "embedder": json.loads(index.embedder.to_json()),
-        "index_sha256": hashlib.sha256(index.vectors.numpy().tobytes()).hexdigest(),
+        "embedder": embedder_info,
+        "index_id": index_key,
         "k": config.k,
         "batch_size": config.batch_size,
         "n": len(items),
         "items_sha256": hashlib.sha256(listing).hexdigest(),
     }
+
+
+def file_identity(path: Path) -> list[int] | None:
+    """What tells a file's content apart from an earlier one at the same path without reading it: size,
+    modification and status-change times in ns (``cp -p``, ``rsync -t`` or ``touch -r`` can put the
+    modification time back, nothing but the kernel sets the status-change time); None if absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def batch_key(items: Sequence[Item]) -> str:
+    """The digest a part is stored under: its items (id, resolved path, prompt) and
+    the identity of each file's content. A part whose key differs is embedded again."""
+    rows = [[it.id, str(it.path.resolve()), it.prompt, file_identity(it.path)] for it in items]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def row_schema():
@@ -212,40 +234,68 @@ def embed_all(
     text_embedder: Callable[[list[str]], torch.Tensor] | None = None,
     progress: bool = True,
     restart: bool = False,
+    index_key: str | None = None,
 ) -> list[Path]:
-    """Embed and search every item in batches into ``OUT/parts`` (resuming), -> the part row files."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from safetensors.torch import save_file
+    """Embed and search every item in batches into ``OUT/parts`` (resuming), -> the part row files.
+
+    A batch is done again when any of its files changed since its part was written (:func:`batch_key`);
+    ``index_key`` identifies the index (``index.store.index_id`` of its folder; default: a digest of its
+    vectors)."""
     from tqdm import tqdm
 
-    work = open_plan_dir(out_dir / PARTS, _plan(items, index, config), restart, "an audit")
+    if index_key is None:  # callers without the index folder: the vectors themselves
+        index_key = hashlib.sha256(index.vectors.numpy().tobytes()).hexdigest()
+    plan = _plan(items, index_key, config, json.loads(index.embedder.to_json()))
+    work = open_plan_dir(out_dir / PARTS, plan, restart, "an audit")
     searcher = make_searcher(index, config.search)
     starts = range(0, len(items), config.batch_size)
     parts = [work / f"part-{s // config.batch_size:06d}" for s in starts]
-    done = sum(_finished(p) for p in parts)
-    if done:
-        log.info("resuming the audit in %s: %d of %d batches done", out_dir, done, len(parts))
-    bar = tqdm(total=len(items), initial=min(done * config.batch_size, len(items)), desc="audit",
-               unit="file", disable=not progress)  # fmt: skip
+    keys = [batch_key(items[s : s + config.batch_size]) for s in starts]  # before any file is read
+    finished = [_finished(p, key) for p, key in zip(parts, keys, strict=True)]
+    if any(finished):
+        log.info("resuming the audit in %s: %d of %d batches done and unchanged", out_dir, sum(finished),
+                 len(parts))  # fmt: skip
+    bar = tqdm(total=len(items), desc="audit", unit="file", disable=not progress)
     with ThreadPoolExecutor(config.workers) as pool:
-        for s, part in zip(starts, parts, strict=True):
-            if _finished(part):
-                continue
+        for s, part, key, done in zip(starts, parts, keys, finished, strict=True):
             batch = items[s : s + config.batch_size]
-            cols, e = _embed_batch(batch, embedder, searcher, index, config.k, text_embedder, pool)
-            atomic_write(part.with_suffix(".safetensors"), lambda p, e=e: save_file({"e": e.contiguous()}, p))
-            atomic_write(
-                part.with_suffix(".parquet"),
-                lambda p, c=cols: pq.write_table(pa.table(c, schema=row_schema()), p),
-            )
+            if not done:
+                cols, e = _embed_batch(batch, embedder, searcher, index, config.k, text_embedder, pool)
+                _write_part(part, key, cols, e)
             bar.update(len(batch))
     bar.close()
     return [p.with_suffix(".parquet") for p in parts]
 
 
-def _finished(part: Path) -> bool:  # the rows are written last
-    return part.with_suffix(".parquet").exists() and part.with_suffix(".safetensors").exists()
+def _write_part(part: Path, key: str, cols: dict, e: torch.Tensor) -> None:
+    """A batch's embeddings, then its rows (last: their presence marks the part done), under ``key``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+
+    meta = {KEY: key}
+    atomic_write(part.with_suffix(".safetensors"), lambda p: save_file({"e": e.contiguous()}, p, meta))
+    table = pa.table(cols, schema=row_schema()).replace_schema_metadata(meta)
+    atomic_write(part.with_suffix(".parquet"), lambda p: pq.write_table(table, p))
+
+
+def _finished(part: Path, key: str) -> bool:
+    """Both files of the part are there and were written for these items as they are now (the rows
+    are written last, so rows with this key have embeddings with it)."""
+    import pyarrow.parquet as pq
+    from safetensors import safe_open
+
+    rows, e = part.with_suffix(".parquet"), part.with_suffix(".safetensors")
+    if not (rows.exists() and e.exists()):
+        return False
+    try:
+        with safe_open(e, "pt") as f:
+            e_key = (f.metadata() or {}).get(KEY)
+        rows_key = (pq.read_metadata(rows).metadata or {}).get(KEY.encode(), b"").decode()
+    except Exception as err:  # noqa: BLE001 - a part that cannot be read back is done again
+        log.warning("%s cannot be read back (%s): embedding its batch again", part, err)
+        return False
+    return rows_key == e_key == key
 
 
 # -- aggregation -----------------------------------------------------------------------------------
@@ -466,7 +516,8 @@ def run_audit(
     reference, heldout = (_load_like(d, index) for d in (reference_dir, heldout_dir))
     items = items_from_source(source)
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = embed_all(items, index, embedder, out_dir, config, text_embedder, progress, restart)
+    parts = embed_all(items, index, embedder, out_dir, config, text_embedder, progress, restart,
+                      index_id(index_dir))  # fmt: skip
     summary = aggregate(parts, index, out_dir, config, thresholds_for(config, embedder), reference, heldout)
     if config.attributes:
         from jobs.adherence import adherence_summary, attribute_rows

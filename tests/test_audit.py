@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -129,6 +130,55 @@ def test_another_input_in_the_same_folder_is_refused_not_mixed(folder, tmp_path)
     with pytest.raises(ValueError, match="items_sha256.*--restart"):
         _run(folder, tmp_path / "out")
     assert _run(folder, tmp_path / "out2").n_files == 11
+
+
+def _by_id(path: Path) -> dict:
+    return {r["id"]: r for r in pq.read_table(path).to_pylist()}
+
+
+def test_a_reaudit_into_the_same_folder_measures_the_files_as_they_are_now(folder, tmp_path, monkeypatch):
+    """Replace one file by another training clip, and another by audio of the same size with its
+    modification time put back (as ``cp -p`` or ``rsync -t`` leave it): the rerun into the same folder
+    re-embeds the batches that hold them, and only those, and reports what a fresh audit reports; the
+    attribute rows follow the new audio."""
+    from jobs import adherence
+
+    monkeypatch.setattr(audit_mod, "_distances", lambda *a: (None, None))  # not what is tested: saves 10 s
+    _run(folder, tmp_path / "out", pairs=0)
+    train = pq.read_table(TRAIN / "train.parquet").to_pylist()
+    loop = next(r for r in train if r["caption"] == "An electronic drum loop, 135 bpm")
+    shutil.copy(TRAIN / loop["path"], folder / "clip-000.flac")  # batch 0 (of 3, 4 files each)
+    quiet = folder / "sub" / "quiet.wav"  # batch 2
+    st = quiet.stat()
+    frames = sf.info(quiet).frames
+    x, sr = sf.read(TRAIN / train[20]["path"], dtype="float32", frames=frames, fill_value=0.0)
+    sf.write(quiet, 0.3 * x, sr)  # as many frames, the same format: the same size
+    os.utime(quiet, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert quiet.stat().st_size == st.st_size and quiet.stat().st_mtime_ns == st.st_mtime_ns
+    real, calls = audit_mod._embed_batch, []
+    monkeypatch.setattr(audit_mod, "_embed_batch", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real_row, checked = adherence._row, []
+    monkeypatch.setattr(adherence, "_row", lambda it, t: checked.append(it.id) or real_row(it, t))
+    _run(folder, tmp_path / "out", pairs=0)
+    assert sorted(it.id for batch in calls for it in batch) == [
+        "broken.flac",
+        "clip-000.flac",
+        "clip-004.flac",
+        "clip-008.flac",
+        "clip-028.flac",
+        "sub/quiet.wav",
+    ]
+    assert checked == ["clip-000.flac"]  # the other parsed prompts' files did not change
+    _run(folder, tmp_path / "fresh", pairs=0, attributes=False)
+    again, fresh = _by_id(tmp_path / "out" / "audit.parquet"), _by_id(tmp_path / "fresh" / "audit.parquet")
+    assert again["clip-000.flac"]["nearest_id"] == loop["id"]
+    for i, r in fresh.items():
+        assert again[i]["nearest_id"] == r["nearest_id"] and again[i]["status"] == r["status"], i
+        if r["status"] == "ok":
+            assert again[i]["similarity"] == pytest.approx(r["similarity"], abs=1e-5), i
+    attrs = _by_id(tmp_path / "out" / "attributes.parquet")
+    assert attrs["clip-000.flac"]["est_bpm"] == pytest.approx(135, rel=0.04)  # was the 90 bpm loop's
+    assert attrs["clip-000.flac"]["tempo"] is False  # its prompt still asks for 90 bpm
 
 
 def test_results_parquet_source_keeps_ok_rows_and_prompts(tmp_path):
