@@ -42,10 +42,13 @@ def _row(item, target) -> dict:
     import soundfile as sf
 
     from engine.default.attributes import check
+    from jobs.audit import unreadable
 
     row = {"id": item.id, "prompt": item.prompt, "family": target.family, "asked": list(target.asked()),
            "status": "ok", "error": None, "target_bpm": target.bpm, "target_instrument": target.instrument,
            "target_chord": None if target.chord is None else " ".join(target.chord)}  # fmt: skip
+    if problem := unreadable(item):  # outside the audited folder, missing or not readable
+        return row | {"status": "error", "error": problem}
     try:
         audio, sr = sf.read(item.path, dtype="float32", always_2d=True)
     except Exception as e:  # noqa: BLE001 - an unreadable file is an error row, not a crash
@@ -57,7 +60,8 @@ def _row_key(item) -> str:
     """A row is reused for the same id, path and prompt and an unchanged file only (audit.file_identity)."""
     from jobs.audit import file_identity
 
-    row = [item.id, str(Path(item.path).resolve()), item.prompt, file_identity(Path(item.path))]
+    path = Path(item.path)
+    row = [item.id, str(path.resolve()), item.prompt, getattr(item, "error", None), file_identity(path)]
     return hashlib.sha256(json.dumps(row).encode()).hexdigest()
 
 

@@ -8,9 +8,12 @@ is embedded with the index's own embedder, in batches, and searched against the 
 
 Streaming and resumable: each finished batch is written to ``OUT/parts/part-<k>.parquet`` (its
 rows) and ``part-<k>.safetensors`` (its embeddings) under a temporary name and renamed, next to a
-``plan.json`` fixing the inputs; a rerun skips finished batches, and memory stays bounded by one
-batch plus O(D²) running moments whatever the number of files. A file that cannot be read becomes
-a row with ``status="error"`` and the reason, never a crash.
+``plan.json`` fixing the inputs; a rerun skips finished batches whose files are unchanged (each part
+is keyed on its files' size, modification and status-change times: :func:`batch_key`) and embeds the
+others again, and memory stays bounded by one batch plus O(D²) running moments whatever the number of
+files. A file that cannot be read becomes a row with ``status="error"`` and the reason, never a crash.
+Only files inside the source's folder are read: a path that leads out of it (absolute, ``../``, a
+symlink) is an error row that reads the same whether the file exists or not.
 
 Outputs in OUT:
 - ``audit.parquet``: per file, the top-k training neighbours (ids, captions, similarities), the
@@ -41,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from index.build import clips_from_folder, read_clip
+from index.build import audio_suffixes, read_clip
 from index.distances import Moments, fad, kad
 from index.files import atomic_write, fsync_replace, open_plan_dir
 from index.search import SearchConfig, make_searcher
@@ -84,18 +87,68 @@ class AuditConfig:
 
 @dataclass(frozen=True)
 class Item:
-    """One audited file: id, path, and the prompt it was generated from ('' when unknown)."""
+    """One audited file: id, path, the prompt it was generated from ('' when unknown), and why it is
+    not read at all (a path that leads out of the source's folder), else None."""
 
     id: str
     path: Path
     prompt: str
+    error: str | None = None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, symlinks resolved, lies under ``root`` (itself resolved)."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def _outside(path: Path, root: Path) -> str:
+    # the same text whether the file exists or not, and not where a link points
+    return f"{path} is not inside {root}: only files in the audited folder are read"
+
+
+def unreadable(item: Item) -> str | None:
+    """Why ``item`` cannot be read, before decoding it: outside its folder, or no readable file there (a
+    missing file, a folder, no permission: one text for all); None when it can be opened."""
+    if item.error is not None:
+        return item.error
+    try:
+        with open(item.path, "rb"):
+            return None
+    except OSError:
+        return f"cannot read {item.path}: no readable file there"
+
+
+def _folder_items(folder: Path) -> list[Item]:
+    """The audio files under ``folder`` (recursively, sorted; ids = relative paths; prompts from
+    ``<name>.txt`` sidecars). One whose path leads out of the folder (a symlink) is an error item and
+    neither it nor its sidecar is read."""
+    root, suffixes = folder.resolve(), audio_suffixes()
+    paths = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in suffixes and (p.is_file() or p.is_symlink())
+    )
+    if not paths:
+        raise FileNotFoundError(f"no audio files ({', '.join(suffixes)}) under {folder}")
+    items = []
+    for p in paths:
+        rel, sidecar = p.relative_to(folder).as_posix(), p.with_suffix(".txt")
+        if not _inside(p, root):
+            items.append(Item(rel, p, "", _outside(p, root)))
+            continue
+        prompt = sidecar.read_text().strip() if _inside(sidecar, root) and sidecar.is_file() else ""
+        items.append(Item(rel, p, prompt))
+    return items
 
 
 def items_from_source(source: str | Path) -> list[Item]:
-    """A folder's audio files (ids = relative paths) or the ok rows of an ``amg generate`` results file."""
+    """A folder's audio files (ids = relative paths) or the ok rows of an ``amg generate`` results file.
+    Paths resolve inside the folder (a results file's: inside its own folder), symlinks followed, or
+    the item is an error row."""
     source = Path(source)
     if source.is_dir():
-        return [Item(c.id, c.path, c.caption) for c in clips_from_folder(source)]
+        return _folder_items(source)
     if source.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -107,10 +160,12 @@ def items_from_source(source: str | Path) -> list[Item]:
         rows = pq.read_table(source, columns=wanted).to_pydict()
         status = rows.get("status") or ["ok"] * len(rows["id"])
         prompts = rows.get("prompt") or [""] * len(rows["id"])
+        root = source.parent.resolve()
         items = [
-            Item(str(i), source.parent / p, str(pr or ""))
+            Item(str(i), path, str(pr or ""), None if _inside(path, root) else _outside(path, root))
             for i, p, pr, s in zip(rows["id"], rows["audio_path"], prompts, status, strict=True)
             if s == "ok" and p
+            for path in [source.parent / p]
         ]
         if not items:
             raise ValueError(f"{source} has no ok rows with audio to audit")
@@ -147,9 +202,9 @@ def file_identity(path: Path) -> list[int] | None:
 
 
 def batch_key(items: Sequence[Item]) -> str:
-    """The digest a part is stored under: its items (id, resolved path, prompt) and
+    """The digest a part is stored under: its items (id, resolved path, prompt, why it is not read) and
     the identity of each file's content. A part whose key differs is embedded again."""
-    rows = [[it.id, str(it.path.resolve()), it.prompt, file_identity(it.path)] for it in items]
+    rows = [[it.id, str(it.path.resolve()), it.prompt, it.error, file_identity(it.path)] for it in items]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
@@ -168,6 +223,8 @@ def row_schema():
 
 
 def _read(item: Item, embedder) -> torch.Tensor | str:
+    if problem := unreadable(item):
+        return problem
     try:
         return read_clip(item.path, embedder)[0]
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes an error row

@@ -200,6 +200,80 @@ def test_results_parquet_source_keeps_ok_rows_and_prompts(tmp_path):
         items_from_source(tmp_path / "x.csv")
 
 
+def _outside_world(tmp_path: Path) -> Path:
+    """A folder beside the audited one holding private audio (a training clip: it would show at ≈ 1)."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    clip = pq.read_table(TRAIN / "train.parquet").to_pylist()[5]
+    shutil.copy(TRAIN / clip["path"], secret / "private.flac")
+    (secret / "private.txt").write_text("a private caption")
+    return secret
+
+
+def _generic(rows: list[dict], ids: list[str], paths: list[str]) -> set[str]:
+    """The errors of ``ids`` with each row's own path taken out: one text means nothing told them apart."""
+    by_id = {r["id"]: r for r in rows}
+    return {by_id[i]["error"].replace(p, "<path>") for i, p in zip(ids, paths, strict=True)}
+
+
+def test_a_results_file_cannot_make_the_audit_read_outside_its_folder(tmp_path):
+    """Paths of a results file resolve inside its folder, symlinks followed, or the row is an error that
+    reads the same whether the file exists or not; a missing file and one that cannot be read (a folder
+    under an audio name) read the same too; nothing outside is read or put in the report."""
+    secret = _outside_world(tmp_path)
+    run = tmp_path / "run"
+    (run / "audio" / "folder.flac").mkdir(parents=True)
+    rows = pq.read_table(TRAIN / "train.parquet").to_pylist()
+    shutil.copy(TRAIN / rows[0]["path"], run / "audio" / "ok.flac")
+    (run / "audio" / "link.flac").symlink_to(secret / "private.flac")
+    (run / "audio" / "dangling.flac").symlink_to(secret / "nothing.flac")
+    paths = {
+        "ok": "audio/ok.flac",
+        "abs": str(secret / "private.flac"), "abs-missing": str(secret / "nothing.flac"),
+        "up": "../secret/private.flac", "up-missing": "../secret/nothing.flac",
+        "link": "audio/link.flac", "dangling": "audio/dangling.flac",
+        "missing": "audio/missing.flac", "unreadable": "audio/folder.flac",
+    }  # fmt: skip
+    table = pa.table({"id": list(paths), "audio_path": list(paths.values()), "status": ["ok"] * len(paths),
+                      "prompt": ["An acoustic drum loop, 90 bpm"] * len(paths)})  # fmt: skip
+    pq.write_table(table, run / "results.parquet")
+    summary = _run(run / "results.parquet", tmp_path / "out")
+    out = pq.read_table(tmp_path / "out" / "audit.parquet").to_pylist()
+    assert summary.n_ok == 1 and [r["id"] for r in out if r["status"] == "ok"] == ["ok"]
+    outside = ["abs", "abs-missing", "up", "up-missing", "link", "dangling"]
+    for there, not_there in [("abs", "abs-missing"), ("up", "up-missing"), ("link", "dangling")]:
+        assert len(_generic(out, [there, not_there], [paths[there], paths[not_there]])) == 1
+    assert len(_generic(out, ["missing", "unreadable"], [paths["missing"], paths["unreadable"]])) == 1
+    assert all(
+        "private" not in r["error"] and "nothing" not in r["error"]
+        for r in out
+        if r["id"] in ("link", "dangling")
+    )  # fmt: skip; where a link points is not told either
+    attributes = pq.read_table(tmp_path / "out" / "attributes.parquet").to_pylist()
+    assert [r["id"] for r in attributes if r["status"] == "ok"] == ["ok"]
+    assert {r["error"] for r in attributes if r["id"] in outside} <= {r["error"] for r in out}
+    page = _Page()
+    page.feed((tmp_path / "out" / "report.html").read_text(encoding="utf-8"))
+    assert len(page.audio) == 2  # the one audited pair: ok.flac and its training clip
+
+
+def test_a_folder_audit_does_not_follow_links_out_of_the_folder(folder, tmp_path):
+    """A symlink (and a prompt sidecar linked) leaving the folder is an error row with no prompt; a link
+    that stays inside is audited like any file."""
+    secret = _outside_world(tmp_path)
+    (folder / "leak.flac").symlink_to(secret / "private.flac")
+    (folder / "leak.txt").symlink_to(secret / "private.txt")
+    (folder / "gone.flac").symlink_to(secret / "nothing.flac")
+    (folder / "again.flac").symlink_to(folder / "clip-000.flac")
+    summary = _run(folder, tmp_path / "out", pairs=0)
+    rows = _by_id(tmp_path / "out" / "audit.parquet")
+    assert rows["leak.flac"]["status"] == rows["gone.flac"]["status"] == "error"
+    assert rows["leak.flac"]["prompt"] == "" and rows["leak.flac"]["similarity"] is None
+    assert len(_generic(list(rows.values()), ["leak.flac", "gone.flac"], ["leak.flac", "gone.flac"])) == 1
+    assert rows["again.flac"]["status"] == "ok" and rows["again.flac"]["nearest_id"] == "clip-000"
+    assert summary.n_ok == 10 and summary.n_error == 3  # the 9 files, the inside link; broken and 2 links
+
+
 def test_config_errors_name_the_value():
     with pytest.raises(ValueError, match="k=0"):
         AuditConfig(k=0)
