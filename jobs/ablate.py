@@ -31,7 +31,8 @@ training index (``amg audit``; under the gate, the released clips), and the tabl
 The paper's CLAP score needs a CLAP text encoder, which cannot be had offline; attribute adherence is
 what stands in for it here. The table is printed, and saved as ``DIR/ablation.parquet`` and
 ``DIR/ablation.md`` (with the estimators' accuracies and the retained shares under it). Each run keeps
-its results, audio and audit report under ``DIR/<block>/<row>/``; rerunning resumes.
+its results, audio and audit report under ``DIR/<block>/<row>/``; rerunning resumes the generation
+and audits each row afresh.
 """
 
 from __future__ import annotations
