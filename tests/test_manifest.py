@@ -227,3 +227,39 @@ def test_a_manifest_written_by_pandas_is_read_by_its_values(tmp_path):
     assert [r.overrides.steps for r in rows] == [2, 30, 100]
     assert [r.overrides.cfg_scale for r in rows] == [1.5, None, 7.0]
     assert [r.overrides.c3 for r in rows] == [0.5, None, 20.0]
+
+
+def test_a_duckdb_style_manifest_generates_and_resumes(tmp_path):
+    """The manifest DuckDB writes for ``SELECT 0.5 + 0.5 * x AS seconds, ...``: decimal durations and
+    scales (one stored as an integer), narrow and unsigned integers. Every valid row generates; a rerun
+    reuses them all (the resume key holds the values, not their types); an out-of-range decimal is an
+    error row of its own."""
+    import decimal
+
+    from jobs_helpers import FakeEngine
+
+    from jobs.generate import JobConfig, run_generate
+
+    d = decimal.Decimal
+    table = pa.table({
+        "id": ["a", "b", "c"], "prompt": ["x", "y", "z"],
+        "seconds": pa.array([d("0.5"), d("1.0"), d("0.3")], pa.decimal128(22, 1)),
+        "seed": pa.array([1, 2, 3], pa.uint8()),
+        "steps": pa.array([3, 3, 3], pa.int8()),
+        "cfg_scale": pa.array([d("3.0"), d("2.5"), d("3.5")], pa.decimal128(9, 1)),
+        "c3": pa.array([d("1.25"), d("0.00"), d("2.5")], pa.decimal256(40, 2)),
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "m.parquet", store_decimal_as_integer=True)
+    bad = table.set_column(5, "cfg_scale", pa.array([d("3.0"), d("0.5"), d("3.5")], pa.decimal128(9, 1)))
+    summary = run_generate(tmp_path / "m.parquet", tmp_path / "out", FakeEngine(), JobConfig(progress=False))
+    rows = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] * 3 and summary.generated == 3
+    assert [r["seconds"] for r in rows] == [0.5, 1.0, 0.3] and [r["seed"] for r in rows] == [1, 2, 3]
+    assert [(r["cfg_scale"], r["c3"]) for r in rows] == [(3.0, 1.25), (2.5, 0.0), (3.5, 2.5)]
+    again = run_generate(tmp_path / "m.parquet", tmp_path / "out", FakeEngine(), JobConfig(progress=False))
+    assert (again.generated, again.reused) == (0, 3)
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    run_generate(tmp_path / "bad.parquet", tmp_path / "out2", FakeEngine(), JobConfig(progress=False))
+    rows = pq.read_table(tmp_path / "out2" / "results.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "error", "ok"]
+    assert rows[1]["error"].startswith("row 1: cfg_scale=0.5: must be ≥ 1")
