@@ -27,7 +27,8 @@ A null optional value means "use the run's setting". Numbers must be finite; an 
 hold integral floats (``30.0``), nothing else (no strings, no booleans). Any numeric Arrow type is read
 by its value: signed and unsigned integers of every width, half, single and double floats, and
 decimals (DuckDB writes ``0.5 + 0.5 * x`` as ``DECIMAL(22,1)``), so ``seconds`` may be ``1.0`` as a
-decimal and ``seed`` ``7`` as a ``uint8``; a refused value's message names its column's type.
+decimal and ``seed`` ``7`` as a ``uint8``; a refused value's message names its column's type where
+that is not int64, double or string.
 Column names the results use for outputs (``status``, ``error``, ``row``, ...) are reserved.
 
 A manifest that cannot be used as a whole (unreadable, a required column missing, a reserved or
@@ -53,6 +54,7 @@ from engine.config import EngineConfig, with_overrides
 REQUIRED = ("id", "prompt")
 OVERRIDES = ("cfg_scale", "steps", "sampler", "c1", "c2", "c3", "negative_prompt")
 OPTIONAL = ("seconds", "seed", *OVERRIDES)
+PLAIN_TYPES = ("int64", "double", "string", "large_string", "bool")  # not named in messages
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # the whole id: use fullmatch
 NEGATIVE_PROMPT_UNSUPPORTED = (
     "negative_prompt is not supported yet (the engine has no negative-prompt branch); "
@@ -318,11 +320,12 @@ def validate(records: list[dict[str, Any]], limits: Limits | float, schema=None)
     collide on case-insensitive file systems); the first use of an id is kept, later ones are errors.
 
     ``limits`` may be a bare window length in seconds (the default engine configuration, no token check);
-    ``schema``: the manifest's Arrow schema, whose column types the problems name.
+    ``schema``: the manifest's Arrow schema, whose column types the problems name (where a type is not
+    one a value's own text shows: int64, double, string).
     """
     if not isinstance(limits, Limits):
         limits = Limits(float(limits), EngineConfig())
-    types = {} if schema is None else {f.name: str(f.type) for f in schema}
+    types = {} if schema is None else {f.name: str(f.type) for f in schema if str(f.type) not in PLAIN_TYPES}
     rows, first = [], {}
     for i, v in enumerate(records):
         row = check_row(v, i, limits, types)

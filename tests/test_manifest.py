@@ -195,6 +195,8 @@ def test_every_arrow_numeric_type_is_read_by_its_value(tmp_path, typ, as_integer
         ("cfg_scale", math.inf, pa.float32(), "cfg_scale inf (float) is not a finite number"),
         ("seed", 2**64 - 1, pa.uint64(), "seed 18446744073709551615 is not a non-negative integer below"),
         ("seconds", 0, pa.uint8(), "seconds 0 is outside (0, 1]"),
+        ("seconds", math.nan, pa.float64(), "seconds nan is not a finite number"),  # double: no type named
+        ("steps", 2.5, pa.float64(), "steps 2.5 is not an integer"),
     ],
 )  # fmt: skip
 def test_a_bad_value_is_refused_by_its_value_and_named_with_its_type(tmp_path, column, value, typ, message):
