@@ -42,12 +42,12 @@ def _row(item, target) -> dict:
     import soundfile as sf
 
     from engine.default.attributes import check
-    from jobs.audit import unreadable
+    from index.files import unreadable_file
 
     row = {"id": item.id, "prompt": item.prompt, "family": target.family, "asked": list(target.asked()),
            "status": "ok", "error": None, "target_bpm": target.bpm, "target_instrument": target.instrument,
            "target_chord": None if target.chord is None else " ".join(target.chord)}  # fmt: skip
-    if problem := unreadable(item):  # outside the audited folder, missing or not readable
+    if problem := getattr(item, "error", None) or unreadable_file(item.path):  # outside, missing, unreadable
         return row | {"status": "error", "error": problem}
     try:
         audio, sr = sf.read(item.path, dtype="float32", always_2d=True)
@@ -57,8 +57,8 @@ def _row(item, target) -> dict:
 
 
 def _row_key(item) -> str:
-    """A row is reused for the same id, path and prompt and an unchanged file only (audit.file_identity)."""
-    from jobs.audit import file_identity
+    """A row is reused for the same id, path and prompt and an unchanged file only (files.file_identity)."""
+    from index.files import file_identity
 
     path = Path(item.path)
     row = [item.id, str(path.resolve()), item.prompt, getattr(item, "error", None), file_identity(path)]

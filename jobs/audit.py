@@ -35,7 +35,6 @@ import hashlib
 import heapq
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,7 @@ import torch
 
 from index.build import audio_suffixes, read_clip
 from index.distances import Moments, fad, kad
-from index.files import atomic_write, fsync_replace, open_plan_dir
+from index.files import atomic_write, file_identity, fsync_replace, open_plan_dir, unreadable_file
 from index.search import SearchConfig, make_searcher
 from index.store import EmbeddingIndex, index_id
 
@@ -112,13 +111,7 @@ def _outside(path: Path, root: Path) -> str:
 def unreadable(item: Item) -> str | None:
     """Why ``item`` cannot be read, before decoding it: outside its folder, or no readable file there (a
     missing file, a folder, no permission: one text for all); None when it can be opened."""
-    if item.error is not None:
-        return item.error
-    try:
-        with open(item.path, "rb"):
-            return None
-    except OSError:
-        return f"cannot read {item.path}: no readable file there"
+    return item.error if item.error is not None else unreadable_file(item.path)
 
 
 def _folder_items(folder: Path) -> list[Item]:
@@ -188,17 +181,6 @@ def _plan(items: Sequence[Item], index_key: str, config: AuditConfig, embedder_i
         "n": len(items),
         "items_sha256": hashlib.sha256(listing).hexdigest(),
     }
-
-
-def file_identity(path: Path) -> list[int] | None:
-    """What tells a file's content apart from an earlier one at the same path without reading it: size,
-    modification and status-change times in ns (``cp -p``, ``rsync -t`` or ``touch -r`` can put the
-    modification time back, nothing but the kernel sets the status-change time); None if absent."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def batch_key(items: Sequence[Item]) -> str:
