@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import the proje
 
 import bench_common  # noqa: E402
 
-from index.search import ExactSearcher, FaissSearcher, faiss_gpus, recall_at  # noqa: E402
+from amg_engine.index.search import ExactSearcher, FaissSearcher, faiss_gpus, recall_at  # noqa: E402
 
 PATHS = ("exact", "exact-sharded", "faiss-flat", "faiss-ivfpq")
 

@@ -140,7 +140,7 @@ class Report:
 
     def write(self) -> None:
         """Both files, each replaced whole: a check killed mid-write leaves the previous section's."""
-        from index.files import atomic_write
+        from amg_engine.index.files import atomic_write
 
         doc, table = json.dumps(self.doc, indent=1, default=str), markdown(self.doc)
         atomic_write(self.out / "gpu_check.json", lambda p: Path(p).write_text(doc))
@@ -219,7 +219,7 @@ def _nn_case(device, dtype, b: int, n: int, d: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from kernels import nn_search_ref
+    from amg_engine.kernels import nn_search_ref
 
     g = torch.Generator(device=device).manual_seed(n + b)
     xb = F.normalize(torch.randn(n, d, generator=g, device=device), dim=1).to(dtype)  # [N, D] unit rows
@@ -250,7 +250,7 @@ def check_combine(device: str, shapes: dict) -> dict:
 def _combine_case(device, b: int, c: int, t: int, layout: str) -> dict:
     import torch
 
-    from kernels import amg_combine_ref
+    from amg_engine.kernels import amg_combine_ref
 
     g = torch.Generator(device=device).manual_seed(b)
     if layout == "contiguous":
@@ -303,8 +303,8 @@ class Sao:
     def engine(self, precision: str, compile: bool = False):
         import sao_assets
 
-        from engine.config import PRESETS
-        from engine.engine import Engine
+        from amg_engine.engine.config import PRESETS
+        from amg_engine.engine.engine import Engine
 
         key = (precision, compile)
         if key not in self.engines:
@@ -323,7 +323,7 @@ class Sao:
         return self.engines[key]
 
     def requests(self, n: int, seed: int = 0):
-        from engine.engine import Request
+        from amg_engine.engine.engine import Request
 
         caps = self.assets["captions"]
         return [Request(f"r{i}", caps[i % len(caps)], self.shapes["clip_s"], seed + i) for i in range(n)]
@@ -348,7 +348,7 @@ def guidance_for(engine, amg: bool, lam: float | None = None):
 
 
 def _run(engine, reqs, guidance, steps: int, fn=None):
-    """engine.generate (or fn(engine)) with this guidance and step count; (seconds, output)."""
+    """amg_engine.engine.generate (or fn(engine)) with this guidance and step count; (seconds, output)."""
     saved = engine.config
     engine.config = replace(
         saved, guidance=guidance, batch_size=len(reqs), sampler=replace(saved.sampler, steps=steps)
@@ -402,7 +402,7 @@ def dit_flops(engine, req) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.models import encode_conditioning
+    from amg_engine.engine.models import encode_conditioning
 
     m = engine.model
     with torch.no_grad():
@@ -461,7 +461,7 @@ def syncs_per_step(engine, reqs, guidance) -> float | None:
 
 
 def section_published(sao: Sao) -> dict:
-    from engine.reference import published_amg
+    from amg_engine.engine.reference import published_amg
 
     engine = sao.engine("bf16")
     req = sao.requests(1)

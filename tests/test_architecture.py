@@ -103,9 +103,11 @@ def package(module: str) -> str:
 
 def test_the_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
-    assert "index.store" in graph["engine.engine"]  # imported inside Engine.__init__
-    assert "kernels.nn_search" in graph["engine.guidance"]  # inside search_fn
-    assert "kernels._dispatch" in graph["kernels.guidance"]  # ``from ._dispatch import ...``
+    assert "amg_engine.index.store" in graph["amg_engine.engine.engine"]  # imported inside Engine.__init__
+    assert "amg_engine.kernels.nn_search" in graph["amg_engine.engine.guidance"]  # inside search_fn
+    assert (
+        "amg_engine.kernels._dispatch" in graph["amg_engine.kernels.guidance"]
+    )  # ``from ._dispatch import ...``
 
 
 def test_no_import_cycles():

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.config import EngineConfig
-from jobs.manifest import (
+from amg_engine.engine.config import EngineConfig
+from amg_engine.jobs.manifest import (
     NEGATIVE_PROMPT_UNSUPPORTED,
     Limits,
     ManifestError,
@@ -240,7 +240,7 @@ def test_a_duckdb_style_manifest_generates_and_resumes(tmp_path):
 
     from jobs_helpers import FakeEngine
 
-    from jobs.generate import JobConfig, run_generate
+    from amg_engine.jobs.generate import JobConfig, run_generate
 
     d = decimal.Decimal
     table = pa.table({

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import PRESETS, EngineConfig
-from engine.precision import PRECISIONS, Precision, default_precision
+from amg_engine.engine.config import PRESETS, EngineConfig
+from amg_engine.engine.precision import PRECISIONS, Precision, default_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import precision_agreement as agreement  # noqa: E402
@@ -118,7 +118,7 @@ class _CudaFlagsOnCpu(Precision):
 def test_every_tf32_getter_answers_inside_the_sampling_loop(engines, reqs, monkeypatch):
     """Where k-diffusion and inductor read them: inside the engine's step loop, under each precision's
     flags (the model's autocast stays the CPU one)."""
-    import engine.engine as engine_mod
+    import amg_engine.engine.engine as engine_mod
 
     e32, _ = engines
     seen, real = [], engine_mod.record_function

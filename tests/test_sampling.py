@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from engine import sampling as S
+from amg_engine.engine import sampling as S
 
 B, C, T = 3, 4, 16
 SEEDS = [11, 22, 33]
@@ -165,7 +165,7 @@ def test_row_noise_pins_host_memory_only_for_cuda(monkeypatch):
     """Noise for a CUDA device is drawn into pinned memory (its copy then does not block the step);
     on a CPU-only machine pinning is never attempted (it raises there). The draws equal plain
     per-row torch.randn whatever the buffer (the same op on the same generator: compared exactly)."""
-    from engine.transfer import uses_pinned_memory
+    from amg_engine.engine.transfer import uses_pinned_memory
 
     assert uses_pinned_memory("cuda") and uses_pinned_memory("cuda:1") and not uses_pinned_memory("cpu")
     asked = []
