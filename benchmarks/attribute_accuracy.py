@@ -20,10 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from amg_engine.engine.default.attributes import ATTRIBUTES, accuracy  # noqa: E402
+from amg_engine.engine.default.data import make_clips  # noqa: E402
+from amg_engine.engine.default.heldout import make_heldout_clips  # noqa: E402
 from benchmarks.bench_common import ROOT, append_record, environment  # noqa: E402
-from engine.default.attributes import ATTRIBUTES, accuracy  # noqa: E402
-from engine.default.data import make_clips  # noqa: E402
-from engine.default.heldout import make_heldout_clips  # noqa: E402
 
 NOISE_DB = (None, 20.0, 15.0, 10.0)
 

@@ -28,8 +28,8 @@ from benchmarks.bench_common import ROOT, append_record, environment  # noqa: E4
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from engine.engine import DEFAULT_INDEX_DIR
-from jobs.audit import AuditConfig, run_audit
+from amg_engine.engine.engine import DEFAULT_INDEX_DIR
+from amg_engine.jobs.audit import AuditConfig, run_audit
 start = time.perf_counter()
 cfg = AuditConfig(batch_size=256, pairs=8)
 s = run_audit(sys.argv[1], DEFAULT_INDEX_DIR, sys.argv[2], cfg, progress=False)
@@ -43,7 +43,7 @@ def synthesize(folder: Path, n: int, seed: int = 0) -> None:
     import numpy as np
     import soundfile as sf
 
-    from engine.default.data import SAMPLE_RATE, make_clips
+    from amg_engine.engine.default.data import SAMPLE_RATE, make_clips
 
     clips, rng = make_clips(), np.random.default_rng(seed)
     for i in range(n):

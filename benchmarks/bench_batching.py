@@ -38,7 +38,7 @@ def _per_call(fn, reps: int) -> float:
 
 def _cfg_call(model, x, sigma, cond, uncond, backward: bool):
     """The CFG model call; with ``backward``, under autograd and followed by the gradient w.r.t. x."""
-    from engine.compile import cfg_branches
+    from amg_engine.engine.compile import cfg_branches
 
     if not backward:
         with torch.no_grad():
@@ -55,8 +55,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.jsonl", help="JSON-lines log")
     args = p.parse_args()
 
-    from engine.default.data import make_clips
-    from engine.models import DEFAULT_MODEL_DIR, encode_conditioning, load_model
+    from amg_engine.engine.default.data import make_clips
+    from amg_engine.engine.models import DEFAULT_MODEL_DIR, encode_conditioning, load_model
 
     model, config = load_model(DEFAULT_MODEL_DIR, "cpu")
     frames = config["sample_size"] // model.pretransform.downsampling_ratio

@@ -33,8 +33,8 @@ import bench_common  # noqa: E402
 
 
 def _requests(n: int):
-    from engine.default.data import make_clips
-    from engine.engine import Request
+    from amg_engine.engine.default.data import make_clips
+    from amg_engine.engine.engine import Request
 
     clips = make_clips()
     captions = sorted({c.caption for c in clips})[:n]
@@ -97,10 +97,10 @@ class Figures:
 def measure(args: argparse.Namespace) -> Figures:
     """Warm up, then time the baseline, the engine with AMG, with plain CFG and without forward reuse
     on the same prompts and seeds; profile one AMG run."""
-    from engine.config import PRESETS
-    from engine.engine import DEFAULT_INDEX_DIR, Engine
-    from engine.models import DEFAULT_MODEL_DIR
-    from engine.reference import published_amg
+    from amg_engine.engine.config import PRESETS
+    from amg_engine.engine.engine import DEFAULT_INDEX_DIR, Engine
+    from amg_engine.engine.models import DEFAULT_MODEL_DIR
+    from amg_engine.engine.reference import published_amg
 
     cfg = PRESETS[args.preset]
     if args.steps:

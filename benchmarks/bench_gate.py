@@ -31,11 +31,11 @@ CONFIGS = (("plain CFG + gate", False), ("full AMG + gate", True))
 def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
-    from engine.config import PRESETS, with_overrides
-    from engine.engine import Engine
-    from jobs.gate import ReleaseGate
-    from jobs.generate import JobConfig, run_generate
-    from jobs.replication import caption_manifest
+    from amg_engine.engine.config import PRESETS, with_overrides
+    from amg_engine.engine.engine import Engine
+    from amg_engine.jobs.gate import ReleaseGate
+    from amg_engine.jobs.generate import JobConfig, run_generate
+    from amg_engine.jobs.replication import caption_manifest
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=32, help="the first N distinct training captions")

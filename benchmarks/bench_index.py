@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import the project's index/
+sys.path.insert(0, str(ROOT))  # benchmarks.bench_common; amg_engine comes from the install (make setup)
 
 import bench_common  # noqa: E402
 
-from index.search import ExactSearcher, FaissSearcher, faiss_gpus, recall_at  # noqa: E402
+from amg_engine.index.search import ExactSearcher, FaissSearcher, faiss_gpus, recall_at  # noqa: E402
 
 PATHS = ("exact", "exact-sharded", "faiss-flat", "faiss-ivfpq")
 

@@ -51,7 +51,7 @@ class StubEngine:
 
         import torch
 
-        from engine.config import EngineConfig, SamplerConfig
+        from amg_engine.engine.config import EngineConfig, SamplerConfig
 
         self.config = replace(EngineConfig(), sampler=SamplerConfig(steps=STEPS), batch_size=batch_size)
         self.window, self.sample_rate = 8192, 8000
@@ -73,7 +73,7 @@ class StubEngine:
         self.traces = [[step() for _ in range(STEPS)] for _ in range(1024)]  # fmt: skip
 
     def generate(self, requests):
-        from engine.engine import Generated
+        from amg_engine.engine.engine import Generated
 
         return [Generated(r, self.audio, 0.5, 0, self.traces[hash(r.id) % 1024], None) for r in requests]
 
@@ -82,7 +82,7 @@ CHILD = """
 import json, resource, shutil, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import jobs.generate as g
+import amg_engine.jobs.generate as g
 from benchmarks.bench_jobs import StubEngine, old_merge, new_merge
 mode, manifest, out, batch = sys.argv[2], sys.argv[3], Path(sys.argv[4]), int(sys.argv[5])
 use = resource.getrusage(resource.RUSAGE_SELF)
@@ -117,9 +117,9 @@ print(json.dumps(timing))
 
 
 def _plan(manifest, out, engine):
-    from jobs.generate import JobConfig, RunIds, plan_run
-    from jobs.manifest import Limits
-    from jobs.results import ResultStore
+    from amg_engine.jobs.generate import JobConfig, RunIds, plan_run
+    from amg_engine.jobs.manifest import Limits
+    from amg_engine.jobs.results import ResultStore
 
     store = ResultStore(out)
     return plan_run(manifest, store, Limits.from_engine(engine), RunIds.of(engine), JobConfig()), store
@@ -130,8 +130,8 @@ def new_merge(manifest, out, engine) -> tuple[int, float]:
     (the plan that precedes it, the same for both paths, not timed)."""
     import time
 
-    from jobs.generate import JobConfig, finish_run
-    from jobs.results import FolderLock
+    from amg_engine.jobs.generate import JobConfig, finish_run
+    from amg_engine.jobs.results import FolderLock
 
     plan, store = _plan(manifest, out, engine)
     start = time.perf_counter()
@@ -150,7 +150,7 @@ def old_merge(manifest, out, engine) -> tuple[int, float]:
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    from jobs.results import FIXED_SCHEMA, KEY, PART, error_result
+    from amg_engine.jobs.results import FIXED_SCHEMA, KEY, PART, error_result
 
     plan, store = _plan(manifest, out, engine)
     start = time.perf_counter()

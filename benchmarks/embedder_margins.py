@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.default.data import SAMPLE_RATE, clip_tensor, make_clips  # noqa: E402
-from index.embedders import EMBEDDERS, PERTURBATIONS, perturb  # noqa: E402
+from amg_engine.engine.default.data import SAMPLE_RATE, clip_tensor, make_clips  # noqa: E402
+from amg_engine.index.embedders import EMBEDDERS, PERTURBATIONS, perturb  # noqa: E402
 
 
 def main() -> int:

@@ -28,6 +28,7 @@ run stopped at any point leaves its results so far:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -101,6 +102,23 @@ def install_wheels(folder: Path) -> list[str]:
     return [w.name for w in wheels]
 
 
+def import_checkout() -> None:
+    """Make ``import amg_engine`` this checkout, installed or not (the GPU machine has no install):
+    a link named ``amg_engine`` to the repository root, in a temporary folder put first on
+    ``sys.path`` and on ``PYTHONPATH`` (for the kernel tests' subprocess)."""
+    tag = hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"amg-engine-checkout-{tag}"
+    folder.mkdir(exist_ok=True)
+    link = folder / "amg_engine"
+    if not link.is_symlink():
+        try:
+            link.symlink_to(ROOT, target_is_directory=True)
+        except FileExistsError:  # another process made it between the check and here
+            pass
+    sys.path[:0] = [str(folder), str(ROOT / "benchmarks")]
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])
+
+
 class Report:
     """The JSON document and its markdown table, rewritten after every section."""
 
@@ -140,7 +158,7 @@ class Report:
 
     def write(self) -> None:
         """Both files, each replaced whole: a check killed mid-write leaves the previous section's."""
-        from index.files import atomic_write
+        from amg_engine.index.files import atomic_write
 
         doc, table = json.dumps(self.doc, indent=1, default=str), markdown(self.doc)
         atomic_write(self.out / "gpu_check.json", lambda p: Path(p).write_text(doc))
@@ -219,7 +237,7 @@ def _nn_case(device, dtype, b: int, n: int, d: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from kernels import nn_search_ref
+    from amg_engine.kernels.nn_search import nn_search_ref
 
     g = torch.Generator(device=device).manual_seed(n + b)
     xb = F.normalize(torch.randn(n, d, generator=g, device=device), dim=1).to(dtype)  # [N, D] unit rows
@@ -250,7 +268,7 @@ def check_combine(device: str, shapes: dict) -> dict:
 def _combine_case(device, b: int, c: int, t: int, layout: str) -> dict:
     import torch
 
-    from kernels import amg_combine_ref
+    from amg_engine.kernels.guidance import amg_combine_ref
 
     g = torch.Generator(device=device).manual_seed(b)
     if layout == "contiguous":
@@ -303,8 +321,8 @@ class Sao:
     def engine(self, precision: str, compile: bool = False):
         import sao_assets
 
-        from engine.config import PRESETS
-        from engine.engine import Engine
+        from amg_engine.engine.config import PRESETS
+        from amg_engine.engine.engine import Engine
 
         key = (precision, compile)
         if key not in self.engines:
@@ -323,7 +341,7 @@ class Sao:
         return self.engines[key]
 
     def requests(self, n: int, seed: int = 0):
-        from engine.engine import Request
+        from amg_engine.engine.engine import Request
 
         caps = self.assets["captions"]
         return [Request(f"r{i}", caps[i % len(caps)], self.shapes["clip_s"], seed + i) for i in range(n)]
@@ -402,7 +420,7 @@ def dit_flops(engine, req) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.models import encode_conditioning
+    from amg_engine.engine.models import encode_conditioning
 
     m = engine.model
     with torch.no_grad():
@@ -461,7 +479,7 @@ def syncs_per_step(engine, reqs, guidance) -> float | None:
 
 
 def section_published(sao: Sao) -> dict:
-    from engine.reference import published_amg
+    from amg_engine.engine.reference import published_amg
 
     engine = sao.engine("bf16")
     req = sao.requests(1)
@@ -699,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     installed = [] if args.dry_run else install_wheels(args.wheels)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+    import_checkout()
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"

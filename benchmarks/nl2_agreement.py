@@ -31,11 +31,11 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from engine.config import PRESETS
-    from engine.engine import Engine, Request
-    from engine.guidance import lambda_t
-    from index.latent_nl2 import nl2_agreement
-    from jobs.replication import caption_manifest
+    from amg_engine.engine.config import PRESETS
+    from amg_engine.engine.engine import Engine, Request
+    from amg_engine.engine.guidance import lambda_t
+    from amg_engine.index.latent_nl2 import nl2_agreement
+    from amg_engine.jobs.replication import caption_manifest
 
     cfg = PRESETS["default-model"]
     engine = Engine(replace(cfg, guidance=replace(cfg.guidance, amg=False)))

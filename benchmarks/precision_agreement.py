@@ -41,8 +41,8 @@ import bench_common  # noqa: E402
 
 def requests(n: int):
     """The first ``n`` distinct training captions at their clip's duration, seeds 100, 101, ..."""
-    from engine.default.data import make_clips
-    from engine.engine import Request
+    from amg_engine.engine.default.data import make_clips
+    from amg_engine.engine.engine import Request
 
     clips = make_clips()
     captions = sorted({c.caption for c in clips})[:n]
@@ -53,9 +53,9 @@ def requests(n: int):
 def engines(precision: str, device: str = "cpu", steps: int | None = None, model_dir=None, index_dir=None):
     """(fp32 engine, reduced-precision engine) of the default-model preset, AMG on, no forward reuse
     (every step calls the full-batch model once, which the teacher-forced probe hooks into)."""
-    from engine.config import PRESETS
-    from engine.engine import DEFAULT_INDEX_DIR, Engine
-    from engine.models import DEFAULT_MODEL_DIR
+    from amg_engine.engine.config import PRESETS
+    from amg_engine.engine.engine import DEFAULT_INDEX_DIR, Engine
+    from amg_engine.engine.models import DEFAULT_MODEL_DIR
 
     cfg = replace(PRESETS["default-model"], device=device, reuse_forward=False)
     if steps:
@@ -94,7 +94,7 @@ def teacher_forced(e32, low, reqs) -> dict:
     Hooks e32's full-batch model call (reuse_forward is off, so it is called once per step with the
     whole batch) and runs ``low``'s model call, detector and search on the same inputs.
     """
-    from engine.guidance import search_fn
+    from amg_engine.engine.guidance import search_fn
 
     g = e32.config.guidance
     detect = low.detector([r.seconds for r in reqs], reference=False)

@@ -44,7 +44,7 @@ def write_t5(folder: Path, texts: list[str], tiny: bool) -> Path:
     """A random T5 encoder (t5-base's size, or tiny) and a word-level tokenizer, saved to ``folder``."""
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
-    from engine.default.model import build_tokenizer
+    from amg_engine.engine.default.model import build_tokenizer
 
     build_tokenizer(texts, folder)
     vocab = len(AutoTokenizer.from_pretrained(str(folder)))
@@ -56,7 +56,7 @@ def write_t5(folder: Path, texts: list[str], tiny: bool) -> Path:
 
 def model_config(t5_folder: Path, tiny: bool) -> dict:
     """SAO 1.0's config (or its tiny variant) with the prompt conditioner on the local T5 folder."""
-    from engine.sao import sao_config, tiny_sao_config
+    from amg_engine.engine.sao import sao_config, tiny_sao_config
 
     config = tiny_sao_config() if tiny else sao_config()
     config = copy.deepcopy(config)
@@ -69,7 +69,7 @@ def model_config(t5_folder: Path, tiny: bool) -> dict:
 
 def build_model(config: dict, device: str) -> torch.nn.Module:
     """The diffusion model with random weights, made on ``device`` (fast init on a GPU)."""
-    from engine.models import build_model as build
+    from amg_engine.engine.models import build_model as build
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -82,7 +82,7 @@ def build_model(config: dict, device: str) -> torch.nn.Module:
 
 def write_clap(path: Path) -> Path:
     """A random LAION-CLAP audio branch saved in the 630k-audioset-best.pt layout."""
-    from index.clap import ClapAudio
+    from amg_engine.index.clap import ClapAudio
 
     torch.manual_seed(1)
     sd = ClapAudio().state_dict()
@@ -92,10 +92,10 @@ def write_clap(path: Path) -> Path:
 
 def write_index(folder: Path, checkpoint: Path, n: int, texts: list[str]) -> Path:
     """n random unit vectors [n, 512], recorded with the CLAP checkpoint's identity."""
-    from index.clap import DIM, NAME, SAMPLE_RATE
-    from index.embedders import EmbedderInfo
-    from index.files import file_digest
-    from index.store import EmbeddingIndex
+    from amg_engine.index.clap import DIM, NAME, SAMPLE_RATE
+    from amg_engine.index.embedders import EmbedderInfo
+    from amg_engine.index.files import file_digest
+    from amg_engine.index.store import EmbeddingIndex
 
     g = torch.Generator().manual_seed(2)
     vectors = torch.nn.functional.normalize(torch.randn(n, DIM, generator=g), dim=1)
@@ -122,7 +122,7 @@ def engine_with_model(model: torch.nn.Module, config: dict):
     """Inside the block, ``Engine`` takes ``model`` (already on its device) instead of loading one: the
     model folder holds only its config (random weights are never written, 4.8 GB at SAO 1.0's size),
     so the weights-file check passes and the model's id is ``random``."""
-    from engine import engine as engine_mod
+    from amg_engine.engine import engine as engine_mod
 
     real = engine_mod.load_model, engine_mod.check_model_files, engine_mod.model_id
     engine_mod.load_model = lambda model_dir, device, trust_checkpoint=False: (model.to(device), config)

@@ -16,8 +16,8 @@ from functools import partial
 
 import torch
 
-from engine.models import Conditioning, v_denoise
-from engine.precision import Precision
+from amg_engine.engine.models import Conditioning, v_denoise
+from amg_engine.engine.precision import Precision
 
 
 def cfg_branches(

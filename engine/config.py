@@ -85,7 +85,7 @@ class SamplerConfig:
     noise: Literal["gaussian", "brownian"] = "gaussian"
 
     def __post_init__(self) -> None:
-        from engine.sampling import SAMPLERS, SCHEDULES
+        from amg_engine.engine.sampling import SAMPLERS, SCHEDULES
 
         _check(
             self.noise in ("gaussian", "brownian"), f"noise={self.noise!r}: choose 'gaussian' or 'brownian'"
@@ -117,7 +117,7 @@ class EngineConfig:
     precision: str | None = None
 
     def __post_init__(self) -> None:
-        from engine.precision import PRECISIONS
+        from amg_engine.engine.precision import PRECISIONS
 
         _check(
             isinstance(self.batch_size, int) and self.batch_size >= 1,
@@ -132,7 +132,7 @@ class EngineConfig:
     @property
     def resolved_precision(self) -> str:
         """The precision the engine runs in: the configured one, else the device's default."""
-        from engine.precision import default_precision
+        from amg_engine.engine.precision import default_precision
 
         return self.precision or default_precision(self.device)
 

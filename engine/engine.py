@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from engine.compile import compiled_branches, compiled_denoise, maybe_compile
-from engine.cond_cache import ConditioningCache
-from engine.config import EngineConfig
-from engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser, search_fn
-from engine.models import (
+from amg_engine.engine.compile import compiled_branches, compiled_denoise, maybe_compile
+from amg_engine.engine.cond_cache import ConditioningCache
+from amg_engine.engine.config import EngineConfig
+from amg_engine.engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser, search_fn
+from amg_engine.engine.models import (
     DEFAULT_MODEL_DIR,
     Conditioning,
     check_model_files,
@@ -29,10 +29,10 @@ from engine.models import (
     load_model,
     model_id,
 )
-from engine.precision import Precision
-from engine.sampling import SCHEDULES, BrownianRowNoise, RowNoise, get_sampler
-from index.clip import input_span, prepare_clips
-from index.embedders import replication_threshold
+from amg_engine.engine.precision import Precision
+from amg_engine.engine.sampling import SCHEDULES, BrownianRowNoise, RowNoise, get_sampler
+from amg_engine.index.clip import input_span, prepare_clips
+from amg_engine.index.embedders import replication_threshold
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ class Engine:
         The cheap checks come first (the index, the embedder's identity against it, the model's files),
         so bad input fails before gigabytes of weights are read.
         """
-        from index.embedders import check_embedder, load_embedder
-        from index.store import EmbeddingIndex, index_id
+        from amg_engine.index.embedders import check_embedder, load_embedder
+        from amg_engine.index.store import EmbeddingIndex, index_id
 
         self.config = config
         self.device = torch.device(config.device)
@@ -135,7 +135,7 @@ class Engine:
         return self._embed(audio, self.sample_rate, lengths)
 
     def _embed(self, audio: torch.Tensor, rate: int, lengths: torch.Tensor) -> torch.Tensor:
-        """index.clip.embed_clips with the embedder in the engine's precision: the clip is prepared in
+        """index/clip.py embed_clips with the embedder in the engine's precision: the clip is prepared in
         float32, the embedder runs under the precision's autocast, the embedding comes back float32
         (as the similarity and the gate are)."""
         e = self.embedder

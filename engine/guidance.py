@@ -33,9 +33,9 @@ from functools import partial
 import torch
 from torch.profiler import record_function
 
-from engine.compile import cfg_branches
-from engine.models import Conditioning, v_denoise
-from engine.transfer import host_read, to_device
+from amg_engine.engine.compile import cfg_branches
+from amg_engine.engine.models import Conditioning, v_denoise
+from amg_engine.engine.transfer import host_read, to_device
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,14 @@ def lambda_t(alpha_bar: torch.Tensor, lambda_min: float, lambda_max: float) -> t
 
 def combine_fn(device: torch.device) -> Callable:
     """The Triton combine on CUDA, its torch twin elsewhere (the interpreter is not a fast path)."""
-    from kernels.guidance import amg_combine, amg_combine_ref
+    from amg_engine.kernels.guidance import amg_combine, amg_combine_ref
 
     return amg_combine if device.type == "cuda" else amg_combine_ref
 
 
 def search_fn(device: torch.device) -> Callable:
     """Nearest training row per query, (sim [B], idx [B]): the fused Triton search on CUDA, else its twin."""
-    from kernels.nn_search import nn_search, nn_search_ref
+    from amg_engine.kernels.nn_search import nn_search, nn_search_ref
 
     return nn_search if device.type == "cuda" else nn_search_ref
 

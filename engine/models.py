@@ -202,7 +202,7 @@ def weights_file(model_dir: str | Path) -> Path:
 def load_weights(model_dir: Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from index.files import load_checkpoint
+    from amg_engine.index.files import load_checkpoint
 
     path = weights_file(model_dir)
     if path.suffix == ".safetensors":
@@ -214,7 +214,7 @@ def load_weights(model_dir: Path, trust_checkpoint: bool = False) -> dict[str, t
 def model_id(model_dir: str | Path) -> str:
     """``<folder name>:<first 12 hex of the weights file's sha256>`` (streamed, cached: index/files.py),
     whatever the weights file's type: part of every result's resume key."""
-    from index.files import file_digest
+    from amg_engine.index.files import file_digest
 
     return f"{Path(model_dir).resolve().name}:{file_digest(weights_file(model_dir), 12)}"
 

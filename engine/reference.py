@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.guidance import lambda_t
-from engine.models import encode_conditioning, v_denoise
-from engine.sampling import SCHEDULES, RowNoise, get_sampler
+from amg_engine.engine.guidance import lambda_t
+from amg_engine.engine.models import encode_conditioning, v_denoise
+from amg_engine.engine.sampling import SCHEDULES, RowNoise, get_sampler
 
 
 def published_amg(engine, request) -> torch.Tensor:

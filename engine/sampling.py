@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from engine.transfer import uses_pinned_memory
+from amg_engine.engine.transfer import uses_pinned_memory
 
 logger = logging.getLogger(__name__)
 

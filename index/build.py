@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from index.clip import input_span, prepare_clips
-from index.files import atomic_write, open_plan_dir
-from index.store import EmbeddingIndex
+from amg_engine.index.clip import input_span, prepare_clips
+from amg_engine.index.files import atomic_write, open_plan_dir
+from amg_engine.index.store import EmbeddingIndex
 
 log = logging.getLogger(__name__)
 

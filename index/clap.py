@@ -33,8 +33,8 @@ from types import SimpleNamespace
 
 import torch
 
-from index.clip import EmbedderInfo, embed_clips, fit_window, prepare_clips
-from index.files import file_digest, load_checkpoint
+from amg_engine.index.clip import EmbedderInfo, embed_clips, fit_window, prepare_clips
+from amg_engine.index.files import file_digest, load_checkpoint
 
 log = logging.getLogger(__name__)
 

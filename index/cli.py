@@ -50,18 +50,18 @@ def register(subparsers) -> None:
 def make_embedder(name: str, checkpoint: Path | None, trust_checkpoint: bool = False):
     """The embedder the ``--embedder`` flag names."""
     if name == "mel":
-        from index.embedders import MelEmbedder
+        from amg_engine.index.embedders import MelEmbedder
 
         return MelEmbedder()
     if checkpoint is None:
         raise ValueError("--embedder clap needs --checkpoint PATH (a local 630k-audioset-best.pt)")
-    from index.clap import ClapEmbedder
+    from amg_engine.index.clap import ClapEmbedder
 
     return ClapEmbedder(checkpoint, trust_checkpoint=trust_checkpoint)
 
 
 def cmd_build(args) -> int:
-    from index.build import build_index_resumable, clips_from_source
+    from amg_engine.index.build import build_index_resumable, clips_from_source
 
     clips = clips_from_source(args.source)
     embedder = make_embedder(args.embedder, args.checkpoint, args.trust_checkpoint).to(args.device)
@@ -74,7 +74,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from index.store import EmbeddingIndex
+    from amg_engine.index.store import EmbeddingIndex
 
     index = EmbeddingIndex.load(args.index)
     e = index.embedder
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m index.cli``); ``amg index`` (jobs/cli.py) is the same commands."""
+    """Standalone entry (``python -m amg_engine.index.cli``); ``amg index`` (jobs/cli.py) is the same."""
     import logging
 
     args = build_parser().parse_args(argv)

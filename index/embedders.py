@@ -20,9 +20,9 @@ from typing import Protocol
 import torch
 import torchaudio
 
-from index.clap import REPLICATION_THRESHOLD as CLAP_REPLICATION_THRESHOLD
-from index.clip import EmbedderInfo, embed_clips, input_span
-from index.files import file_digest
+from amg_engine.index.clap import REPLICATION_THRESHOLD as CLAP_REPLICATION_THRESHOLD
+from amg_engine.index.clip import EmbedderInfo, embed_clips, input_span
+from amg_engine.index.files import file_digest
 
 __all__ = [
     "EMBEDDERS", "Embedder", "EmbedderInfo", "EmbedderKind", "EmbedderMismatch", "MelEmbedder",
@@ -131,13 +131,13 @@ class MelEmbedder(torch.nn.Module):
 
 
 def _clap(checkpoint: Path | None, trust_checkpoint: bool) -> Embedder:
-    from index.clap import ClapEmbedder
+    from amg_engine.index.clap import ClapEmbedder
 
     return ClapEmbedder(checkpoint, trust_checkpoint=trust_checkpoint)
 
 
 def _clap_info(checkpoint: Path) -> EmbedderInfo:
-    from index.clap import DIM, NAME, SAMPLE_RATE
+    from amg_engine.index.clap import DIM, NAME, SAMPLE_RATE
 
     return EmbedderInfo(NAME, SAMPLE_RATE, DIM, file_digest(checkpoint))
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from index.clip import EmbedderInfo
-from index.embedders import EmbedderMismatch
-from index.files import atomic_write, file_digest
+from amg_engine.index.clip import EmbedderInfo
+from amg_engine.index.embedders import EmbedderMismatch
+from amg_engine.index.files import atomic_write, file_digest
 
 __all__ = ["EmbedderMismatch", "EmbeddingIndex", "build_index", "index_id"]
 
@@ -67,7 +67,7 @@ class EmbeddingIndex:
 
     def searcher(self, config=None):
         """A :class:`index.search.Searcher` over this index (exact or FAISS, see SearchConfig)."""
-        from index.search import SearchConfig, make_searcher
+        from amg_engine.index.search import SearchConfig, make_searcher
 
         return make_searcher(self, config or SearchConfig())
 

@@ -96,13 +96,13 @@ class PromptSet:
 
 
 def _captions(path: Path) -> Path:
-    from jobs.replication import caption_manifest
+    from amg_engine.jobs.replication import caption_manifest
 
     return caption_manifest(path)
 
 
 def _novel(path: Path) -> Path:
-    from engine.default.heldout import novel_manifest
+    from amg_engine.engine.default.heldout import novel_manifest
 
     return novel_manifest(path)
 
@@ -115,7 +115,7 @@ ATTRIBUTE_COLUMNS = ("tempo", "pitch", "instrument")  # engine.default.attribute
 
 def ambient_model_dir() -> Path:
     """Where the bundled Ambient Diffusion variant of the default model lives (may be absent)."""
-    from engine.models import DEFAULT_MODEL_DIR
+    from amg_engine.engine.models import DEFAULT_MODEL_DIR
 
     return DEFAULT_MODEL_DIR.parent / "model-ambient"
 
@@ -124,7 +124,7 @@ def row_config(row: Row, preset: str = "default-model", steps: int | None = None
     """The engine configuration of a row: the preset with the row's terms switched off."""
     from dataclasses import replace
 
-    from engine.config import PRESETS, with_overrides
+    from amg_engine.engine.config import PRESETS, with_overrides
 
     base = PRESETS[preset]
     g = base.guidance
@@ -152,12 +152,12 @@ def run_row(
     """Generate and audit one row on one block of prompts -> its table entry."""
     import pyarrow.parquet as pq
 
-    from engine.default.heldout import HELDOUT_INDEX_DIR
-    from engine.engine import DEFAULT_INDEX_DIR, Engine
-    from jobs.adherence import pooled_share
-    from jobs.audit import AuditConfig, run_audit
-    from jobs.gate import ReleaseGate
-    from jobs.generate import JobConfig, run_generate
+    from amg_engine.engine.default.heldout import HELDOUT_INDEX_DIR
+    from amg_engine.engine.engine import DEFAULT_INDEX_DIR, Engine
+    from amg_engine.jobs.adherence import pooled_share
+    from amg_engine.jobs.audit import AuditConfig, run_audit
+    from amg_engine.jobs.gate import ReleaseGate
+    from amg_engine.jobs.generate import JobConfig, run_generate
 
     run_dir = out / block / slug(row.name)
     engine = Engine(row_config(row, steps=steps), model_dirs[row.model], DEFAULT_INDEX_DIR)
@@ -209,7 +209,7 @@ def release_cost(results: Path) -> dict:
 
 def family_adherence(prompts, nearest_captions, status) -> float:
     """Share of ok rows whose nearest training clip is of the prompt's family."""
-    from engine.default.data import family
+    from amg_engine.engine.default.data import family
 
     pairs = [(p, c) for p, c, s in zip(prompts, nearest_captions, status, strict=True) if s == "ok"]
     return sum(family(p) == family(c) for p, c in pairs) / max(1, len(pairs))
@@ -218,9 +218,9 @@ def family_adherence(prompts, nearest_captions, status) -> float:
 def estimator_accuracy() -> dict:
     """Each estimator's accuracy on the training and the held-out clips, and the headline attributes
     (held-out accuracy ≥ HEADLINE_BAR)."""
-    from engine.default.attributes import ATTRIBUTES, accuracy
-    from engine.default.data import make_clips
-    from engine.default.heldout import make_heldout_clips
+    from amg_engine.engine.default.attributes import ATTRIBUTES, accuracy
+    from amg_engine.engine.default.data import make_clips
+    from amg_engine.engine.default.heldout import make_heldout_clips
 
     acc = {"training": accuracy(make_clips()), "heldout": accuracy(make_heldout_clips())}
     table = {s: {a: {k: v[a][k] for k in ("n", "hits", "accuracy", "misses")} for a in ATTRIBUTES}
@@ -257,7 +257,7 @@ def run_ablation(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engine.models import DEFAULT_MODEL_DIR
+    from amg_engine.engine.models import DEFAULT_MODEL_DIR
 
     out = Path(out)
     model_dirs = {"default": DEFAULT_MODEL_DIR}
@@ -426,17 +426,17 @@ def add_ablate_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def main(argv: list[str] | None = None) -> int:  # `python -m jobs.ablate`: `amg ablate`'s flags
+def main(argv: list[str] | None = None) -> int:  # `python -m amg_engine.jobs.ablate`: `amg ablate`'s flags
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m jobs.ablate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m amg_engine.jobs.ablate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_ablate_arguments(p)
     try:
         return cmd_ablate(p.parse_args(argv))
     except ValueError as e:  # bad input, as `amg ablate` reports it
-        print(f"python -m jobs.ablate: error: {e}", file=sys.stderr)
+        print(f"python -m amg_engine.jobs.ablate: error: {e}", file=sys.stderr)
         return 2
 
 

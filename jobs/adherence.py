@@ -39,7 +39,7 @@ def _row(item, target) -> dict:
     """One file's checks (an unreadable file: status error, no hits)."""
     import soundfile as sf
 
-    from engine.default.attributes import check
+    from amg_engine.engine.default.attributes import check
 
     row = {"id": item.id, "prompt": item.prompt, "family": target.family, "asked": list(target.asked()),
            "status": "ok", "error": None, "target_bpm": target.bpm, "target_instrument": target.instrument,
@@ -63,8 +63,8 @@ def attribute_rows(items: Sequence, out_dir: Path, progress: bool = True):
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from engine.default.attributes import parse_prompt
-    from index.files import atomic_write
+    from amg_engine.engine.default.attributes import parse_prompt
+    from amg_engine.index.files import atomic_write
 
     todo = [(it, t) for it in items if (t := parse_prompt(it.prompt)) is not None]
     if not todo:
@@ -82,7 +82,7 @@ def adherence_summary(table) -> dict | None:
     """Per attribute (and "all", pooled): n checks, hits and their share, over ok rows; None for no table."""
     if table is None:
         return None
-    from engine.default.attributes import ATTRIBUTES
+    from amg_engine.engine.default.attributes import ATTRIBUTES
 
     cols = table.to_pydict()
     ok = [i for i, s in enumerate(cols["status"]) if s == "ok"]

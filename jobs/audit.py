@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from index.build import clips_from_folder, read_clip
-from index.distances import Moments, fad, kad
-from index.files import atomic_write, fsync_replace, open_plan_dir
-from index.search import SearchConfig, make_searcher
-from index.store import EmbeddingIndex
+from amg_engine.index.build import clips_from_folder, read_clip
+from amg_engine.index.distances import Moments, fad, kad
+from amg_engine.index.files import atomic_write, fsync_replace, open_plan_dir
+from amg_engine.index.search import SearchConfig, make_searcher
+from amg_engine.index.store import EmbeddingIndex
 
 log = logging.getLogger(__name__)
 
@@ -455,8 +455,8 @@ def run_audit(
     The inputs are checked (index, embedder and checkpoint, reference and held-out indexes, source)
     before anything is written: bad input leaves ``out_dir`` untouched.
     """
-    from index.embedders import load_embedder
-    from jobs.report import write_report
+    from amg_engine.index.embedders import load_embedder
+    from amg_engine.jobs.report import write_report
 
     out_dir = Path(out_dir)
     index = EmbeddingIndex.load(index_dir)
@@ -469,7 +469,7 @@ def run_audit(
     parts = embed_all(items, index, embedder, out_dir, config, text_embedder, progress, restart)
     summary = aggregate(parts, index, out_dir, config, thresholds_for(config, embedder), reference, heldout)
     if config.attributes:
-        from jobs.adherence import adherence_summary, attribute_rows
+        from amg_engine.jobs.adherence import adherence_summary, attribute_rows
 
         summary.adherence = adherence_summary(attribute_rows(items, out_dir, progress))
     atomic_write(out_dir / "summary.json", lambda p: Path(p).write_text(summary.to_json()))
@@ -490,7 +490,7 @@ def _train_paths(train_audio: str | Path | None) -> dict[str, Path]:
     """Training clip id -> audio file, from a training manifest or folder (for the report's players)."""
     if train_audio is None:
         return {}
-    from index.build import clips_from_source
+    from amg_engine.index.build import clips_from_source
 
     return {c.id: c.path for c in clips_from_source(train_audio)}
 

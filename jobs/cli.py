@@ -34,8 +34,8 @@ INDEX_THRESHOLD = object()  # `--max-similarity` without a value: the index embe
 
 
 def _add_generate_flags(p: argparse.ArgumentParser) -> None:
-    from engine.config import PRESETS
-    from engine.precision import PRECISIONS
+    from amg_engine.engine.config import PRESETS
+    from amg_engine.engine.precision import PRECISIONS
 
     p.add_argument("--out", type=Path, required=True, help="output folder (audio/ and results.parquet)")
     p.add_argument(
@@ -138,7 +138,7 @@ def _add_trust_flag(p: argparse.ArgumentParser) -> None:
 def _engine_config(args):
     from dataclasses import replace
 
-    from engine.config import PRESETS, with_overrides
+    from amg_engine.engine.config import PRESETS, with_overrides
 
     cfg = with_overrides(
         PRESETS[args.preset], amg=False if args.no_amg else None, mode=args.mode, cfg_scale=args.cfg_scale,
@@ -156,7 +156,7 @@ def _engine_config(args):
 
 def _gate(args):
     """The release gate of ``--max-similarity [TAU] --max-attempts N --escalate F``, or None."""
-    from jobs.gate import ReleaseGate
+    from amg_engine.jobs.gate import ReleaseGate
 
     if args.max_similarity is None:
         if args.max_attempts is not None or args.escalate is not None:
@@ -169,9 +169,9 @@ def _gate(args):
 
 
 def cmd_generate(args) -> int:
-    from engine.engine import DEFAULT_INDEX_DIR, Engine
-    from engine.models import DEFAULT_MODEL_DIR
-    from jobs.generate import JobConfig, Shard, run_generate
+    from amg_engine.engine.engine import DEFAULT_INDEX_DIR, Engine
+    from amg_engine.engine.models import DEFAULT_MODEL_DIR
+    from amg_engine.jobs.generate import JobConfig, Shard, run_generate
 
     job = JobConfig(
         args.format, args.retry_failed, Shard.parse(args.shard), not args.quiet, args.max_failed_batches,
@@ -180,7 +180,7 @@ def cmd_generate(args) -> int:
     model, index = args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR
     checkpoint, trust = args.embedder_checkpoint, args.trust_checkpoint
     if args.engine == "ray":
-        from jobs.ray_run import EngineSpec, RayOptions, import_ray, run_generate_ray
+        from amg_engine.jobs.ray_run import EngineSpec, RayOptions, import_ray, run_generate_ray
 
         opts = RayOptions(
             args.ray_address, args.ray_actors, args.ray_cpus_per_actor, args.ray_gpus_per_actor, args.device
@@ -198,14 +198,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from engine.engine import DEFAULT_INDEX_DIR
-    from index.search import SearchConfig
-    from jobs.audit import AuditConfig, format_summary, run_audit
+    from amg_engine.engine.engine import DEFAULT_INDEX_DIR
+    from amg_engine.index.search import SearchConfig
+    from amg_engine.jobs.audit import AuditConfig, format_summary, run_audit
 
     index = args.index or DEFAULT_INDEX_DIR
     train_audio, heldout = args.train_audio, args.heldout_index
     if args.index is None:  # the bundled index: its training clips and held-out set ship too
-        from engine.default.heldout import HELDOUT_INDEX_DIR
+        from amg_engine.engine.default.heldout import HELDOUT_INDEX_DIR
 
         train_audio = train_audio or DEFAULT_INDEX_DIR.parent / "train" / "train.parquet"
         heldout = heldout or HELDOUT_INDEX_DIR
@@ -226,7 +226,7 @@ def cmd_audit(args) -> int:
 
 def _clap_text(args):
     """CLAP text embeddings from the local checkpoint plus a local RoBERTa config/tokenizer folder."""
-    from index.clap import ClapEmbedder
+    from amg_engine.index.clap import ClapEmbedder
 
     if args.embedder_checkpoint is None:
         raise ValueError("--clap-text-encoder needs --embedder-checkpoint (the CLAP checkpoint)")
@@ -303,23 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run `generate` on the bundled example manifest")
     _add_generate_flags(demo)
     demo.set_defaults(func=cmd_generate, manifest=EXAMPLE_MANIFEST)
-    from index.cli import register
+    from amg_engine.index.cli import register
 
     idx = sub.add_parser("index", help="build or inspect a training-set embedding index")
     register(idx.add_subparsers(dest="index_command", required=True))
     audit = sub.add_parser("audit", help="audit audio files for replication of the training set")
     _add_audit_flags(audit)
     audit.set_defaults(func=cmd_audit)
-    from jobs.ablate import register_ablate
+    from amg_engine.jobs.ablate import register_ablate
 
     register_ablate(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.manifest import ManifestError
-    from jobs.ray_run import RayUnavailable
-    from jobs.runner import CircuitOpen
+    from amg_engine.jobs.manifest import ManifestError
+    from amg_engine.jobs.ray_run import RayUnavailable
+    from amg_engine.jobs.runner import CircuitOpen
 
     args = build_parser().parse_args(argv)
     root = logging.getLogger()

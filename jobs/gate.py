@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from engine.config import EngineConfig
+from amg_engine.engine.config import EngineConfig
 
 SIMILARITY_RANGE = (-1.0, 1.0)  # cosine similarity of unit embeddings, every embedder's output
 

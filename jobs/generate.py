@@ -39,11 +39,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from engine.config import EngineConfig
-from jobs.gate import ReleaseGate, RetryQueue, schedule
-from jobs.manifest import Limits, Overrides, Row, read_manifest, validate
-from jobs.merge import ResultsWriter, RowReader, compact, matching, newest, write_results
-from jobs.results import (
+from amg_engine.engine.config import EngineConfig
+from amg_engine.jobs.gate import ReleaseGate, RetryQueue, schedule
+from amg_engine.jobs.manifest import Limits, Overrides, Row, read_manifest, validate
+from amg_engine.jobs.merge import ResultsWriter, RowReader, compact, matching, newest, write_results
+from amg_engine.jobs.results import (
     AUDIO_IDENTITY,
     KEY,
     FolderLock,
@@ -52,7 +52,7 @@ from jobs.results import (
     result_schema,
     same_audio,
 )
-from jobs.runner import AUDIO_FORMATS, BatchRunner, CircuitBreaker, CircuitOpen
+from amg_engine.jobs.runner import AUDIO_FORMATS, BatchRunner, CircuitBreaker, CircuitOpen
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def run_log(path: Path) -> Iterator[None]:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(n) for n in ("jobs", "engine", "index")]
+    loggers = [logging.getLogger("amg_engine")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.addHandler(handler)

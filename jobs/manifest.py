@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engine.config import EngineConfig, with_overrides
+from amg_engine.engine.config import EngineConfig, with_overrides
 
 REQUIRED = ("id", "prompt")
 OVERRIDES = ("cfg_scale", "steps", "sampler", "c1", "c2", "c3", "negative_prompt")
@@ -127,7 +127,7 @@ def read_manifest(path: str | Path):
     """The manifest as a ``pyarrow.Table``, its columns checked (see the module docstring)."""
     import pyarrow.parquet as pq
 
-    from jobs.results import RESERVED
+    from amg_engine.jobs.results import RESERVED
 
     path = Path(path)
     if not path.exists():

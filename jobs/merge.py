@@ -34,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from index.files import fsync_replace
-from jobs.results import (
+from amg_engine.index.files import fsync_replace
+from amg_engine.jobs.results import (
     FIXED_SCHEMA,
     KEY,
     ResultStore,

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from engine.config import EngineConfig
-from jobs.generate import (
+from amg_engine.engine.config import EngineConfig
+from amg_engine.jobs.generate import (
     JobConfig,
     Plan,
     RunIds,
@@ -52,9 +52,9 @@ from jobs.generate import (
     run_and_finish,
     run_log,
 )
-from jobs.manifest import Limits
-from jobs.results import ResultStore
-from jobs.runner import BatchOutcome, CircuitBreaker
+from amg_engine.jobs.manifest import Limits
+from amg_engine.jobs.results import ResultStore
+from amg_engine.jobs.runner import BatchOutcome, CircuitBreaker
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +95,14 @@ class EngineSpec:
     trust_checkpoint: bool = False
 
     def __post_init__(self) -> None:
-        from engine.models import check_model_files
-        from index.embedders import check_embedder
+        from amg_engine.engine.models import check_model_files
+        from amg_engine.index.embedders import check_embedder
 
         check_model_files(self.model_dir)
         check_embedder(self.embedder_info(), self.embedder_checkpoint)
 
     def embedder_info(self):
-        from index.clip import EmbedderInfo
+        from amg_engine.index.clip import EmbedderInfo
 
         path = Path(self.index_dir) / "embedder.json"
         if not path.is_file():
@@ -110,7 +110,7 @@ class EngineSpec:
         return EmbedderInfo(**json.loads(path.read_text()))
 
     def load(self):
-        from engine.engine import Engine
+        from amg_engine.engine.engine import Engine
 
         return Engine(
             self.config, self.model_dir, self.index_dir, self.embedder_checkpoint, self.trust_checkpoint
@@ -122,9 +122,9 @@ class EngineSpec:
 
     def ids(self) -> RunIds:
         """The ids and threshold an :class:`engine.engine.Engine` of this spec has (actors check them)."""
-        from engine.models import model_id
-        from index.embedders import replication_threshold
-        from index.store import index_id
+        from amg_engine.engine.models import model_id
+        from amg_engine.index.embedders import replication_threshold
+        from amg_engine.index.store import index_id
 
         threshold = replication_threshold(self.embedder_info())
         return RunIds(model_id(self.model_dir), index_id(self.index_dir), threshold)
@@ -154,7 +154,7 @@ class GenerateActor:
                  ids: RunIds) -> None:  # fmt: skip
         import ray
 
-        from jobs.runner import BatchRunner
+        from amg_engine.jobs.runner import BatchRunner
 
         self._log = run_log(Path(out_dir) / "run.log")
         self._log.__enter__()  # for the actor's lifetime

@@ -1,6 +1,6 @@
 """Does the default model replay its training clips, and does AMG stop it? One command, one table.
 
-    python -m jobs.replication --out out/replication
+    python -m amg_engine.jobs.replication --out out/replication
 
 Generates every distinct training caption of the embedded default model (seeds 100, 101, ...) with
 ``--no-amg`` and with AMG (preset ``default-model``), then prints, for each run: how many outputs
@@ -24,7 +24,7 @@ def caption_manifest(path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engine.default.data import make_clips
+    from amg_engine.engine.default.data import make_clips
 
     clips = make_clips()
     captions = sorted({c.caption for c in clips})
@@ -41,8 +41,8 @@ def own_clip_similarity(results, out_dir: Path) -> np.ndarray:
     import soundfile as sf
     import torch
 
-    from engine.default.data import SAMPLE_RATE, WINDOW, make_clips
-    from index.embedders import MelEmbedder
+    from amg_engine.engine.default.data import SAMPLE_RATE, WINDOW, make_clips
+    from amg_engine.index.embedders import MelEmbedder
 
     clips, emb = make_clips(), MelEmbedder()
     train = torch.zeros(len(clips), 1, WINDOW)
@@ -95,9 +95,9 @@ def run_replication(out: Path, progress: bool = False) -> tuple[dict[str, dict],
 
     import pyarrow.parquet as pq
 
-    from engine.config import PRESETS, with_overrides
-    from engine.engine import Engine
-    from jobs.generate import JobConfig, run_generate
+    from amg_engine.engine.config import PRESETS, with_overrides
+    from amg_engine.engine.engine import Engine
+    from amg_engine.jobs.generate import JobConfig, run_generate
 
     manifest = caption_manifest(out / "captions.parquet")
     table, families = {}, []
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def by_family(results, out_dir: Path) -> list[str]:
     """One line per family of prompt (drum loop, pad, arpeggio, texture)."""
-    from engine.default.data import FAMILIES, family
+    from amg_engine.engine.default.data import FAMILIES, family
 
     own = own_clip_similarity(results, out_dir)
     lines = []

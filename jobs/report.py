@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.files import atomic_write
+from amg_engine.index.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -96,7 +96,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from index.files import atomic_write, fsync_dir, fsync_file, sha256_stream
+from amg_engine.index.files import atomic_write, fsync_dir, fsync_file, sha256_stream
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from engine.config import EngineConfig
-from jobs.gate import ReleaseGate, attempt_of
-from jobs.manifest import Limits, Overrides, Row, check_row, token_problem
-from jobs.results import ResultStore, base_result, decode_audio, encode_audio, error_result, now, write_audio
+from amg_engine.engine.config import EngineConfig
+from amg_engine.jobs.gate import ReleaseGate, attempt_of
+from amg_engine.jobs.manifest import Limits, Overrides, Row, check_row, token_problem
+from amg_engine.jobs.results import (
+    ResultStore,
+    base_result,
+    decode_audio,
+    encode_audio,
+    error_result,
+    now,
+    write_audio,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +164,7 @@ class BatchRunner:
                   priors: dict[int, dict | None] | None = None):  # fmt: skip
         """-> (result rows, the engine's error as "Type: message" if it raised on the group, else None).
         Under a release gate the rows share their attempt's c3 scale (run_batch groups them so)."""
-        from engine.engine import Request
+        from amg_engine.engine.engine import Request
 
         gate, priors = self.gate, priors or {}
         attempts = [attempt_of(priors.get(r.index)) for r in rows]
@@ -252,7 +260,7 @@ class BatchRunner:
         import numpy as np
         import torch
 
-        from engine.engine import FINAL_DECODE_ROWS
+        from amg_engine.engine.engine import FINAL_DECODE_ROWS
 
         outs, ok = list(outs), [k for k, g in enumerate(outs) if not g.error]
         rate = self.engine.sample_rate

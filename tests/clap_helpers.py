@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from index.clap import _laion_clap
+from amg_engine.index.clap import _laion_clap
 
 
 def tiny_roberta():

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from engine.config import EngineConfig, GuidanceConfig, SamplerConfig
+from amg_engine.engine.config import EngineConfig, GuidanceConfig, SamplerConfig
 
 PROMPTS = [
     "An acoustic drum loop, 90 bpm",
@@ -41,11 +41,11 @@ def make_tiny_assets(root: Path) -> Path:
     """
     from stable_audio_tools.models.factory import create_model_from_config
 
-    from engine.default.data import write_dataset
-    from engine.default.model import build_tokenizer, model_config
-    from engine.models import save_model
-    from index.build import build_from_manifest
-    from index.embedders import MelEmbedder
+    from amg_engine.engine.default.data import write_dataset
+    from amg_engine.engine.default.model import build_tokenizer, model_config
+    from amg_engine.engine.models import save_model
+    from amg_engine.index.build import build_from_manifest
+    from amg_engine.index.embedders import MelEmbedder
 
     manifest = write_dataset(root / "train")
     captions = pq.read_table(manifest).column("caption").to_pylist()
@@ -148,7 +148,7 @@ class FakeEngine:
         self.configs: list[EngineConfig] = []  # the configuration each call ran with
 
     def generate(self, requests):
-        from engine.engine import Generated
+        from amg_engine.engine.engine import Generated
 
         ids = [r.id for r in requests]
         self.calls.append(ids)
@@ -230,7 +230,7 @@ class FakeSpec:
         return 8192 / 8000
 
     def ids(self):
-        from jobs.generate import RunIds
+        from amg_engine.jobs.generate import RunIds
 
         return RunIds("fake:000000000000", "fake-index:000000000000", 0.9)
 

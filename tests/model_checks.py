@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.models import encode_conditioning, v_denoise
+from amg_engine.engine.models import encode_conditioning, v_denoise
 
 OUTPUT_RTOL = 1e-5  # relative to max |x0|; see the module docstring
 

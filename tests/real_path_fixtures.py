@@ -68,15 +68,15 @@ def write_t5_folder(folder: Path, words: list[str], seed: int = 0) -> None:
 
 
 def caption_words() -> list[str]:
-    from engine.default.model import words
+    from amg_engine.engine.default.model import words
 
     return sorted({w for *_, caption in TRAIN for w in words(caption)} | {"a", "drum", "loop", "pad"})
 
 
 def write_sao_model(model_dir: Path, t5_folder: Path, seed: int = 1) -> torch.nn.Module:
     """The SAO 1.0 architecture with a T5 prompt conditioner read from ``model_dir/t5``."""
-    from engine.models import build_model, save_model
-    from engine.sao import tiny_sao_config
+    from amg_engine.engine.models import build_model, save_model
+    from amg_engine.engine.sao import tiny_sao_config
 
     shutil.copytree(t5_folder, model_dir / "t5")
     config = tiny_sao_config(sample_size=2097152, t5_dir="t5")

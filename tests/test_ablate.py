@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.config import PRESETS
-from engine.default.attributes import ATTRIBUTES
-from engine.default.heldout import HELDOUT_INDEX_DIR
-from engine.models import DEFAULT_MODEL_DIR
-from index.distances import Moments, fad, kad
-from index.store import EmbeddingIndex
-from jobs.ablate import (
+from amg_engine.engine.config import PRESETS
+from amg_engine.engine.default.attributes import ATTRIBUTES
+from amg_engine.engine.default.heldout import HELDOUT_INDEX_DIR
+from amg_engine.engine.models import DEFAULT_MODEL_DIR
+from amg_engine.index.distances import Moments, fad, kad
+from amg_engine.index.store import EmbeddingIndex
+from amg_engine.jobs.ablate import (
     AMBIENT_ROWS,
     ATTRIBUTE_COLUMNS,
     PROMPT_SETS,
@@ -137,7 +137,7 @@ def _check_new_columns(r, audit_dir, table):
 
 
 def test_compare_model_flag_needs_name_and_folder(tmp_path, capsys):
-    from jobs.cli import main
+    from amg_engine.jobs.cli import main
 
     assert main(["ablate", "--out", str(tmp_path), "--compare-model", "nofolder"]) == 2
     assert "NAME=MODEL_DIR" in capsys.readouterr().err
@@ -160,7 +160,7 @@ def test_retained_is_relative_to_the_baseline_of_the_same_block():
 
 
 def test_an_unknown_row_is_named_and_nothing_is_written(tmp_path, capsys):
-    from jobs.cli import main
+    from amg_engine.jobs.cli import main
 
     out = tmp_path / "ablation"
     assert main(["ablate", "--out", str(out), "--no-ambient", "--rows", "full-amg-gate", "nope"]) == 2
@@ -171,9 +171,9 @@ def test_an_unknown_row_is_named_and_nothing_is_written(tmp_path, capsys):
 def test_a_gate_row_that_releases_nothing_is_a_row_of_its_own(tmp_path, monkeypatch):
     """Every prompt rejected (τ just above −1, one attempt): the row has n = 0, no audit figures, all
     rejected, and the table goes on."""
-    import jobs.gate
-    from jobs.ablate import GATE_ROWS, run_row
-    from jobs.replication import caption_manifest
+    from amg_engine import jobs
+    from amg_engine.jobs.ablate import GATE_ROWS, run_row
+    from amg_engine.jobs.replication import caption_manifest
 
     real = jobs.gate.ReleaseGate
     monkeypatch.setattr(jobs.gate, "ReleaseGate", lambda: real(-0.99, 1))

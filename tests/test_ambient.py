@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from engine.default.ambient import ambient_v_loss, noisy_copies
-from engine.default.model import build_tokenizer, model_config
-from engine.default.train import train_step
+from amg_engine.engine.default.ambient import ambient_v_loss, noisy_copies
+from amg_engine.engine.default.model import build_tokenizer, model_config
+from amg_engine.engine.default.train import train_step
 
 B, C, T = 16, 4, 8
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.default import attributes as A
-from engine.default.data import SAMPLE_RATE, TRAIN_SPECS, Spec, make_clips, normalise, render
-from engine.default.heldout import make_heldout_clips
+from amg_engine.engine.default import attributes as A
+from amg_engine.engine.default.data import SAMPLE_RATE, TRAIN_SPECS, Spec, make_clips, normalise, render
+from amg_engine.engine.default.heldout import make_heldout_clips
 
 
 def audio(spec: Spec) -> np.ndarray:

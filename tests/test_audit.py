@@ -16,10 +16,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from engine.engine import DEFAULT_INDEX_DIR
-from index.store import EmbeddingIndex
-from jobs import audit as audit_mod
-from jobs.audit import AuditConfig, items_from_source, run_audit, similarity_stats
+from amg_engine.engine.engine import DEFAULT_INDEX_DIR
+from amg_engine.index.store import EmbeddingIndex
+from amg_engine.jobs import audit as audit_mod
+from amg_engine.jobs.audit import AuditConfig, items_from_source, run_audit, similarity_stats
 
 TRAIN = DEFAULT_INDEX_DIR.parent / "train"
 
@@ -191,7 +191,7 @@ def test_report_is_self_contained_with_playable_pairs(folder, tmp_path):
 
 
 def test_pair_spectrograms_share_one_time_axis():
-    from jobs.report import pair_figure
+    from amg_engine.jobs.report import pair_figure
 
     sr = 8000
     t = np.arange(sr) / sr
@@ -213,7 +213,7 @@ def _mismatched(folder: Path) -> Path:
 
 
 def test_attribute_adherence_is_checked_per_file_and_summed_per_attribute(folder, tmp_path):
-    from engine.default.attributes import ATTRIBUTES, parse_prompt
+    from amg_engine.engine.default.attributes import ATTRIBUTES, parse_prompt
 
     summary = _run(_mismatched(folder), tmp_path / "out")
     rows = pq.read_table(tmp_path / "out" / "attributes.parquet").to_pylist()
@@ -234,7 +234,7 @@ def test_attribute_adherence_is_checked_per_file_and_summed_per_attribute(folder
 
 
 def test_heldout_fad_is_the_fad_against_that_index(folder, tmp_path):
-    from engine.default.heldout import HELDOUT_INDEX_DIR
+    from amg_engine.engine.default.heldout import HELDOUT_INDEX_DIR
 
     cfg = AuditConfig(batch_size=4, pairs=1, attributes=False)
     both = run_audit(folder, DEFAULT_INDEX_DIR, tmp_path / "a", cfg, heldout_dir=HELDOUT_INDEX_DIR,
@@ -262,6 +262,7 @@ def _chromium() -> dict:
     return spec
 
 
+@pytest.mark.integration
 def test_report_renders_in_headless_chromium(folder, tmp_path):
     """The report opens offline in a real browser: it renders, the players, the histogram and the pairs'
     spectrograms load, and the console shows no error."""
@@ -325,7 +326,7 @@ def test_a_search_that_finds_no_neighbour_is_not_the_last_clip(folder, tmp_path,
     """FAISS answers -1 (with similarity -3.4e38) where an approximate index finds fewer than k: those
     slots are dropped, and a file with none at all has no nearest clip and no similarity, instead of
     "the last training clip at -3.4e38"; the statistics leave it out and count it."""
-    from index.search import SearchResult
+    from amg_engine.index.search import SearchResult
 
     class Sparse:  # finds one neighbour for the first file of a batch, none for the others
         def __init__(self, index, config):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from index.distances import KAD_SCALE, Moments, fad, frechet_distance, kad
+from amg_engine.index.distances import KAD_SCALE, Moments, fad, frechet_distance, kad
 
 
 def test_frechet_distance_of_diagonal_gaussians_is_closed_form():

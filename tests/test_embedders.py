@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.default.data import SAMPLE_RATE, WINDOW, clip_tensor, make_clips
-from index.embedders import PERTURBATIONS, MelEmbedder, perturb
+from amg_engine.engine.default.data import SAMPLE_RATE, WINDOW, clip_tensor, make_clips
+from amg_engine.index.embedders import PERTURBATIONS, MelEmbedder, perturb
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_silence_is_not_similar_to_anything(clips_and_embeddings):
 
 
 def test_v1_stays_loadable_with_its_old_identity():
-    from index.embedders import EMBEDDERS
+    from amg_engine.index.embedders import EMBEDDERS
 
     v1 = EMBEDDERS["mel-pattern-v1"].build(None, False)
     assert v1.info.name == "mel-pattern-v1" and v1.info.checkpoint_hash == "5bde411ecc4b42a4"

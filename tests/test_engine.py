@@ -13,10 +13,10 @@ import torch
 from jobs_helpers import PROMPTS as BASE_PROMPTS
 from jobs_helpers import assert_gates_are_clear
 
-from engine.cond_cache import ConditioningCache
-from engine.config import EngineConfig, GuidanceConfig, SamplerConfig
-from engine.engine import Engine, Request
-from engine.reference import published_amg
+from amg_engine.engine.cond_cache import ConditioningCache
+from amg_engine.engine.config import EngineConfig, GuidanceConfig, SamplerConfig
+from amg_engine.engine.engine import Engine, Request
+from amg_engine.engine.reference import published_amg
 
 PROMPTS = [*BASE_PROMPTS, "A bright synth pad playing a G major chord", "An acoustic drum loop, 120 bpm"]
 
@@ -108,6 +108,7 @@ def test_generate_returns_trimmed_audio_and_traces(assets):
         assert -1 <= g.final_similarity <= 1 and 0 <= g.neighbour < len(engine.index)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sampler", ["dpmpp-3m-sde", "dpmpp-2m"])
 def test_no_amg_equals_stable_audio_tools_generate(assets, sampler):
     """AMG off, one row: our loop equals stable-audio-tools' own generate_diffusion_cond (same model,
@@ -152,8 +153,8 @@ def test_compiled_step_equals_eager(assets):
 
 def test_transition_point_is_the_first_local_minimum_per_row():
     """d_j sequences with a known first local minimum; guidance switches on one step after it."""
-    from engine.guidance import TransitionDenoiser
-    from engine.models import Conditioning
+    from amg_engine.engine.guidance import TransitionDenoiser
+    from amg_engine.engine.models import Conditioning
 
     d_rows = torch.tensor([[5.0, 4.0, 3.0, 3.5, 2.0, 1.0], [5.0, 6.0, 7.0, 6.0, 5.0, 5.5]])  # [B, steps]
     calls = iter(range(d_rows.shape[1]))
@@ -183,7 +184,7 @@ def test_transition_strategy_runs_in_the_engine(assets):
 
 def test_a_diverging_row_fails_alone(assets, monkeypatch):
     """A row whose latents turn non-finite is reported as failed; its batch-mates are unaffected."""
-    from engine.sampling import RowNoise
+    from amg_engine.engine.sampling import RowNoise
 
     reqs = _requests(3)
     clean, _ = _engine(assets).sample(reqs)
@@ -206,7 +207,7 @@ def test_a_diverging_row_fails_alone(assets, monkeypatch):
 
 def test_detector_cut_is_exact_for_the_patched_pretransform(assets):
     """The default model's patched pretransform is frame-local: no margin, the cut equals the full decode."""
-    from engine.engine import decode_margin
+    from amg_engine.engine.engine import decode_margin
 
     engine = Engine(EngineConfig(), assets / "model", assets / "index")
     assert decode_margin(engine.model.pretransform) == 0

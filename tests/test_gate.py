@@ -16,9 +16,9 @@ import pytest
 import torch
 from jobs_helpers import FAST_FLAGS, PROMPTS, FakeEngine, tiny_assets, write_manifest
 
-from jobs.cli import main
-from jobs.gate import ReleaseGate, RetryQueue
-from jobs.generate import JobConfig, run_generate
+from amg_engine.jobs.cli import main
+from amg_engine.jobs.gate import ReleaseGate, RetryQueue
+from amg_engine.jobs.generate import JobConfig, run_generate
 
 TAU = 0.6
 PCM = 2 / 2**15  # a similarity read back from 16-bit audio is this close to the stub's (two steps)
@@ -38,7 +38,7 @@ class GateEngine(FakeEngine):
         self.requests: list[list[tuple[str, int]]] = []  # (id, attempt) of each call that ran
 
     def generate(self, requests):
-        from engine.engine import Generated
+        from amg_engine.engine.engine import Generated
 
         if self.stop_at is not None and len(self.calls) == self.stop_at:
             raise KeyboardInterrupt("killed")
@@ -230,7 +230,7 @@ def test_seeds_of_attempts():
 
 
 def test_retry_queue_keeps_escalated_attempts_apart():
-    from jobs.manifest import Overrides
+    from amg_engine.jobs.manifest import Overrides
 
     class R:
         def __init__(self, i):
@@ -250,9 +250,9 @@ def test_on_the_default_model_every_released_file_is_below_tau(tmp_path, tmp_pat
     does, is below τ, with and without AMG (--no-amg: generate-and-filter)."""
     import soundfile as sf
 
-    from index.clip import embed_clips
-    from index.embedders import MelEmbedder
-    from index.store import EmbeddingIndex
+    from amg_engine.index.clip import embed_clips
+    from amg_engine.index.embedders import MelEmbedder
+    from amg_engine.index.store import EmbeddingIndex
 
     assets = tiny_assets(tmp_path_factory)
     n = 12

@@ -1,7 +1,7 @@
 """End to end on the embedded default model: the baseline replays training clips, AMG does not.
 
 The walking skeleton's acceptance tests. Prompts are the distinct training captions; the same seeds
-are used with and without AMG. `python -m jobs.replication` prints the same quantities as a table.
+are used with and without AMG. `python -m amg_engine.jobs.replication` prints the same quantities as a table.
 """
 
 import numpy as np
@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main
-from jobs.replication import audio_stats, caption_manifest, own_clip_similarity
+from amg_engine.jobs.cli import main
+from amg_engine.jobs.replication import audio_stats, caption_manifest, own_clip_similarity
 
 pytestmark = pytest.mark.slow
 

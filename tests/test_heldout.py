@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from engine.default.data import SAMPLE_RATE, TRAIN_SPECS, clip_tensor, make_clips, write_dataset
-from engine.default.heldout import (
+from amg_engine.engine.default.data import SAMPLE_RATE, TRAIN_SPECS, clip_tensor, make_clips, write_dataset
+from amg_engine.engine.default.heldout import (
     HELDOUT_DIR,
     HELDOUT_INDEX_DIR,
     HELDOUT_SPECS,
@@ -23,9 +23,9 @@ from engine.default.heldout import (
     make_heldout_clips,
     novel_manifest,
 )
-from engine.models import DEFAULT_MODEL_DIR
-from index.embedders import MelEmbedder
-from index.store import EmbeddingIndex
+from amg_engine.engine.models import DEFAULT_MODEL_DIR
+from amg_engine.index.embedders import MelEmbedder
+from amg_engine.index.store import EmbeddingIndex
 
 TRAIN_DIR = DEFAULT_MODEL_DIR.parent / "train"
 

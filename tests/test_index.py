@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from index.embedders import EmbedderInfo, EmbedderMismatch, MelEmbedder, load_embedder
-from index.latent_nl2 import latent_nl2, nl2_agreement
-from index.search import ExactSearcher, FaissSearcher, SearchConfig, recall_at
-from index.store import EmbeddingIndex
+from amg_engine.index.embedders import EmbedderInfo, EmbedderMismatch, MelEmbedder, load_embedder
+from amg_engine.index.latent_nl2 import latent_nl2, nl2_agreement
+from amg_engine.index.search import ExactSearcher, FaissSearcher, SearchConfig, recall_at
+from amg_engine.index.store import EmbeddingIndex
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -105,6 +105,7 @@ def test_exact_search_has_no_cuda_sync(data):
 # -- FAISS ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("shards", [1, 3])
 def test_faiss_flat_equals_exact(data, shards):
     xb, xq = data
@@ -112,6 +113,7 @@ def test_faiss_flat_equals_exact(data, shards):
     assert_same_neighbours(res.D, res.I, xq, xb, 5)
 
 
+@pytest.mark.integration
 def test_faiss_ivfpq_recall():
     """IVF16,PQ8 on 4,000 x 64 unit vectors, queries at cosine ~0.9 to a database row (a replica
     query), 8 of 16 lists probed. The true neighbour leads the runner-up by ~0.45 in cosine; PQ8's
@@ -261,7 +263,7 @@ class Flaky:
 
 
 def test_build_resumes_after_interruption(tmp_path):
-    from index.build import build_index_resumable, clips_from_folder
+    from amg_engine.index.build import build_index_resumable, clips_from_folder
 
     clips = clips_from_folder(write_clips(tmp_path / "audio"))
     assert clips[0].id == "drums/clip1.wav" and [c.caption for c in clips].count("") == 4
@@ -287,7 +289,7 @@ def test_build_from_manifest_embeds_each_clip(tmp_path):
     import pyarrow.parquet as pq
     import soundfile as sf
 
-    from index.build import build_from_manifest
+    from amg_engine.index.build import build_from_manifest
 
     write_clips(tmp_path / "audio", n=3)
     paths = ["audio/pads/clip0.wav", "audio/drums/clip1.wav", "audio/pads/clip2.wav"]
@@ -307,7 +309,7 @@ def test_build_from_manifest_embeds_each_clip(tmp_path):
 def test_cli_build_and_info(tmp_path, capsys):
     import argparse
 
-    from index.cli import main, register
+    from amg_engine.index.cli import main, register
 
     write_clips(tmp_path / "audio", n=3)
     assert main(["build", str(tmp_path / "audio"), "--out", str(tmp_path / "idx"), "--quiet"]) == 0

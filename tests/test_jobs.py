@@ -11,12 +11,12 @@ import pytest
 import soundfile as sf
 from jobs_helpers import FakeEngine, fast_config, good_manifest, write_manifest
 
-from index.files import sha256_stream
-from jobs.cli import main
-from jobs.generate import JobConfig, Shard, run_generate
-from jobs.manifest import default_seed
-from jobs.results import FIXED_SCHEMA, ResultStore
-from jobs.runner import engine_view
+from amg_engine.index.files import sha256_stream
+from amg_engine.jobs.cli import main
+from amg_engine.jobs.generate import JobConfig, Shard, run_generate
+from amg_engine.jobs.manifest import default_seed
+from amg_engine.jobs.results import FIXED_SCHEMA, ResultStore
+from amg_engine.jobs.runner import engine_view
 
 
 def _run(manifest, out, engine=None, **job):
@@ -237,8 +237,8 @@ def test_engine_ray_without_ray_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 
 def test_a_runner_never_touches_files_outside_the_audio_folder(tmp_path):
-    from jobs.results import result_schema
-    from jobs.runner import BatchRunner
+    from amg_engine.jobs.results import result_schema
+    from amg_engine.jobs.runner import BatchRunner
 
     victim = tmp_path / "out" / "victim.flac"
     victim.parent.mkdir()
@@ -255,7 +255,7 @@ def test_transition_strategy_rows_record_no_detector_values(tmp_path, tmp_path_f
     """--strategy transition runs no detector: no similarity, no neighbour ids; guided steps = pre-TP."""
     from jobs_helpers import FAST_FLAGS, tiny_assets
 
-    from jobs.cli import main
+    from amg_engine.jobs.cli import main
 
     root = tiny_assets(tmp_path_factory)
     m = write_manifest(

@@ -5,9 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 from jobs_helpers import FakeEngine, good_manifest, write_manifest
 
-from jobs.cli import main
-from jobs.generate import JobConfig, run_generate
-from jobs.runner import CircuitOpen
+from amg_engine.jobs.cli import main
+from amg_engine.jobs.generate import JobConfig, run_generate
+from amg_engine.jobs.runner import CircuitOpen
 
 ALWAYS = range(10**9)
 
@@ -73,7 +73,7 @@ def test_zero_never_stops_and_negative_is_refused(tmp_path):
 
 
 def test_the_cli_exits_with_code_3_naming_the_error(tmp_path, monkeypatch, capsys):
-    import engine.engine
+    from amg_engine import engine
 
     monkeypatch.setattr(
         engine.engine, "Engine", lambda config, model, index, *checkpoint: FakeEngine(raise_calls=ALWAYS)

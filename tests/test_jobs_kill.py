@@ -67,7 +67,7 @@ def test_killed_twice_then_resumed(tmp_path, tmp_path_factory):
     assets = tiny_assets(tmp_path_factory)
     manifest, out, log = tmp_path / "m.parquet", tmp_path / "out", tmp_path / "cli.log"
     bad_rows = _manifest(manifest)
-    cmd = [sys.executable, "-m", "jobs.cli", "generate", str(manifest), "--out", str(out),
+    cmd = [sys.executable, "-m", "amg_engine.jobs.cli", "generate", str(manifest), "--out", str(out),
            "--model", str(assets / "model"), "--index", str(assets / "index"), *FAST_FLAGS]  # fmt: skip
     assert _run(cmd, log, kill_after_parts=3, out=out) == -signal.SIGKILL
     assert _run(cmd, log, kill_after_parts=_parts(out) + 3, out=out) == -signal.SIGKILL

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from jobs_helpers import FakeEngine, good_manifest
 
-import jobs.merge
-from jobs.generate import JobConfig, run_generate
-from jobs.merge import ResultsWriter, RowReader, compact, matching, newest, write_results
-from jobs.results import FIXED_SCHEMA, KEY, ResultStore
+from amg_engine import jobs
+from amg_engine.jobs.generate import JobConfig, run_generate
+from amg_engine.jobs.merge import ResultsWriter, RowReader, compact, matching, newest, write_results
+from amg_engine.jobs.results import FIXED_SCHEMA, KEY, ResultStore
 
 POOL = [f"id{k:02d}" for k in range(30)]
 
@@ -127,8 +127,8 @@ def test_results_are_streamed_in_chunks_with_the_same_content(tmp_path, monkeypa
     whole = pq.read_table(out / "results.parquet")
     assert pq.ParquetFile(out / "results.parquet").num_row_groups == 1
     monkeypatch.setattr(jobs.merge, "CHUNK_ROWS", 4)
-    from jobs.generate import RunIds, plan_run
-    from jobs.manifest import Limits
+    from amg_engine.jobs.generate import RunIds, plan_run
+    from amg_engine.jobs.manifest import Limits
 
     engine = FakeEngine()
     plan = plan_run(m, ResultStore(out), Limits.from_engine(engine), RunIds.of(engine), JobConfig())
@@ -145,7 +145,7 @@ def test_results_are_streamed_in_chunks_with_the_same_content(tmp_path, monkeypa
 CHILD = """
 import sys, time
 from jobs_helpers import FakeEngine
-from jobs.generate import JobConfig, Shard, run_generate
+from amg_engine.jobs.generate import JobConfig, Shard, run_generate
 class Slow(FakeEngine):
     def generate(self, requests):
         time.sleep(0.03)

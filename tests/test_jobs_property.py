@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from jobs_helpers import FakeEngine, fast_config, tiny_assets, write_manifest
 
-from jobs.generate import JobConfig, run_generate
+from amg_engine.jobs.generate import JobConfig, run_generate
 
 BAD_IDS = ["", " ", "../up", "a/b", "a\\b", "a\x00", "a\nb", "a\n", ".hidden", "é", "a" * 129, "R1"]
 PROMPTS = ["a drum loop", "Wind howling outside", "ünïcode ✓"]
@@ -123,7 +123,7 @@ def test_malformed_manifests_yield_one_result_per_row(case):
 
 @pytest.mark.slow
 def test_a_malformed_manifest_on_the_real_tiny_engine(tmp_path, tmp_path_factory):
-    from engine.engine import Engine
+    from amg_engine.engine.engine import Engine
 
     root = tiny_assets(tmp_path_factory)
     engine = Engine(fast_config(), root / "model", root / "index")

@@ -24,8 +24,8 @@ from jobs_helpers import (
     write_manifest,
 )
 
-from jobs.cli import main
-from jobs.generate import JobConfig
+from amg_engine.jobs.cli import main
+from amg_engine.jobs.generate import JobConfig
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("ray.data", reason="--engine ray needs the optional ray[data]")
@@ -45,7 +45,7 @@ def local_ray():
 
 
 def _ray_run(tmp_path, n, spec_kw=None, job_kw=None, actors=2, batch=4):
-    from jobs.ray_run import RayOptions, run_generate_ray
+    from amg_engine.jobs.ray_run import RayOptions, run_generate_ray
 
     m = write_manifest(tmp_path / "m.parquet", {"id": [f"r{k:03d}" for k in range(n)],
                                                 "prompt": [PROMPTS[k % 6] for k in range(n)]})  # fmt: skip
@@ -57,6 +57,7 @@ def _ray_run(tmp_path, n, spec_kw=None, job_kw=None, actors=2, batch=4):
     return summary, pq.read_table(tmp_path / "out" / "results.parquet"), engine_calls(log_dir)
 
 
+@pytest.mark.integration
 def test_ray_engine_matches_the_local_engine_and_resumes(local_ray, tmp_path, tmp_path_factory):
     assets = tiny_assets(tmp_path_factory)
     m = write_manifest(tmp_path / "m.parquet", {
@@ -114,7 +115,7 @@ def test_two_actors_share_the_batches_and_an_actor_killed_mid_run_loses_nothing(
 
 
 def test_a_batch_that_keeps_killing_its_worker_becomes_error_rows(local_ray, tmp_path):
-    from jobs.ray_run import MAX_ATTEMPTS
+    from amg_engine.jobs.ray_run import MAX_ATTEMPTS
 
     summary, res, calls = _ray_run(tmp_path, 12, dict(kill_id="r005", kill_once=False), actors=1)
     status = res["status"].to_pylist()
@@ -124,7 +125,7 @@ def test_a_batch_that_keeps_killing_its_worker_becomes_error_rows(local_ray, tmp
 
 
 def test_the_circuit_breaker_stops_a_ray_run_and_a_rerun_resumes(local_ray, tmp_path):
-    from jobs.runner import CircuitOpen
+    from amg_engine.jobs.runner import CircuitOpen
 
     with pytest.raises(CircuitOpen, match="3 batches in a row failed in the engine on worker .*CUDA out of"):
         _ray_run(tmp_path, 48, dict(raise_calls="all", delay=0.05))

@@ -23,10 +23,11 @@ import pytest
 import torch
 from triton.runtime.jit import JITFunction
 
-from kernels import amg_combine, amg_combine_ref, nn_search, nn_search_ref
-from kernels._dispatch import is_interpreted, use_triton
+from amg_engine.kernels._dispatch import is_interpreted, use_triton
+from amg_engine.kernels.guidance import amg_combine, amg_combine_ref
+from amg_engine.kernels.nn_search import nn_search, nn_search_ref
 
-_INTERPRETED = is_interpreted(importlib.import_module("kernels.guidance")._amg_combine_kernel)
+_INTERPRETED = is_interpreted(importlib.import_module("amg_engine.kernels.guidance")._amg_combine_kernel)
 if not _INTERPRETED and not torch.cuda.is_available():
     pytest.skip(
         "the Triton kernels need TRITON_INTERPRET=1 (conftest sets it) or a GPU", allow_module_level=True
@@ -290,8 +291,8 @@ def test_public_functions_run_the_kernel_on_cpu_under_the_interpreter(monkeypatc
     def boom(*args, **kwargs):
         raise AssertionError("dispatched to the torch twin")
 
-    monkeypatch.setattr(importlib.import_module("kernels.nn_search"), "nn_search_ref", boom)
-    monkeypatch.setattr(importlib.import_module("kernels.guidance"), "amg_combine_ref", boom)
+    monkeypatch.setattr(importlib.import_module("amg_engine.kernels.nn_search"), "nn_search_ref", boom)
+    monkeypatch.setattr(importlib.import_module("amg_engine.kernels.guidance"), "amg_combine_ref", boom)
     nn_search(torch.randn(2, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE))
     lat = [torch.randn(2, 2, 3, device=DEVICE) for _ in range(4)]
     amg_combine(*lat, **_rows(2, _gen("dispatch")))
@@ -312,7 +313,7 @@ def test_dispatch_rule():
         assert use_triton(op, compiled_kernel, gpu, gpu)
         assert not use_triton(op, compiled_kernel, gpu, cpu)  # mixed devices: the twin raises the error
     else:
-        interpreted_kernel = importlib.import_module("kernels.nn_search")._nn_search_kernel
+        interpreted_kernel = importlib.import_module("amg_engine.kernels.nn_search")._nn_search_kernel
         assert use_triton(op, interpreted_kernel, cpu, cpu)
         assert not use_triton(op, interpreted_kernel, cpu, meta)
 
@@ -322,7 +323,7 @@ def test_dispatch_rule():
 def test_amg_combine_contiguous_fast_path_only_when_every_latent_is(strided, monkeypatch):
     """Contiguous latents take the flat-offset path (no per-element divide); one strided latent sends
     the call to the general path. Both equal the twin and the float64 reference."""
-    guidance = importlib.import_module("kernels.guidance")
+    guidance = importlib.import_module("amg_engine.kernels.guidance")
     seen = []
     real = guidance.launcher
 
@@ -354,17 +355,17 @@ def test_amg_combine_contiguous_fast_path_only_when_every_latent_is(strided, mon
 
 def test_a_kernel_that_fails_to_register_warns(caplog):
     """Falling back to the twin is never silent: the failed registration logs a warning."""
-    from kernels._dispatch import register_op
+    from amg_engine.kernels._dispatch import register_op
 
     def impl(x: torch.Tensor) -> torch.Tensor:
         return x
 
-    with caplog.at_level(logging.WARNING, logger="kernels._dispatch"):
+    with caplog.at_level(logging.WARNING, logger="amg_engine.kernels._dispatch"):
         op = register_op(
             "amg::not a valid op name",
             impl,
             impl,
-            importlib.import_module("kernels.guidance")._amg_combine_kernel,
+            importlib.import_module("amg_engine.kernels.guidance")._amg_combine_kernel,
         )
     assert op is None
     assert any(
@@ -374,11 +375,11 @@ def test_a_kernel_that_fails_to_register_warns(caplog):
 
 def test_cuda_inputs_to_an_interpreted_kernel_warn(caplog):
     """TRITON_INTERPRET=1 on a GPU machine would send CUDA tensors to the twin: warned, once per op."""
-    from kernels import _dispatch
+    from amg_engine.kernels import _dispatch
 
     interpreted = object()  # anything that is not a compiled JITFunction
     on_cuda = SimpleNamespace(device=torch.device("cuda"))  # the rule reads only .device
-    with caplog.at_level(logging.WARNING, logger="kernels._dispatch"):
+    with caplog.at_level(logging.WARNING, logger="amg_engine.kernels._dispatch"):
         assert not _dispatch.use_triton("amg::probe", interpreted, on_cuda)
         assert not _dispatch.use_triton("amg::probe", interpreted, on_cuda)
     assert len([r for r in caplog.records if "TRITON_INTERPRET=1" in r.getMessage()]) == 1
@@ -426,7 +427,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.experimental.proxy_tensor import make_fx
 
-nn_mod = sys.modules["kernels.nn_search"]
+nn_mod = sys.modules["amg_engine.kernels.nn_search"]
 assert type(nn_mod._nn_search_kernel).__name__ == "JITFunction"
 xq, xb = torch.randn(3, 16), torch.randn(20, 16)
 for got, want in zip(kernels.nn_search(xq, xb), kernels.nn_search_ref(xq, xb)):  # CPU: the twin

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.config import EngineConfig
-from jobs.manifest import (
+from amg_engine.engine.config import EngineConfig
+from amg_engine.jobs.manifest import (
     NEGATIVE_PROMPT_UNSUPPORTED,
     Limits,
     ManifestError,

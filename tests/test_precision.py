@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import PRESETS, EngineConfig
-from engine.precision import PRECISIONS, Precision, default_precision
+from amg_engine.engine.config import PRESETS, EngineConfig
+from amg_engine.engine.precision import PRECISIONS, Precision, default_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import precision_agreement as agreement  # noqa: E402

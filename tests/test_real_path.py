@@ -24,7 +24,7 @@ import torch
 from jobs_helpers import write_manifest
 from real_path_fixtures import T5_MAX_LENGTH, TRAIN, make_real_path
 
-from jobs.cli import main
+from amg_engine.jobs.cli import main
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def generate_argv(m: Path, out: Path, model: Path, index: Path, clap: Path, *ext
 def run_until_first_part(argv: list[str], out: Path, timeout: float = 600) -> None:
     """Run ``amg`` in a subprocess and SIGKILL it as soon as its first result shard exists."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "amg_engine.jobs.cli", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + timeout
     try:
@@ -83,7 +83,7 @@ def run_until_first_part(argv: list[str], out: Path, timeout: float = 600) -> No
 
 
 def check_results(out: Path, index_dir: Path, expect_ok: int) -> list[dict]:
-    from index.store import EmbeddingIndex, index_id
+    from amg_engine.index.store import EmbeddingIndex, index_id
 
     rows = pq.read_table(out / "results.parquet").to_pylist()
     ids = EmbeddingIndex.load(index_dir).ids
@@ -98,6 +98,7 @@ def check_results(out: Path, index_dir: Path, expect_ok: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.integration
 def test_generate_sao_paper_killed_and_resumed(real, index, tmp_path, capsys):
     m, out = manifest(tmp_path / "m.parquet"), tmp_path / "out"
     argv = generate_argv(m, out, real.model, index, real.clap, "--preset", "sao-paper")
@@ -120,7 +121,7 @@ def test_generate_sao_paper_killed_and_resumed(real, index, tmp_path, capsys):
 
 
 def test_generate_sao_demo_from_a_ckpt_model(real, index, tmp_path):
-    from engine.models import model_id
+    from amg_engine.engine.models import model_id
 
     m = write_manifest(tmp_path / "m.parquet", {"id": ["a", "b"], "prompt": ["A warm pad", "Rain"],
                                                   "seconds": [1.0, 47.0]})  # fmt: skip
@@ -163,15 +164,16 @@ def test_ray_engine_with_the_same_flags(real, index, tmp_path):
         assert x["final_similarity"] == pytest.approx(y["final_similarity"], abs=1e-4)
 
 
+@pytest.mark.integration
 def test_one_embedding_of_a_clip_in_every_path(real, index):
     """A training file fed back through each path gives its index vector (to 1e-5) and similarity 1
     with its own row: the build and the audit (file reads), the final similarity (in-memory audio,
     rows of different lengths in one batch) and the corrected-mode detector (its cut of the decode).
     """
-    from engine.config import PRESETS
-    from engine.engine import Engine
-    from index.build import read_clip
-    from index.store import EmbeddingIndex
+    from amg_engine.engine.config import PRESETS
+    from amg_engine.engine.engine import Engine
+    from amg_engine.index.build import read_clip
+    from amg_engine.index.store import EmbeddingIndex
 
     idx = EmbeddingIndex.load(index)
     engine = Engine(PRESETS["default-model"], real.model, index, real.clap)

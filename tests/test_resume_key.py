@@ -15,7 +15,7 @@ import pytest
 import torch
 from jobs_helpers import FAST_FLAGS, good_manifest, tiny_assets
 
-from jobs.cli import main
+from amg_engine.jobs.cli import main
 
 
 def _parts(out) -> int:
@@ -23,9 +23,9 @@ def _parts(out) -> int:
 
 
 def test_only_another_index_regenerates_the_rows(tmp_path, tmp_path_factory, capsys):
-    from index.build import build_from_manifest
-    from index.embedders import MelEmbedder
-    from index.store import index_id
+    from amg_engine.index.build import build_from_manifest
+    from amg_engine.index.embedders import MelEmbedder
+    from amg_engine.index.store import index_id
 
     assets = tiny_assets(tmp_path_factory)
     m, out = good_manifest(tmp_path / "m.parquet", 4), tmp_path / "out"
@@ -78,7 +78,7 @@ def test_threshold_flag_is_validated_and_used(tmp_path, tmp_path_factory, capsys
 def test_digests_stream_and_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     import hashlib
 
-    from index import files
+    from amg_engine.index import files
 
     monkeypatch.setenv("AMG_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "weights.bin"
@@ -97,8 +97,8 @@ def test_digests_stream_and_are_cached_by_path_size_and_mtime(tmp_path, monkeypa
 def test_model_id_covers_a_ckpt_and_refuses_pickled_code(tmp_path, tmp_path_factory):
     import argparse
 
-    from engine.models import load_model, model_id
-    from index.files import UntrustedCheckpoint
+    from amg_engine.engine.models import load_model, model_id
+    from amg_engine.index.files import UntrustedCheckpoint
 
     assets = tiny_assets(tmp_path_factory)
     ckpt_dir = tmp_path / "ckpt-model"
@@ -118,8 +118,8 @@ def test_model_id_covers_a_ckpt_and_refuses_pickled_code(tmp_path, tmp_path_fact
 
 def test_neighbour_conditioning_is_cached_as_copies(tmp_path_factory):
     """Each cached row owns its memory: a view would keep its whole encoded batch alive."""
-    from engine.config import EngineConfig
-    from engine.engine import Engine
+    from amg_engine.engine.config import EngineConfig
+    from amg_engine.engine.engine import Engine
 
     assets = tiny_assets(tmp_path_factory)
     engine = Engine(EngineConfig(), assets / "model", assets / "index")
@@ -130,7 +130,7 @@ def test_neighbour_conditioning_is_cached_as_copies(tmp_path_factory):
 
 
 def test_sao_presets_sample_with_the_brownian_tree():
-    from engine.config import PRESETS
+    from amg_engine.engine.config import PRESETS
 
     assert PRESETS["sao-paper"].sampler.noise == PRESETS["sao-demo"].sampler.noise == "brownian"
     assert PRESETS["default-model"].sampler.noise == "gaussian"

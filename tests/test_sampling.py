@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from engine import sampling as S
+from amg_engine.engine import sampling as S
 
 B, C, T = 3, 4, 16
 SEEDS = [11, 22, 33]
@@ -64,6 +64,7 @@ def _gaussian_denoiser(mu: float, s: float):
     ("steps", "sigma_min", "sigma_max", "rho"),
     [(1, 0.3, 500.0, 1.0), (17, 0.3, 500.0, 1.0), (30, 0.01, 80.0, 2.5)],
 )
+@pytest.mark.integration
 def test_polyexponential_equals_k_diffusion(steps, sigma_min, sigma_max, rho):
     ours = S.SCHEDULES["polyexponential"](steps, sigma_min, sigma_max, rho)
     theirs = K.get_sigmas_polyexponential(steps, sigma_min, sigma_max, rho)
@@ -74,6 +75,7 @@ def test_polyexponential_equals_k_diffusion(steps, sigma_min, sigma_max, rho):
     ("steps", "sigma_min", "sigma_max", "rho"),
     [(1, 0.03, 80.0, 7.0), (17, 0.002, 80.0, 7.0), (30, 0.3, 500.0, 3.0)],
 )
+@pytest.mark.integration
 def test_karras_equals_k_diffusion(steps, sigma_min, sigma_max, rho):
     ours = S.SCHEDULES["karras"](steps, sigma_min, sigma_max, rho)
     theirs = K.get_sigmas_karras(steps, sigma_min, sigma_max, rho)
@@ -101,6 +103,7 @@ def test_unknown_sampler_names_valid_ones():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(K_SAMPLERS))
 @pytest.mark.parametrize("schedule", ["polyexponential", "karras"])
 def test_matches_k_diffusion(name, schedule):
@@ -165,7 +168,7 @@ def test_row_noise_pins_host_memory_only_for_cuda(monkeypatch):
     """Noise for a CUDA device is drawn into pinned memory (its copy then does not block the step);
     on a CPU-only machine pinning is never attempted (it raises there). The draws equal plain
     per-row torch.randn whatever the buffer (the same op on the same generator: compared exactly)."""
-    from engine.transfer import uses_pinned_memory
+    from amg_engine.engine.transfer import uses_pinned_memory
 
     assert uses_pinned_memory("cuda") and uses_pinned_memory("cuda:1") and not uses_pinned_memory("cpu")
     asked = []

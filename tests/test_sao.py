@@ -9,11 +9,13 @@ import pytest
 import torch
 from model_checks import assert_same_outputs, assert_same_weights
 
-from engine.config import EngineConfig, GuidanceConfig, SamplerConfig
-from engine.default.model import build_tokenizer
-from engine.engine import Engine, Request
-from engine.models import load_model, save_model
-from engine.sao import sao_config, tiny_sao_config
+from amg_engine.engine.config import EngineConfig, GuidanceConfig, SamplerConfig
+from amg_engine.engine.default.model import build_tokenizer
+from amg_engine.engine.engine import Engine, Request
+from amg_engine.engine.models import load_model, save_model
+from amg_engine.engine.sao import sao_config, tiny_sao_config
+
+pytestmark = pytest.mark.integration  # make test-latest runs it on the newest releases
 
 
 def test_shipped_config_is_sao_1_0():
@@ -63,8 +65,8 @@ def test_tiny_sao_round_trip(tiny_sao):
 
 @pytest.mark.parametrize("mode", ["corrected", "reference"])
 def test_engine_runs_amg_on_the_sao_architecture(tiny_sao, mode):
-    from index.embedders import MelEmbedder
-    from index.store import build_index
+    from amg_engine.index.embedders import MelEmbedder
+    from amg_engine.index.store import build_index
 
     root, _ = tiny_sao
     clips = torch.randn(3, 1, 8192) * 0.1
@@ -84,9 +86,9 @@ def test_detector_decodes_a_cut_that_equals_the_full_decode(tiny_sao):
     """The detector decodes only the latent frames the embedder sees plus the VAE's receptive field
     (engine.DECODE_MARGIN_FRAMES): its embedding equals that of the full decode. Without the margin
     the convolutional decoder's edge changes the audio (checked too, so the test can fail)."""
-    from engine import engine as engine_mod
-    from index.embedders import MelEmbedder
-    from index.store import build_index
+    from amg_engine.engine import engine as engine_mod
+    from amg_engine.index.embedders import MelEmbedder
+    from amg_engine.index.store import build_index
 
     root, _ = tiny_sao
     build_index(
@@ -111,9 +113,9 @@ def test_reference_mode_keeps_the_published_cut(tiny_sao):
     """reference mode decodes each row's first ⌊seconds·44100⌋ // 2048 latent frames, as the published
     code does (ceil would decode 7 and 20 here), with no margin, and hands the audio to the embedder as
     if it were at the embedder's own rate (quirk Q3)."""
-    from index.clip import embed_clips
-    from index.embedders import MelEmbedder
-    from index.store import build_index
+    from amg_engine.index.clip import embed_clips
+    from amg_engine.index.embedders import MelEmbedder
+    from amg_engine.index.store import build_index
 
     root, _ = tiny_sao
     build_index(
@@ -142,9 +144,9 @@ def test_final_decode_in_chunks_equals_the_whole_decode(tiny_sao, monkeypatch):
     decoder's receptive field beyond that moves samples by ~4e-7 of the peak (measured on this random
     decoder, as for the detector's cut), plus float32 rounding; 1e-5 of the peak leaves room for other
     weights, while chunks without overlap are off by far more (checked, so the test can fail)."""
-    from engine import engine as engine_mod
-    from index.embedders import MelEmbedder
-    from index.store import build_index
+    from amg_engine.engine import engine as engine_mod
+    from amg_engine.index.embedders import MelEmbedder
+    from amg_engine.index.store import build_index
 
     root, _ = tiny_sao
     build_index(MelEmbedder(), torch.randn(1, 1, 8192) * 0.1, 8000, ["a"], ["a warm pad"], [1.0]).save(
@@ -172,9 +174,9 @@ def test_final_decode_in_chunks_equals_the_whole_decode(tiny_sao, monkeypatch):
 def test_generate_decodes_a_few_rows_at_a_time(tiny_sao, monkeypatch):
     """The final decode runs FINAL_DECODE_ROWS rows at a time; the audio equals decoding the batch's
     latents at once (rows are independent; float32 batch-size rounding only: 1e-5 of the peak)."""
-    from engine import engine as engine_mod
-    from index.embedders import MelEmbedder
-    from index.store import build_index
+    from amg_engine.engine import engine as engine_mod
+    from amg_engine.index.embedders import MelEmbedder
+    from amg_engine.index.store import build_index
 
     root, _ = tiny_sao
     build_index(

@@ -21,9 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from engine import guidance
-from engine.config import EngineConfig, GuidanceConfig, SamplerConfig
-from engine.engine import Engine, Request
+from amg_engine.engine import guidance
+from amg_engine.engine.config import EngineConfig, GuidanceConfig, SamplerConfig
+from amg_engine.engine.engine import Engine, Request
 
 aten = torch.ops.aten
 # ops whose result the host needs before it can go on (a device -> host copy and a wait on CUDA)

@@ -65,7 +65,7 @@ class Target:
 def parse_prompt(prompt: str | None) -> Target | None:
     """The attributes a default-set prompt names ("A marimba arpeggio in E minor, 140 bpm"), or None
     when it names none that can be measured (a texture, an empty or foreign prompt)."""
-    from engine.default.data import family
+    from amg_engine.engine.default.data import family
 
     if not prompt:
         return None

@@ -1,7 +1,7 @@
 """The embedded default training set: short synthesized clips with scraped-style captions.
 
 Everything here is deterministic given the seed, so the committed clips can be rebuilt with
-``python -m engine.default.data OUT_DIR`` and compared byte for byte with the bundled ones.
+``python -m amg_engine.engine.default.data OUT_DIR`` and compared byte for byte with the bundled ones.
 
 The set imitates what makes scraped audio data memorisable: several exact duplicates of a clip
 (under the same and under different captions) and one caption shared by two different clips.

@@ -1,6 +1,6 @@
 """The held-out reference set of the default model, and the novel prompts drawn from it.
 
-    python -m engine.default.heldout engine/default/assets/heldout
+    python -m amg_engine.engine.default.heldout engine/default/assets/heldout
 
 Clips from the training set's own generator (:mod:`engine.default.data`) whose attribute
 combinations are not in the training set, in three groups:
@@ -32,7 +32,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from engine.default.data import SAMPLE_RATE, TRAIN_SPECS, Clip, Spec, normalise, render
+from amg_engine.engine.default.data import SAMPLE_RATE, TRAIN_SPECS, Clip, Spec, normalise, render
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ def write_heldout(out_dir: Path) -> Path:
 
 def write_heldout_index(manifest: Path, out_dir: Path):
     """The held-out clips embedded with the default mel embedder, as an index folder."""
-    from index.build import build_from_manifest
-    from index.embedders import MelEmbedder
+    from amg_engine.index.build import build_from_manifest
+    from amg_engine.index.embedders import MelEmbedder
 
     return build_from_manifest(manifest, MelEmbedder(), out_dir)
 

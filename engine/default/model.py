@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from engine.default.data import SAMPLE_RATE, WINDOW
+from amg_engine.engine.default.data import SAMPLE_RATE, WINDOW
 
 PATCH = 256
 EMBED = 256

@@ -1,6 +1,6 @@
 """Train the embedded default model until it replays its training clips.
 
-``python -m engine.default.train --out engine/default/assets/model`` rebuilds the training set,
+``python -m amg_engine.engine.default.train --out engine/default/assets/model`` rebuilds the training set,
 the tokenizer and the weights from scratch (about 30 minutes on a 2-core CPU; see the README for
 the measured figure). The objective is Stable Audio's: v-prediction with t ~ U(0, 1),
 α = cos(πt/2), σ = sin(πt/2), 10% text dropout for classifier-free guidance. Every ``--eval-every``
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from engine.default.ambient import ambient_v_loss, noisy_copies, validate_sigma_tn
-from engine.default.data import SAMPLE_RATE, WINDOW, clip_tensor, make_clips, write_dataset
-from engine.default.model import build_tokenizer, model_config
-from engine.models import encode_conditioning, save_model, v_denoise
+from amg_engine.engine.default.ambient import ambient_v_loss, noisy_copies, validate_sigma_tn
+from amg_engine.engine.default.data import SAMPLE_RATE, WINDOW, clip_tensor, make_clips, write_dataset
+from amg_engine.engine.default.model import build_tokenizer, model_config
+from amg_engine.engine.models import encode_conditioning, save_model, v_denoise
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def main() -> None:
     data_dir = args.data or args.out.parent / "train"
     write_dataset(data_dir)
     if args.reindex:
-        from engine.models import load_model
+        from amg_engine.engine.models import load_model
 
         write_index(load_model(args.out)[0], clips, data_dir, args.out.parent / "index")
         return
@@ -191,7 +191,7 @@ def new_model(args: argparse.Namespace, clips) -> tuple[torch.nn.Module, dict]:
     resolved["model"]["conditioning"]["configs"][0]["config"]["tokenizer_name"] = str(args.out / "tokenizer")
     model = create_model_from_config(resolved)
     if args.init is not None:
-        from engine.models import load_weights
+        from amg_engine.engine.models import load_weights
 
         model.load_state_dict(load_weights(args.init), strict=True)
         log.info("initialised from %s", args.init)
@@ -219,7 +219,7 @@ def train(model, config: dict, clips, args: argparse.Namespace) -> tuple[torch.n
     """AdamW (optionally with an EMA of the weights) for --steps, a replication check and a save every
     --eval-every steps, stopping once --target replicates. -> (the weights evaluated: the EMA or the
     model, the loop's start time)."""
-    from index.embedders import MelEmbedder
+    from amg_engine.index.embedders import MelEmbedder
 
     latents, meta, noisy = training_data(model, config, clips, args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -264,8 +264,8 @@ def _evaluate_and_save(ema, config: dict, clips, embedder, out: Path, record: di
 def write_index(model, clips, data_dir: Path, out_dir: Path) -> None:
     """The bundled index: the training clips embedded with the default embedder, and their latents
     (for the latent-space nL2 similarity of index/latent_nl2.py)."""
-    from index.build import build_from_manifest
-    from index.embedders import MelEmbedder
+    from amg_engine.index.build import build_from_manifest
+    from amg_engine.index.embedders import MelEmbedder
 
     scale = model_config()["amg_default"]["audio_scale"]
     latents = model.pretransform.encode(clip_tensor(clips) * scale)
