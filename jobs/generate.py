@@ -281,7 +281,7 @@ def run_log(path: Path) -> Iterator[None]:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(n) for n in ("jobs", "engine", "index")]
+    loggers = [logging.getLogger("amg_engine")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.addHandler(handler)

@@ -386,6 +386,7 @@ def _chromium() -> dict:
     return spec
 
 
+@pytest.mark.integration
 def test_report_renders_in_headless_chromium(folder, tmp_path):
     """The report opens offline in a real browser: it renders, the players, the histogram and the pairs'
     spectrograms load, and the console shows no error."""
