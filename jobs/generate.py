@@ -205,7 +205,7 @@ class Summary:
 def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, ids: RunIds, job: JobConfig) -> Plan:
     """Validate the manifest and decide which of this shard's rows still need generating."""
     table = read_manifest(manifest)
-    rows = validate(table.to_pylist(), limits)
+    rows = validate(table.to_pylist(), limits, table.schema)
     gate = None if job.gate is None else job.gate.resolve(ids.threshold)
     gate_key = None if gate is None else gate.key
     hashes: dict[Overrides, str] = {}
@@ -291,7 +291,7 @@ def run_log(path: Path) -> Iterator[None]:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(n) for n in ("jobs", "engine", "index")]
+    loggers = [logging.getLogger("amg_engine")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.addHandler(handler)

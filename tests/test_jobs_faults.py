@@ -22,7 +22,6 @@ import pytest
 import soundfile as sf
 from jobs_helpers import FakeEngine, fast_config, good_manifest, tiny_assets, write_manifest
 
-import amg_engine.jobs.results
 from amg_engine import jobs
 from amg_engine.jobs.cli import main
 from amg_engine.jobs.generate import JobConfig, run_generate
