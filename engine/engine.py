@@ -135,7 +135,7 @@ class Engine:
         return self._embed(audio, self.sample_rate, lengths)
 
     def _embed(self, audio: torch.Tensor, rate: int, lengths: torch.Tensor) -> torch.Tensor:
-        """amg_engine.index.clip.embed_clips with the embedder in the engine's precision: the clip is prepared in
+        """index/clip.py embed_clips with the embedder in the engine's precision: the clip is prepared in
         float32, the embedder runs under the precision's autocast, the embedding comes back float32
         (as the similarity and the gate are)."""
         e = self.embedder

@@ -57,13 +57,14 @@ from amg_engine.jobs.generate import (
     RunIds,
     Summary,
     batches,
+    open_output,
     plan_run,
     progress_bar,
     run_and_finish,
     run_log,
 )
 from amg_engine.jobs.manifest import Limits
-from amg_engine.jobs.results import ResultStore
+from amg_engine.jobs.results import ResultStore, output_errors
 from amg_engine.jobs.runner import BatchOutcome, CircuitBreaker, carried
 
 log = logging.getLogger(__name__)
@@ -235,9 +236,7 @@ def run_generate_ray(
     """:func:`jobs.generate.run_generate` on a Ray actor pool (see the module docstring)."""
     ray = import_ray()
     store = ResultStore(out_dir, job.shard.tag)
-    store.dir.mkdir(parents=True, exist_ok=True)
-    with run_log(store.dir / "run.log"), store.lock() as lock:
-        store.prepare()
+    with output_errors(store.dir), open_output(store) as lock:
         started = not ray.is_initialized()
         if started:  # the cluster decides the actors' device, and so the rows' key: before planning
             ray.init(address=opts.address, include_dashboard=False)

@@ -28,8 +28,16 @@ import pyarrow as pa
 
 from amg_engine.engine.config import EngineConfig
 from amg_engine.jobs.gate import Attempts, ReleaseGate, attempt_of
-from amg_engine.jobs.manifest import Limits, Overrides, Row, check_row, token_problem
-from amg_engine.jobs.results import ResultStore, base_result, encode_audio, error_result, now, write_audio
+from amg_engine.jobs.manifest import Limits, Overrides, Row, check_row, duration_problem, token_problem
+from amg_engine.jobs.results import (
+    OutputUnavailable,
+    ResultStore,
+    base_result,
+    encode_audio,
+    error_result,
+    now,
+    write_audio,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +146,18 @@ class BatchRunner:
     def _check(self, records) -> tuple[list[dict[str, Any]], dict[Overrides, list[Row]]]:
         """Error results for bad rows, and the good rows grouped by their overrides.
 
-        The Ray driver checks rows without the text encoder, so the token check is repeated here; a row
-        it fails keeps its key (config hash, seconds, seed) so that the merge finds its result.
+        The Ray driver checks rows without the text encoder and the model's shortest clip, so those
+        checks are repeated here; a row they fail keeps its key (config hash, seconds, seed) so that
+        the merge finds its result.
         """
-        untokenized = replace(self.limits, count_tokens=None, max_tokens=None)
+        untokenized = replace(self.limits, count_tokens=None, max_tokens=None, min_seconds=0.0)
         rows = [check_row(values, position, untokenized) for position, values in records]
         ids, base = self._ids(), self.engine.config
         errors = [self._failed(r, r.error, None, config_hash=r.config_hash(base), **ids)
                   for r in rows if r.error]  # fmt: skip
         groups: dict[Overrides, list[Row]] = {}
         for r in (r for r in rows if r.error is None):
-            if err := token_problem(r.prompt, self.limits):
+            if err := token_problem(r.prompt, self.limits) or duration_problem(r.seconds, self.limits):
                 config, cfg_hash = r.config(self.engine.config), self.config_hash(r.overrides)
                 errors.append(self._failed(r, f"row {r.index}: {err}", config, config_hash=cfg_hash, **ids))
             else:
@@ -212,7 +221,9 @@ class BatchRunner:
         try:
             audio, rate = g.audio.numpy(), self.engine.sample_rate
             f = write_audio(self.store.dir / rel, audio, rate, self.store.tag, encoded)
-        except Exception as e:  # e.g. a full disk: this row fails, the run goes on
+        except OSError as e:  # a full disk, a read-only or lost folder: the run's fault, it stops
+            raise OutputUnavailable(self.store.dir / rel, e) from e
+        except Exception as e:  # the audio cannot be encoded: this row fails, the run goes on
             log.exception("could not write %s", rel)
             msg = f"row {row.index}: could not write {rel}: {type(e).__name__}: {e}"
             return self._failed(row, msg, config, timing=timing, **common)

@@ -58,6 +58,7 @@ def _ray_run(tmp_path, n, spec_kw=None, job_kw=None, actors=2, batch=4):
     return summary, pq.read_table(tmp_path / "out" / "results.parquet"), engine_calls(log_dir)
 
 
+@pytest.mark.integration
 def test_ray_engine_matches_the_local_engine_and_resumes(local_ray, tmp_path, tmp_path_factory):
     assets = tiny_assets(tmp_path_factory)
     m = write_manifest(tmp_path / "m.parquet", {
