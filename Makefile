@@ -2,17 +2,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Installed without their dependency sets, which pin 200+ packages the engine does not use; the
-# packages they really import are in pyproject.toml.
-NO_DEPS := stable-audio-tools==0.0.19 k-diffusion==0.1.1 laion-clap==1.1.7 dctorch==0.1.2 clean-fid==0.1.35 clip-anytorch==2.6.0
+# Every dependency, exact and hashed (make lock writes it; README, "Set-up").
+LOCK := requirements.lock
 
-.PHONY: setup demo test lint browser
+.PHONY: setup demo test lint browser lock test-latest
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# Exactly the lock, nothing resolved: a fresh machine gets what CI tested. Then the project itself,
+# editable, built with the lock's setuptools (no build isolation: nothing from outside the lock).
+$(VENV)/.installed: $(LOCK) pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps $(NO_DEPS)
+	$(BIN)/pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 demo: setup
@@ -34,3 +35,32 @@ $(CHROMIUM_DIR)/chromium.json:
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Regenerate the lock in a fresh environment. By default every package keeps its locked version
+# (the lock is a constraint) and only what pyproject.toml added or dropped changes;
+# UPGRADE="name other" lifts those packages to the newest their ranges allow, UPGRADE=all every one.
+# Then `make test` (which reinstalls from the new lock) and commit the lock on its own.
+LOCK_VENV := .venv-lock
+UPGRADE ?=
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(PYTHON) .ci/lock.py constraints $(LOCK) $(UPGRADE) > $(LOCK_VENV)/constraints.txt
+	$(LOCK_VENV)/bin/pip install -q -c $(LOCK_VENV)/constraints.txt --upgrade pip setuptools wheel
+	$(LOCK_VENV)/bin/pip install -q -c $(LOCK_VENV)/constraints.txt -e '.[test]'
+	$(LOCK_VENV)/bin/pip install -q -c $(LOCK_VENV)/constraints.txt --no-deps -r requirements-nodeps.in
+	$(LOCK_VENV)/bin/python .ci/lock.py write $(LOCK_VENV) > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "wrote $(LOCK); now run make test, then commit it on its own"
+
+# Not CI (which must stay reproducible): a fresh environment resolved to the newest releases that
+# pyproject.toml and requirements-nodeps.in allow, and the tests of every third-party integration
+# (marker "integration"). Run it before changing the lock, and weekly to learn what upstream broke.
+LATEST_VENV := .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV) && $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	$(LATEST_VENV)/bin/pip install -q -e '.[test]'
+	$(LATEST_VENV)/bin/pip install -q --no-deps --upgrade -r requirements-nodeps.in
+	$(LATEST_VENV)/bin/pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
+	$(MAKE) browser
+	$(LATEST_VENV)/bin/python -m pytest -m integration -p no:cacheprovider

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import the project's index/
+sys.path.insert(0, str(ROOT))  # benchmarks.bench_common; amg_engine comes from the install (make setup)
 
 import bench_common  # noqa: E402
 

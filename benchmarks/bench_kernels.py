@@ -28,13 +28,13 @@ import torch
 import triton
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import the project's kernels/
+sys.path.insert(0, str(ROOT))  # benchmarks.bench_common; amg_engine comes from the install (make setup)
 
 import bench_common  # noqa: E402
 
-from amg_engine.kernels import amg_combine_ref, nn_search_ref  # noqa: E402
 from amg_engine.kernels._dispatch import is_interpreted  # noqa: E402
-from amg_engine.kernels.guidance import _amg_combine_kernel  # noqa: E402
+from amg_engine.kernels.guidance import _amg_combine_kernel, amg_combine_ref  # noqa: E402
+from amg_engine.kernels.nn_search import nn_search_ref  # noqa: E402
 
 SIZES = {
     # amg_combine: B x 64 x 1024 latents (Stable Audio Open: 64 channels, 1024 latent frames).

@@ -88,7 +88,6 @@ def stage_embeddings(a) -> dict:
 
 
 def stage_build(a) -> dict:
-    import amg_engine.index.embedders
     from amg_engine import index
     from amg_engine.index.build import build_from_embeddings
 

@@ -7,10 +7,11 @@ The GPU machine has no package registry; its image holds torch, triton, transfor
 scipy, scikit-learn, scikit-image, pandas, h5py, einops, safetensors and the rest listed in
 /work/.library/device/KINDS.md. What the engine, the SAO 1.0 architecture and the CLAP embedder import
 beyond that (measured by importing them here and listing the distributions in ``sys.modules``) is
-``NEEDED``, pinned to the versions this project tests with. Binary wheels are for CPython 3.12 on
-manylinux x86-64; packages published only as source are built into wheels here (pure Python). faiss
-is not needed there (the exact search on the GPU is the project's Triton kernel, or matmul + top-k;
-faiss-gpu wheels need another CUDA and exceed the 64 MiB the working tree may carry).
+``NEEDED``, at the versions ``requirements.lock`` pins (the set CI tests). Binary wheels are for
+CPython 3.12 on manylinux x86-64; packages published only as source are built into wheels here
+(pure Python). faiss is not needed there (the exact search on the GPU is the project's Triton
+kernel, or matmul + top-k; faiss-gpu wheels need another CUDA and exceed the 64 MiB the working tree
+may carry).
 """
 
 from __future__ import annotations
@@ -25,16 +26,31 @@ ROOT = Path(__file__).resolve().parent.parent
 
 NEEDED = [
     # the model and its samplers (stable-audio-tools imports k-diffusion, whose __init__ imports all)
-    "stable-audio-tools==0.0.19", "k-diffusion==0.1.1", "alias-free-torch==0.0.6", "einops-exts==0.0.4",
-    "torchsde==0.2.6", "trampoline==0.1.2", "jsonmerge==1.9.2", "jsonschema==4.26.0",
-    "jsonschema-specifications==2025.9.1", "referencing==0.37.0", "rpds-py==2026.9.1",
-    "dctorch==0.1.2", "clean-fid==0.1.35", "clip-anytorch==2.6.0", "ftfy==6.3.1", "wcwidth==0.9.4",
+    "stable-audio-tools", "k-diffusion", "alias-free-torch", "einops-exts", "torchsde", "trampoline",
+    "jsonmerge", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "dctorch",
+    "clean-fid", "clip-anytorch", "ftfy", "wcwidth",
     # the CLAP embedder (laion-clap imports librosa, torchlibrosa, webdataset and wget at import)
-    "laion-clap==1.1.7", "torchlibrosa==0.1.0", "librosa==0.11.0", "soxr==1.1.0", "braceexpand==0.1.7",
-    "webdataset==1.0.2", "wget==3.2",
+    "laion-clap", "torchlibrosa", "librosa", "soxr", "braceexpand", "webdataset", "wget",
     # audio I/O (soundfile bundles libsndfile; cffi is its foreign-function layer)
-    "soundfile==0.14.0", "cffi==2.1.1", "pycparser==3.12",
+    "soundfile", "cffi", "pycparser",
 ]  # fmt: skip
+LOCK = ROOT / "requirements.lock"
+
+
+def locked(names: list[str], lock: Path = LOCK) -> list[str]:
+    """``name==version`` of each name at the version requirements.lock pins (the set CI tests);
+    an error naming the packages the lock lacks."""
+    pins = {}
+    for line in lock.read_text().splitlines():
+        if line[:1].isalnum() and "==" in line:
+            name, version = line.split()[0].split("==")
+            pins[name.lower().replace("_", "-")] = version
+    missing = [n for n in names if n not in pins]
+    if missing:
+        raise SystemExit(f"{lock.name} lacks {missing}: add them to pyproject.toml and run make lock")
+    return [f"{n}=={pins[n]}" for n in names]
+
+
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64",
              "manylinux1_x86_64"]  # fmt: skip
@@ -69,9 +85,10 @@ def main() -> None:
     p.add_argument("--dest", type=Path, default=ROOT / ".whl", help="folder for the wheels")
     args = p.parse_args()
     args.dest.mkdir(parents=True, exist_ok=True)
-    for spec in NEEDED:
+    specs = locked(NEEDED)
+    for spec in specs:
         print(f"{spec:40s} {download(spec, args.dest)}")
-    wanted = {tuple(s.replace("-", "_").lower().split("==")) for s in NEEDED}
+    wanted = {tuple(s.replace("-", "_").lower().split("==")) for s in specs}
     stray = [w for w in args.dest.glob("*.whl") if tuple(w.name.lower().split("-")[:2]) not in wanted]
     for w in stray:  # one version of each needed package and nothing else: two would stop the install
         w.unlink()

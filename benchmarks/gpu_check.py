@@ -28,6 +28,7 @@ run stopped at any point leaves its results so far:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -99,6 +100,23 @@ def install_wheels(folder: Path) -> list[str]:
     sys.path.insert(0, str(target))
     os.environ["PYTHONPATH"] = os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])
     return [w.name for w in wheels]
+
+
+def import_checkout() -> None:
+    """Make ``import amg_engine`` this checkout, installed or not (the GPU machine has no install):
+    a link named ``amg_engine`` to the repository root, in a temporary folder put first on
+    ``sys.path`` and on ``PYTHONPATH`` (for the kernel tests' subprocess)."""
+    tag = hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"amg-engine-checkout-{tag}"
+    folder.mkdir(exist_ok=True)
+    link = folder / "amg_engine"
+    if not link.is_symlink():
+        try:
+            link.symlink_to(ROOT, target_is_directory=True)
+        except FileExistsError:  # another process made it between the check and here
+            pass
+    sys.path[:0] = [str(folder), str(ROOT / "benchmarks")]
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])
 
 
 class Report:
@@ -219,7 +237,7 @@ def _nn_case(device, dtype, b: int, n: int, d: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from amg_engine.kernels import nn_search_ref
+    from amg_engine.kernels.nn_search import nn_search_ref
 
     g = torch.Generator(device=device).manual_seed(n + b)
     xb = F.normalize(torch.randn(n, d, generator=g, device=device), dim=1).to(dtype)  # [N, D] unit rows
@@ -250,7 +268,7 @@ def check_combine(device: str, shapes: dict) -> dict:
 def _combine_case(device, b: int, c: int, t: int, layout: str) -> dict:
     import torch
 
-    from amg_engine.kernels import amg_combine_ref
+    from amg_engine.kernels.guidance import amg_combine_ref
 
     g = torch.Generator(device=device).manual_seed(b)
     if layout == "contiguous":
@@ -348,7 +366,7 @@ def guidance_for(engine, amg: bool, lam: float | None = None):
 
 
 def _run(engine, reqs, guidance, steps: int, fn=None):
-    """amg_engine.engine.generate (or fn(engine)) with this guidance and step count; (seconds, output)."""
+    """engine.generate (or fn(engine)) with this guidance and step count; (seconds, output)."""
     saved = engine.config
     engine.config = replace(
         saved, guidance=guidance, batch_size=len(reqs), sampler=replace(saved.sampler, steps=steps)
@@ -699,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     installed = [] if args.dry_run else install_wheels(args.wheels)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+    import_checkout()
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"

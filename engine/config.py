@@ -140,17 +140,20 @@ class EngineConfig:
         """Identity of the configuration fields that change outputs: with the model's and the index's
         own ids (``model_id``, ``index_id``) and each row's inputs, it keys resumable results.
 
-        A configured precision is part of it. An unset one (the device's default) is left out, like
-        the device it is derived from: the driver of a Ray run plans on a CPU config while its actors
-        may run on GPUs, and results written before the field existed keep their hash.
+        The precision is the one the engine runs in (:attr:`resolved_precision`: an unset one is the
+        device's default, bf16 on CUDA and fp32 elsewhere), so a run resumed on another device, or
+        planned on one and run on another, does not mix precisions under one key; it is left out
+        when fp32, so fp32 results (all those written before the field existed) keep their hash.
+        The device itself is left out: it changes outputs through the precision, else by rounding.
         """
         d = asdict(self)
         d.pop("device")
         d.pop("compile")
         d.pop("reuse_forward")  # same outputs either way
         d.pop("batch_size")  # outputs are batch-invariant by design
-        if d["precision"] is None:
-            d.pop("precision")
+        d.pop("precision")
+        if self.resolved_precision != "fp32":
+            d["precision"] = self.resolved_precision
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

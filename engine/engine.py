@@ -135,7 +135,7 @@ class Engine:
         return self._embed(audio, self.sample_rate, lengths)
 
     def _embed(self, audio: torch.Tensor, rate: int, lengths: torch.Tensor) -> torch.Tensor:
-        """amg_engine.index.clip.embed_clips with the embedder in the engine's precision: the clip is prepared in
+        """index/clip.py embed_clips with the embedder in the engine's precision: the clip is prepared in
         float32, the embedder runs under the precision's autocast, the embedding comes back float32
         (as the similarity and the gate are)."""
         e = self.embedder
@@ -213,10 +213,29 @@ class Engine:
         return Conditioning.cat(self._nbr_cache.get(idx))
 
     # -- generation --------------------------------------------------------------------------------
-    def generate(self, requests: list[Request]) -> list[Generated]:
-        """One batch: sample, decode, measure the final similarity, trim each row to its duration."""
+    def generate(self, requests: list[Request], measure: bool = True) -> list[Generated]:
+        """One batch: sample, decode, measure the final similarity, trim each row to its duration.
+        ``measure`` False: no final similarity (NaN, neighbour -1), for a caller that measures the
+        file it writes itself (the release gate, :meth:`measure_files`): each clip is embedded once."""
         latents, traces = self.sample(requests)
-        return self._finish(requests, latents, traces)
+        return self._finish(requests, latents, traces, measure)
+
+    def measure_files(self, files: list[bytes]) -> tuple[list[float], list[int]]:
+        """The audit's measure of audio files given as their bytes (``amg audit``, jobs/audit.py): each
+        file read as the audit reads one (index.build.read_clip), embedded in float32 with TF32 off
+        whatever the engine's precision (index.clip.embed_windows), searched exactly over the index
+        (index.search.ExactSearcher, the audit's default). -> (similarity, index row) per file."""
+        import io
+
+        from amg_engine.index.build import read_clip
+        from amg_engine.index.clip import embed_windows
+        from amg_engine.index.search import ExactSearcher
+
+        windows = torch.stack([read_clip(io.BytesIO(f), self.embedder)[0] for f in files])  # [B, window]
+        with Precision("fp32", self.device.type).flags():
+            e = embed_windows(self.embedder, windows.to(self.device))
+            res = ExactSearcher(self.index.vectors, ids=self.index.ids).search(e, 1)
+        return res.D[:, 0].tolist(), res.I[:, 0].tolist()
 
     def sample(self, requests: list[Request]) -> tuple[torch.Tensor, list[StepTrace]]:
         """Final latents [B, C, L] and the per-step traces (empty without a detector), undecoded."""
@@ -278,9 +297,10 @@ class Engine:
             return BrownianRowNoise(rows, x, sigmas[-2], sigmas[0])  # tree over [sigma_min, sigma_max]
         return lambda sigma, sigma_next: rows.draw()
 
-    def _finish(self, requests, latents, traces: list[StepTrace]) -> list[Generated]:
+    def _finish(self, requests, latents, traces: list[StepTrace], measure: bool = True) -> list[Generated]:
         """Decode, embed and search ``FINAL_DECODE_ROWS`` rows at a time (the final decode's memory
-        is that of a few rows, whatever the batch size), trim each row to its duration."""
+        is that of a few rows, whatever the batch size), trim each row to its duration. ``measure``
+        False: no embedding and search (similarity NaN, neighbour -1)."""
         per_step = _stack_traces(traces)
         out = []
         for a in range(0, len(requests), FINAL_DECODE_ROWS):
@@ -289,7 +309,10 @@ class Engine:
                 audio = self.decode_final(latents[rows], [r.seconds for r in requests[rows]])
                 finite = torch.isfinite(audio).flatten(1).all(dim=1).tolist()
                 lengths = self.lengths([r.seconds for r in requests[rows]])
-                sim, nn = self.nearest(torch.nan_to_num(audio), lengths)
+                if measure:
+                    sim, nn = self.nearest(torch.nan_to_num(audio), lengths)
+                else:
+                    sim, nn = [math.nan] * len(finite), [-1] * len(finite)
             longest = min(audio.shape[-1], round(max(r.seconds for r in requests[rows]) * self.sample_rate))
             audio = audio[..., :longest].cpu()  # one copy to the host per chunk
             for j, r in enumerate(requests[rows]):

@@ -22,7 +22,9 @@ which gates flip, and a bf16 ``c3·√(1−ᾱ)·∇σ`` (c3 = 6000) would add i
 term, to the latents at every guided step.
 
 TF32 is set only inside :meth:`Precision.flags`, a context manager the engine enters around its own
-work and that restores the previous settings on exit; nothing here changes a global flag for good.
+work and that restores the previous settings on exit; nothing here changes a global flag for good. It
+uses PyTorch's legacy TF32 flags only, never the newer ``fp32_precision`` ones: mixing the two makes
+the legacy getters raise (torch 2.11), and k-diffusion and inductor read those.
 On CPU the TF32 settings do not apply (``tf32`` computes as ``fp32`` there).
 """
 
@@ -78,15 +80,21 @@ class Precision:
     @contextmanager
     def flags(self) -> Iterator[None]:
         """TF32 on for ``tf32``, off otherwise (float32 parts of bf16 runs are float32 too), for CUDA
-        matrix products and cuDNN convolutions; the previous settings come back on exit."""
+        matrix products and cuDNN convolutions; the previous settings come back on exit.
+
+        Through the legacy flags (``torch.backends.cuda.matmul.allow_tf32``, ``cudnn.allow_tf32``), the
+        ones stable-audio-tools, k-diffusion and inductor's autotuning read: on torch 2.11, setting the
+        per-backend ``fp32_precision`` flags instead leaves a state in which the legacy getters
+        (``torch.get_float32_matmul_precision()``, ``allow_tf32``) raise. Set through the legacy flags,
+        every getter of both APIs answers (tests/test_precision.py)."""
         if self.device_type != "cuda":
             yield
             return
-        mode = "tf32" if self.name == "tf32" else "ieee"
-        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-        before = matmul.fp32_precision, conv.fp32_precision
-        matmul.fp32_precision, conv.fp32_precision = mode, mode
+        on = self.name == "tf32"
+        matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+        before = matmul.allow_tf32, cudnn.allow_tf32
+        matmul.allow_tf32, cudnn.allow_tf32 = on, on
         try:
             yield
         finally:
-            matmul.fp32_precision, conv.fp32_precision = before
+            matmul.allow_tf32, cudnn.allow_tf32 = before

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -118,9 +119,10 @@ def clips_from_source(source: str | Path) -> list[Clip]:
     raise ValueError(f"{source}: give a folder of audio files or a .parquet manifest")
 
 
-def read_clip(path: Path, embedder) -> tuple[torch.Tensor, float]:
+def read_clip(path: Path | BinaryIO, embedder) -> tuple[torch.Tensor, float]:
     """The embedder's prepared window of an audio file ([window], index/clip.py) and the file's full
-    duration in seconds. Only the part of the file the window can see is read."""
+    duration in seconds. Only the part of the file the window can see is read. ``path``: a file, or a
+    file object holding one's bytes (the release gate measures a clip's bytes before writing them)."""
     import soundfile as sf
 
     with sf.SoundFile(path) as f:

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m amg_engine.index.cli``); ``amg index`` (jobs/cli.py) is the same commands."""
+    """Standalone entry (``python -m amg_engine.index.cli``); ``amg index`` (jobs/cli.py) is the same."""
     import logging
 
     args = build_parser().parse_args(argv)

@@ -107,6 +107,14 @@ def prepare_clips(
     return x / x.abs().amax(dim=1, keepdim=True).clamp_min(PEAK_FLOOR)
 
 
+def embed_windows(embedder, windows: torch.Tensor) -> torch.Tensor:
+    """Step 5 in float32: prepared windows [B, window] -> unit-norm [B, D] float32, whatever autocast
+    is active around the call. With :func:`index.build.read_clip` and an exact search, the measure of
+    a file that ``amg audit`` reports and the release gate judges (jobs/audit.py, jobs/runner.py)."""
+    with torch.no_grad(), torch.autocast(windows.device.type, enabled=False):
+        return embedder.embed_window(windows.float()).float()
+
+
 def embed_clips(embedder, audio: torch.Tensor, sample_rate: int, lengths: torch.Tensor | None = None):
     """The embedding of each clip (module docstring): [B, C, T] at ``sample_rate`` -> unit-norm [B, D]."""
     x = prepare_clips(audio, sample_rate, lengths, embedder.sample_rate, embedder.window, embedder.fill)

@@ -164,6 +164,27 @@ def _write_cache(path: str, entry: dict) -> None:
         log.debug("could not write the digest cache %s: %s", target, e)
 
 
+def file_identity(path: str | Path) -> list[int] | None:
+    """What tells a file's content from an earlier one at the same path without reading it: its size and
+    modification and status-change times in ns (``cp -p``, ``rsync -t`` or ``touch -r`` can put the
+    modification time back; only the kernel sets the status-change time); None where there is no file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def unreadable_file(path: str | Path) -> str | None:
+    """None when ``path`` opens for reading, else one message for every reason (missing, a folder, no
+    permission), so that the message does not tell whether something is there."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError:
+        return f"cannot read {path}: no readable file there"
+
+
 class UntrustedCheckpoint(ValueError):
     """A checkpoint that cannot be loaded with ``weights_only=True`` (it needs arbitrary unpickling)."""
 

@@ -31,7 +31,8 @@ training index (``amg audit``; under the gate, the released clips), and the tabl
 The paper's CLAP score needs a CLAP text encoder, which cannot be had offline; attribute adherence is
 what stands in for it here. The table is printed, and saved as ``DIR/ablation.parquet`` and
 ``DIR/ablation.md`` (with the estimators' accuracies and the retained shares under it). Each run keeps
-its results, audio and audit report under ``DIR/<block>/<row>/``; rerunning resumes.
+its results, audio and audit report under ``DIR/<block>/<row>/``; rerunning resumes the generation
+and audits each row afresh.
 """
 
 from __future__ import annotations
@@ -170,10 +171,12 @@ def run_row(
         empty = ("mean", "p95", "max", "share_replica", "family_adherence", *ATTRIBUTE_COLUMNS, "attributes",
                  "retained", "fad", "kad", "fad_heldout", "kad_heldout")  # fmt: skip
         return {**entry, "n": 0, **dict.fromkeys(empty), **cost}
+    # restart: the row's clips are embedded afresh on every run (the run may have regenerated them under
+    # another preset or model, and under the gate released another set, which a kept audit would refuse)
     summary = run_audit(
         run_dir / "results.parquet", DEFAULT_INDEX_DIR, run_dir / "audit", AuditConfig(pairs=4),
         train_audio=DEFAULT_INDEX_DIR.parent / "train" / "train.parquet", progress=False,
-        heldout_dir=HELDOUT_INDEX_DIR,
+        heldout_dir=HELDOUT_INDEX_DIR, restart=True,
     )  # fmt: skip
     audit = pq.read_table(run_dir / "audit" / "audit.parquet").to_pydict()
     g, a = summary.generated, summary.adherence

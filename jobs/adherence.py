@@ -5,8 +5,9 @@ Only files whose prompt names a measurable attribute are checked (:func:`parse_p
 anyone's audio with other prompts, or none, gets no rows. Per checked file, ``attributes.parquet``
 holds what the prompt asked, what the estimators read and a hit (true/false) per asked attribute.
 The summary gives, per attribute, the share of hits among the files that asked for it, and the
-pooled share over every (file, attribute) check ("all"). The file is written once per input
-listing: a rerun of the same audit reads it back instead of estimating again.
+pooled share over every (file, attribute) check ("all"). A rerun of the audit into the same folder
+reuses the row of each file whose id, path, prompt and content identity (size, modification and
+status-change times) are unchanged, and checks the others again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 FILE = "attributes.parquet"
+ROW_KEYS = "row_keys"  # metadata: per row, the key of the file it was checked on (_row_key)
 
 
 def schema():
@@ -40,10 +42,13 @@ def _row(item, target) -> dict:
     import soundfile as sf
 
     from amg_engine.engine.default.attributes import check
+    from amg_engine.index.files import unreadable_file
 
     row = {"id": item.id, "prompt": item.prompt, "family": target.family, "asked": list(target.asked()),
            "status": "ok", "error": None, "target_bpm": target.bpm, "target_instrument": target.instrument,
            "target_chord": None if target.chord is None else " ".join(target.chord)}  # fmt: skip
+    if problem := getattr(item, "error", None) or unreadable_file(item.path):  # outside, missing, unreadable
+        return row | {"status": "error", "error": problem}
     try:
         audio, sr = sf.read(item.path, dtype="float32", always_2d=True)
     except Exception as e:  # noqa: BLE001 - an unreadable file is an error row, not a crash
@@ -51,14 +56,34 @@ def _row(item, target) -> dict:
     return row | check(target, audio, sr)
 
 
-def _listing_hash(items) -> str:
-    listing = [[it.id, str(Path(it.path).resolve()), it.prompt] for it in items]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+def _row_key(item) -> str:
+    """A row is reused for the same id, path and prompt and an unchanged file only (files.file_identity)."""
+    from amg_engine.index.files import file_identity
+
+    path = Path(item.path)
+    row = [item.id, str(path.resolve()), item.prompt, getattr(item, "error", None), file_identity(path)]
+    return hashlib.sha256(json.dumps(row).encode()).hexdigest()
+
+
+def _cached_rows(path: Path) -> dict[str, dict]:
+    """The rows of an earlier ``attributes.parquet`` by their key ({} when there is none to reuse)."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return {}
+    try:
+        keys = json.loads((pq.read_metadata(path).metadata or {}).get(ROW_KEYS.encode(), b"[]"))
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 - a cache that cannot be read is only recomputed
+        log.warning("cannot reuse %s (%s): checking every file again", path, e)
+        return {}
+    return dict(zip(keys, rows, strict=True)) if len(keys) == len(rows) else {}
 
 
 def attribute_rows(items: Sequence, out_dir: Path, progress: bool = True):
     """Check every item whose prompt parses -> the table (also written to ``out_dir/attributes.parquet``),
-    or None when no prompt parses. Items need ``id``, ``path`` and ``prompt``."""
+    or None when no prompt parses. Items need ``id``, ``path`` and ``prompt``. A rerun into the same
+    folder reuses the rows of files that did not change and checks the others again."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -69,11 +94,12 @@ def attribute_rows(items: Sequence, out_dir: Path, progress: bool = True):
     todo = [(it, t) for it in items if (t := parse_prompt(it.prompt)) is not None]
     if not todo:
         return None
-    path, key = Path(out_dir) / FILE, _listing_hash([it for it, _ in todo])
-    if path.exists() and pq.read_metadata(path).metadata.get(b"items_sha256", b"").decode() == key:
-        return pq.read_table(path)
-    rows = [_row(it, t) for it, t in tqdm(todo, desc="attributes", unit="file", disable=not progress)]
-    table = pa.Table.from_pylist(rows, schema=schema()).replace_schema_metadata({"items_sha256": key})
+    path = Path(out_dir) / FILE
+    keys, old = [_row_key(it) for it, _ in todo], _cached_rows(path)  # keys before any file is read
+    rows = [old.get(k) or _row(it, t)
+            for (it, t), k in tqdm(list(zip(todo, keys, strict=True)), desc="attributes", unit="file",
+                                   disable=not progress)]  # fmt: skip
+    table = pa.Table.from_pylist(rows, schema=schema()).replace_schema_metadata({ROW_KEYS: json.dumps(keys)})
     atomic_write(path, lambda p: pq.write_table(table, p))
     return table
 

@@ -8,9 +8,12 @@ is embedded with the index's own embedder, in batches, and searched against the 
 
 Streaming and resumable: each finished batch is written to ``OUT/parts/part-<k>.parquet`` (its
 rows) and ``part-<k>.safetensors`` (its embeddings) under a temporary name and renamed, next to a
-``plan.json`` fixing the inputs; a rerun skips finished batches, and memory stays bounded by one
-batch plus O(D²) running moments whatever the number of files. A file that cannot be read becomes
-a row with ``status="error"`` and the reason, never a crash.
+``plan.json`` fixing the inputs; a rerun skips finished batches whose files are unchanged (each part
+is keyed on its files' size, modification and status-change times: :func:`batch_key`) and embeds the
+others again, and memory stays bounded by one batch plus O(D²) running moments whatever the number of
+files. A file that cannot be read becomes a row with ``status="error"`` and the reason, never a crash.
+Only files inside the source's folder are read: a path that leads out of it (absolute, ``../``, a
+symlink) is an error row that reads the same whether the file exists or not.
 
 Outputs in OUT:
 - ``audit.parquet``: per file, the top-k training neighbours (ids, captions, similarities), the
@@ -40,15 +43,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amg_engine.index.build import clips_from_folder, read_clip
+from amg_engine.index.build import audio_suffixes, read_clip
+from amg_engine.index.clip import embed_windows
 from amg_engine.index.distances import Moments, fad, kad
-from amg_engine.index.files import atomic_write, fsync_replace, open_plan_dir
+from amg_engine.index.files import atomic_write, file_identity, fsync_replace, open_plan_dir, unreadable_file
 from amg_engine.index.search import SearchConfig, Searcher, check_config, make_searcher
-from amg_engine.index.store import EmbeddingIndex
+from amg_engine.index.store import EmbeddingIndex, index_id
 
 log = logging.getLogger(__name__)
 
 PARTS = "parts"
+KEY = "items_sha256"  # the metadata key of a part's batch_key
 KAD_SAMPLE = 2000  # embeddings per set for KAD (quadratic cost)
 BACKGROUND_SAMPLE = 5000  # training clips searched against the rest for the background histogram
 HIST_BINS = 50
@@ -88,18 +93,62 @@ class AuditConfig:
 
 @dataclass(frozen=True)
 class Item:
-    """One audited file: id, path, and the prompt it was generated from ('' when unknown)."""
+    """One audited file: id, path, the prompt it was generated from ('' when unknown), and why it is
+    not read at all (a path that leads out of the source's folder), else None."""
 
     id: str
     path: Path
     prompt: str
+    error: str | None = None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, symlinks resolved, lies under ``root`` (itself resolved)."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
+def _outside(path: Path, root: Path) -> str:
+    # the same text whether the file exists or not, and not where a link points
+    return f"{path} is not inside {root}: only files in the audited folder are read"
+
+
+def unreadable(item: Item) -> str | None:
+    """Why ``item`` cannot be read, before decoding it: outside its folder, or no readable file there (a
+    missing file, a folder, no permission: one text for all); None when it can be opened."""
+    return item.error if item.error is not None else unreadable_file(item.path)
+
+
+def _folder_items(folder: Path) -> list[Item]:
+    """The audio files under ``folder`` (recursively, sorted; ids = relative paths; prompts from
+    ``<name>.txt`` sidecars). One whose path leads out of the folder (a symlink) is an error item and
+    neither it nor its sidecar is read."""
+    root, suffixes = folder.resolve(), audio_suffixes()
+    paths = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in suffixes and (p.is_file() or p.is_symlink())
+    )
+    if not paths:
+        raise FileNotFoundError(f"no audio files ({', '.join(suffixes)}) under {folder}")
+    items = []
+    for p in paths:
+        rel, sidecar = p.relative_to(folder).as_posix(), p.with_suffix(".txt")
+        if not _inside(p, root):
+            items.append(Item(rel, p, "", _outside(p, root)))
+            continue
+        prompt = sidecar.read_text().strip() if _inside(sidecar, root) and sidecar.is_file() else ""
+        items.append(Item(rel, p, prompt))
+    return items
 
 
 def items_from_source(source: str | Path) -> list[Item]:
-    """A folder's audio files (ids = relative paths) or the ok rows of an ``amg generate`` results file."""
+    """A folder's audio files (ids = relative paths) or the ok rows of an ``amg generate`` results file.
+    Paths resolve inside the folder (a results file's: inside its own folder), symlinks followed, or
+    the item is an error row."""
     source = Path(source)
     if source.is_dir():
-        return [Item(c.id, c.path, c.caption) for c in clips_from_folder(source)]
+        return _folder_items(source)
     if source.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -111,10 +160,12 @@ def items_from_source(source: str | Path) -> list[Item]:
         rows = pq.read_table(source, columns=wanted).to_pydict()
         status = rows.get("status") or ["ok"] * len(rows["id"])
         prompts = rows.get("prompt") or [""] * len(rows["id"])
+        root = source.parent.resolve()
         items = [
-            Item(str(i), source.parent / p, str(pr or ""))
+            Item(str(i), path, str(pr or ""), None if _inside(path, root) else _outside(path, root))
             for i, p, pr, s in zip(rows["id"], rows["audio_path"], prompts, status, strict=True)
             if s == "ok" and p
+            for path in [source.parent / p]
         ]
         if not items:
             raise ValueError(f"{source} has no ok rows with audio to audit")
@@ -125,16 +176,25 @@ def items_from_source(source: str | Path) -> list[Item]:
 # -- embedding, in resumable parts ------------------------------------------------------------------
 
 
-def _plan(items: Sequence[Item], index: EmbeddingIndex, config: AuditConfig) -> dict:
+def _plan(items: Sequence[Item], index_key: str, config: AuditConfig, embedder_info: dict) -> dict:
+    """What the audit folder holds the parts of: the index, the embedder, k, the batches and the listing
+    (ids, paths, prompts). The files' contents are keyed per part (:func:`batch_key`)."""
     listing = json.dumps([[it.id, str(it.path.resolve()), it.prompt] for it in items]).encode()
     return {
-        "embedder": json.loads(index.embedder.to_json()),
-        "index_sha256": hashlib.sha256(index.vectors.numpy().tobytes()).hexdigest(),
+        "embedder": embedder_info,
+        "index_id": index_key,
         "k": config.k,
         "batch_size": config.batch_size,
         "n": len(items),
         "items_sha256": hashlib.sha256(listing).hexdigest(),
     }
+
+
+def batch_key(items: Sequence[Item]) -> str:
+    """The digest a part is stored under: its items (id, resolved path, prompt, why it is not read) and
+    the identity of each file's content. A part whose key differs is embedded again."""
+    rows = [[it.id, str(it.path.resolve()), it.prompt, it.error, file_identity(it.path)] for it in items]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 def row_schema():
@@ -152,6 +212,8 @@ def row_schema():
 
 
 def _read(item: Item, embedder) -> torch.Tensor | str:
+    if problem := unreadable(item):
+        return problem
     try:
         return read_clip(item.path, embedder)[0]
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes an error row
@@ -177,7 +239,7 @@ def _embed_batch(
     if not ok:
         return cols, torch.zeros(0, index.embedder.dim)
     with torch.no_grad():
-        e = embedder.embed_window(torch.stack([loaded[i] for i in ok]).to(device)).float()  # [n_ok, D]
+        e = embed_windows(embedder, torch.stack([loaded[i] for i in ok]).to(device))  # [n_ok, D], float32
         res = searcher.search(e, k)
         e = e.cpu()
         scores = _clap_scores(e, [items[i].prompt for i in ok], text_embedder)
@@ -221,44 +283,72 @@ def embed_all(
     text_embedder: Callable[[list[str]], torch.Tensor] | None = None,
     progress: bool = True,
     restart: bool = False,
+    index_key: str | None = None,
     searcher: Searcher | None = None,
 ) -> list[Path]:
     """Embed and search every item in batches into ``OUT/parts`` (resuming), -> the part row files.
-    ``searcher``: over ``index`` (default: made from ``config.search`` on ``config.device``)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from safetensors.torch import save_file
+
+    A batch is done again when any of its files changed since its part was written (:func:`batch_key`);
+    ``index_key`` identifies the index (``index.store.index_id`` of its folder; default: a digest of its
+    vectors). ``searcher``: over ``index`` (default: made from ``config.search`` on
+    ``config.device``)."""
     from tqdm import tqdm
 
-    work = open_plan_dir(out_dir / PARTS, _plan(items, index, config), restart, "an audit")
+    if index_key is None:  # callers without the index folder: the vectors themselves
+        index_key = hashlib.sha256(index.vectors.numpy().tobytes()).hexdigest()
+    plan = _plan(items, index_key, config, json.loads(index.embedder.to_json()))
+    work = open_plan_dir(out_dir / PARTS, plan, restart, "an audit")
     searcher = searcher or make_searcher(index, config.search, config.device)
     starts = range(0, len(items), config.batch_size)
     parts = [work / f"part-{s // config.batch_size:06d}" for s in starts]
-    done = sum(_finished(p) for p in parts)
-    if done:
-        log.info("resuming the audit in %s: %d of %d batches done", out_dir, done, len(parts))
-    bar = tqdm(total=len(items), initial=min(done * config.batch_size, len(items)), desc="audit",
-               unit="file", disable=not progress)  # fmt: skip
+    keys = [batch_key(items[s : s + config.batch_size]) for s in starts]  # before any file is read
+    finished = [_finished(p, key) for p, key in zip(parts, keys, strict=True)]
+    if any(finished):
+        log.info("resuming the audit in %s: %d of %d batches done and unchanged", out_dir, sum(finished),
+                 len(parts))  # fmt: skip
+    bar = tqdm(total=len(items), desc="audit", unit="file", disable=not progress)
     with ThreadPoolExecutor(config.workers) as pool:
-        for s, part in zip(starts, parts, strict=True):
-            if _finished(part):
-                continue
+        for s, part, key, done in zip(starts, parts, keys, finished, strict=True):
             batch = items[s : s + config.batch_size]
-            cols, e = _embed_batch(
-                batch, embedder, searcher, index, config.k, text_embedder, pool, config.device
-            )
-            atomic_write(part.with_suffix(".safetensors"), lambda p, e=e: save_file({"e": e.contiguous()}, p))
-            atomic_write(
-                part.with_suffix(".parquet"),
-                lambda p, c=cols: pq.write_table(pa.table(c, schema=row_schema()), p),
-            )
+            if not done:
+                cols, e = _embed_batch(
+                    batch, embedder, searcher, index, config.k, text_embedder, pool, config.device
+                )
+                _write_part(part, key, cols, e)
             bar.update(len(batch))
     bar.close()
     return [p.with_suffix(".parquet") for p in parts]
 
 
-def _finished(part: Path) -> bool:  # the rows are written last
-    return part.with_suffix(".parquet").exists() and part.with_suffix(".safetensors").exists()
+def _write_part(part: Path, key: str, cols: dict, e: torch.Tensor) -> None:
+    """A batch's embeddings, then its rows (last: their presence marks the part done), under ``key``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+
+    meta = {KEY: key}
+    atomic_write(part.with_suffix(".safetensors"), lambda p: save_file({"e": e.contiguous()}, p, meta))
+    table = pa.table(cols, schema=row_schema()).replace_schema_metadata(meta)
+    atomic_write(part.with_suffix(".parquet"), lambda p: pq.write_table(table, p))
+
+
+def _finished(part: Path, key: str) -> bool:
+    """Both files of the part are there and were written for these items as they are now (the rows
+    are written last, so rows with this key have embeddings with it)."""
+    import pyarrow.parquet as pq
+    from safetensors import safe_open
+
+    rows, e = part.with_suffix(".parquet"), part.with_suffix(".safetensors")
+    if not (rows.exists() and e.exists()):
+        return False
+    try:
+        with safe_open(e, "pt") as f:
+            e_key = (f.metadata() or {}).get(KEY)
+        rows_key = (pq.read_metadata(rows).metadata or {}).get(KEY.encode(), b"").decode()
+    except Exception as err:  # noqa: BLE001 - a part that cannot be read back is done again
+        log.warning("%s cannot be read back (%s): embedding its batch again", part, err)
+        return False
+    return rows_key == e_key == key
 
 
 # -- aggregation -----------------------------------------------------------------------------------
@@ -502,7 +592,8 @@ def run_audit(
     items = items_from_source(source)
     out_dir.mkdir(parents=True, exist_ok=True)
     searcher = make_searcher(index, config.search, config.device)  # one for the files and the background
-    parts = embed_all(items, index, embedder, out_dir, config, text_embedder, progress, restart, searcher)
+    parts = embed_all(items, index, embedder, out_dir, config, text_embedder, progress, restart,
+                      index_id(index_dir), searcher)  # fmt: skip
     summary = aggregate(
         parts, index, out_dir, config, thresholds_for(config, embedder), reference, heldout, searcher
     )

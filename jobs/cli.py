@@ -16,7 +16,10 @@ Rerunning the same command resumes: rows already done under the same configurati
 
 Exit codes: 0 done (bad rows are error rows, not failures); 2 bad input (the message names it);
 3 stopped because the engine failed on --max-failed-batches batches in a row (the message names the
-error; finished rows are kept and the same command resumes).
+error; finished rows are kept and the same command resumes); 4 the output folder failed (full,
+read-only, gone, not a folder: the message names the path and the cause; finished rows are kept and
+the same command resumes); 5 another run is working on the same rows in --out (the message names its
+process); 1 an unexpected error (a traceback: please report it).
 """
 
 from __future__ import annotations
@@ -335,9 +338,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output_folder(path: Path) -> None:
+    """``--out`` must be a folder, or a path where one can be created: checked before anything loads."""
+    import errno
+
+    from amg_engine.jobs.results import OutputUnavailable
+
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        advice = f"--out {path}: give a folder, or a path where one can be created"
+        raise OutputUnavailable(existing, NotADirectoryError(errno.ENOTDIR, "not a folder"), advice)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import pyarrow as pa
+
     from amg_engine.jobs.manifest import ManifestError
     from amg_engine.jobs.ray_run import RayUnavailable
+    from amg_engine.jobs.results import FolderBusy, OutputUnavailable, os_cause
     from amg_engine.jobs.runner import CircuitOpen
 
     args = build_parser().parse_args(argv)
@@ -349,13 +369,31 @@ def main(argv: list[str] | None = None) -> int:
         root.addHandler(console)
         root.setLevel(logging.WARNING)
     try:
+        if isinstance(getattr(args, "out", None), Path):
+            _output_folder(args.out)
         return args.func(args)
-    except (ManifestError, ValueError, FileNotFoundError, RayUnavailable) as e:
+    except (ManifestError, FileNotFoundError, RayUnavailable) as e:
+        print(f"amg: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if isinstance(e, pa.ArrowException):  # pyarrow's, raised while working: not input validation
+            raise
         print(f"amg: error: {e}", file=sys.stderr)
         return 2
     except CircuitOpen as e:
         print(f"amg: {e}", file=sys.stderr)
         return 3
+    except OutputUnavailable as e:
+        print(f"amg: {e}", file=sys.stderr)
+        return 4
+    except OSError as e:  # a folder or file that cannot be written or read: the environment's fault
+        if e.errno is None:  # pyarrow's unreadable data: a traceback
+            raise
+        print(f"amg: error: {e.filename or getattr(args, 'out', '?')}: {os_cause(e)}", file=sys.stderr)
+        return 4
+    except FolderBusy as e:
+        print(f"amg: {e}", file=sys.stderr)
+        return 5
 
 
 if __name__ == "__main__":

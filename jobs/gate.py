@@ -10,7 +10,12 @@ F^(k−1). A row that clears is ``ok`` (its audio in ``audio/``); a row that nev
 ``rejected``: its best attempt (lowest similarity) is kept in ``rejected/`` and never in ``audio/``,
 so every file under ``audio/`` is below τ. Between attempts a row's newest result has status
 ``retry`` (its best attempt so far, in ``rejected/``): a run killed mid-retry resumes with the next
-attempt, keeping the earlier ones.
+attempt, keeping the earlier ones. An attempt that fails (the engine raised on its batch, its audio
+was non-finite or could not be written) makes the row an ``error`` that keeps its attempts so far and
+its best one's file; ``--retry-failed`` continues with the next attempt. A row's attempts are its
+only state between attempts (:class:`Attempts`, recorded in its result row), and
+:meth:`ReleaseGate.judge` is the one transition: attempts so far + a new attempt's similarity ->
+released, retried or rejected, and which attempt's file the row keeps (:class:`Verdict`).
 
 Retries are batched: rows that failed an attempt are gathered, across batches, into full batches of
 the rows sharing their overrides and c3 scale (:class:`RetryQueue`); only what is left at the end of
@@ -90,10 +95,83 @@ class ReleaseGate:
             return config
         return replace(config, guidance=replace(config.guidance, c3=config.guidance.c3 * scale))
 
+    def judge(self, before: Attempts, seed: int, similarity: float, seconds: float) -> Verdict:
+        """What becomes of a row whose attempts so far are ``before`` when its next attempt (``seed``,
+        ``seconds``) measures ``similarity``: released, retried or rejected, and which attempt's file
+        and outputs its result carries (:class:`Verdict`)."""
+        after = before.add(seed, similarity, seconds)
+        if self.releases(similarity):
+            return Verdict("ok", after.count, after)
+        return Verdict("rejected" if after.count >= self.max_attempts else "retry", after.best, after)
+
+
+@dataclass(frozen=True)
+class Attempts:
+    """A row's attempts under the gate, oldest first: each one's seed, similarity (the gate's measure of
+    its file) and seconds. It is all the state a row has between attempts: a result row records it
+    (:meth:`columns`) and :meth:`of` reads it back, so a rerun continues where a run stopped."""
+
+    seeds: tuple[int, ...] = ()
+    similarities: tuple[float, ...] = ()
+    seconds: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, result: dict[str, Any] | None) -> Attempts:
+        """The attempts a result row records (None, or a row without attempts: none yet)."""
+        if result is None or not result.get("attempt_seeds"):
+            return cls()
+        return cls(tuple(result["attempt_seeds"]), tuple(result["attempt_similarities"]),
+                   tuple(result["attempt_seconds"]))  # fmt: skip
+
+    @property
+    def count(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def next(self) -> int:
+        """The number of the next attempt (1 for a row not tried yet)."""
+        return self.count + 1
+
+    @property
+    def best(self) -> int | None:
+        """The attempt with the lowest similarity (the earliest of equals; NaN above every number), or
+        None before the first."""
+        if not self.seeds:
+            return None
+        order = [(math.isnan(s), 0.0 if math.isnan(s) else s, j) for j, s in enumerate(self.similarities)]
+        return min(order)[2] + 1
+
+    def add(self, seed: int, similarity: float, seconds: float) -> Attempts:
+        return Attempts((*self.seeds, seed), (*self.similarities, float(similarity)),
+                        (*self.seconds, float(seconds)))  # fmt: skip
+
+    def columns(self) -> dict[str, Any]:
+        """The result row's record of the attempts (columns attempts, attempt_seeds, ...)."""
+        return dict(
+            attempts=self.count, attempt_seeds=list(self.seeds),
+            attempt_similarities=list(self.similarities), attempt_seconds=list(self.seconds),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's decision on a row after an attempt: ``status`` ok (released), retry or rejected;
+    ``keep``: the attempt whose file and outputs the row's result carries (the released one, else the
+    best so far); ``attempts``: the row's attempts, this one included."""
+
+    status: str
+    keep: int
+    attempts: Attempts
+
+    @property
+    def fresh(self) -> bool:
+        """The kept attempt is the one just made (its audio is to be written), not an earlier one."""
+        return self.keep == self.attempts.count
+
 
 def attempt_of(prior: dict[str, Any] | None) -> int:
     """The attempt a row is at, given its previous attempt's result row (None: the first)."""
-    return 1 if prior is None else len(prior["attempt_seeds"]) + 1
+    return 1 if prior is None else len(prior.get("attempt_seeds") or ()) + 1
 
 
 class RetryQueue:

@@ -4,13 +4,20 @@ Every manifest row yields exactly one result row (status ``ok`` or ``error``); a
 batch is recorded, never raised. The output folder layout, the results schema and what counts as
 done are described in :mod:`jobs.results`; the manifest schema in :mod:`jobs.manifest`.
 
-A run: take the folder lock shared; delete this process's leftover temporary files; validate the
+A run: claim its rows (a second run of the same rows is refused, :class:`~jobs.results.FolderBusy`);
+take the folder lock shared; delete this process's leftover temporary files; validate the
 manifest; keep this shard's rows (row k belongs to shard k mod n); skip rows already done under the
 same configuration hash (error rows too, unless ``retry_failed``), choosing them from a scan of the
 key columns only; generate the rest in batches of rows sharing their per-row overrides, writing one
 result shard per batch; then, if no other run holds the folder, compact the shards and stream
 ``results.parquet`` (:mod:`jobs.merge`). Killing the process at any moment loses at most the
 batches in flight: a rerun of the same command regenerates exactly those rows.
+
+An operating-system error on the output folder (a full disk, a read-only or lost folder) is the
+run's fault, not a row's: the run stops at once with :class:`~jobs.results.OutputUnavailable`
+naming the path and the cause (the CLI's exit code 4), the rows in flight get no result row, and a
+failed merge leaves the shards as they were and no temporary file; so the same rerun finishes the
+job. A result shard that cannot be read is set aside (:meth:`~jobs.results.ResultStore.scan`).
 
 Under a release gate (``JobConfig.gate``, :mod:`jobs.gate`) a row whose final similarity is at or
 above τ is generated again, its retries gathered across batches into full batches, up to N attempts;
@@ -29,6 +36,7 @@ finishers leave it to that one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import time
 from collections import Counter
@@ -47,8 +55,10 @@ from amg_engine.jobs.results import (
     AUDIO_IDENTITY,
     KEY,
     FolderLock,
+    OutputUnavailable,
     ResultStore,
     error_result,
+    output_errors,
     result_schema,
     same_audio,
 )
@@ -195,7 +205,7 @@ class Summary:
 def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, ids: RunIds, job: JobConfig) -> Plan:
     """Validate the manifest and decide which of this shard's rows still need generating."""
     table = read_manifest(manifest)
-    rows = validate(table.to_pylist(), limits)
+    rows = validate(table.to_pylist(), limits, table.schema)
     gate = None if job.gate is None else job.gate.resolve(ids.threshold)
     gate_key = None if gate is None else gate.key
     hashes: dict[Overrides, str] = {}
@@ -203,7 +213,7 @@ def plan_run(manifest: str | Path, store: ResultStore, limits: Limits, ids: RunI
     for r in rows:
         if r.error is None:
             if r.overrides not in hashes:
-                hashes[r.overrides] = r.config(limits.base).config_hash()
+                hashes[r.overrides] = r.overrides.config_hash(limits.base)
             expected[r.id] = (hashes[r.overrides], ids.model_id, ids.index_id, r.prompt, r.seconds, r.seed,
                               gate_key)  # fmt: skip
     mine = [r for r in rows if job.shard.owns(r.index)]
@@ -238,13 +248,14 @@ def _done_ids(store: ResultStore, expected: dict[str, tuple], retry_failed: bool
     cols = scan.table.select(list(AUDIO_IDENTITY)).take(chosen).to_pydict()
     done, waiting = set(), []
     for k, rid in enumerate(picks):
-        status = cols["status"][k]
-        if status == "error":
-            if not retry_failed:
-                done.add(rid)
-        elif same_audio(store.dir / (cols["audio_path"][k] or ""), cols["audio_bytes"][k],
-                        cols["audio_mtime_ns"][k], cols["audio_sha256"][k]):  # fmt: skip
-            if status == "retry":
+        status, path = cols["status"][k], cols["audio_path"][k]
+        if status == "error" and not retry_failed:
+            done.add(rid)
+        elif status == "error" and path is None:  # regenerated from the start
+            continue
+        elif same_audio(store.dir / (path or ""), cols["audio_bytes"][k], cols["audio_mtime_ns"][k],
+                        cols["audio_sha256"][k]):  # fmt: skip
+            if status in ("retry", "error"):  # between attempts, or an attempt failed (--retry-failed)
                 waiting.append(k)
             else:
                 done.add(rid)
@@ -281,7 +292,7 @@ def run_log(path: Path) -> Iterator[None]:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(n) for n in ("jobs", "engine", "index")]
+    loggers = [logging.getLogger("amg_engine")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.addHandler(handler)
@@ -309,9 +320,7 @@ def run_generate(manifest: str | Path, out_dir: str | Path, engine, job: JobConf
     ``job.max_failed_batches`` batches in a row."""
     job = job or JobConfig()
     store = ResultStore(out_dir, job.shard.tag)
-    store.dir.mkdir(parents=True, exist_ok=True)
-    with run_log(store.dir / "run.log"), store.lock() as lock:
-        store.prepare()
+    with output_errors(store.dir), open_output(store) as lock:
         log.info("run: engine local, config %s, shard %s", engine.config, job.shard)
         plan = plan_run(manifest, store, Limits.from_engine(engine), RunIds.of(engine), job)
         runner = BatchRunner(engine, store, plan.schema, job.audio_format, plan.gate)
@@ -346,10 +355,25 @@ def run_generate(manifest: str | Path, out_dir: str | Path, engine, job: JobConf
         return run_and_finish(plan, store, job, lock, work)
 
 
+@contextlib.contextmanager
+def open_output(store: ResultStore) -> Iterator[FolderLock]:
+    """The output folder made ready for a run: created, its log opened, this run's rows claimed (or
+    :class:`~jobs.results.FolderBusy`), the folder lock held shared, this process's leftover
+    temporary files deleted. Wrap it in :func:`~jobs.results.output_errors`: an operating-system
+    error on the folder (a regular file, read-only, full, gone) stops the run as
+    :class:`~jobs.results.OutputUnavailable`."""
+    if store.dir.exists() and not store.dir.is_dir():
+        raise OutputUnavailable(store.dir, NotADirectoryError(errno.ENOTDIR, "not a folder"))
+    store.dir.mkdir(parents=True, exist_ok=True)
+    with run_log(store.dir / "run.log"), store.lock() as lock:
+        store.prepare()
+        yield lock
+
+
 def _retries(batch: list[tuple[Row, dict | None]], results: list[dict]) -> list[tuple[Row, dict]]:
     """The batch's rows that need another attempt of the release gate, each with its result."""
-    rows = {r.index: r for r, _ in batch}
-    return [(rows[res["row"]], res) for res in results if res["status"] == "retry"]
+    rows = {r.id: r for r, _ in batch}  # by id: a result from an earlier run may name another position
+    return [(rows[res["id"]], res) for res in results if res["status"] == "retry"]
 
 
 def run_and_finish(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderLock,
@@ -358,15 +382,30 @@ def run_and_finish(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderL
     the circuit breaker stopped it; then re-raise the breaker's :class:`~jobs.runner.CircuitOpen`."""
     start, stopped, counts = time.perf_counter(), None, {"ok": 0, "error": 0}
     try:
-        work(counts)
+        with _not_input("generating"):
+            work(counts)
     except CircuitOpen as e:
         stopped = e
         log.error("%s", e)
+    except OutputUnavailable as e:  # stop at once: a full disk would fail the merge too
+        log.info("%s", e)  # run.log; the console gets the CLI's one line
+        raise
     seconds = time.perf_counter() - start
-    summary = finish_run(plan, store, job, lock, seconds, sum(counts.values()))
+    with _not_input("merging the results"):
+        summary = finish_run(plan, store, job, lock, seconds, sum(counts.values()))
     if stopped is not None:
         raise stopped
     return summary
+
+
+@contextlib.contextmanager
+def _not_input(doing: str) -> Iterator[None]:
+    """The input was validated before the run began: a ``ValueError`` raised while it works or merges
+    (pyarrow's ``ArrowInvalid`` is one) is a fault of the run, not bad input (the CLI's exit code 2)."""
+    try:
+        yield
+    except ValueError as e:
+        raise RuntimeError(f"failed while {doing}: {type(e).__name__}: {e}") from e
 
 
 def finish_run(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderLock, seconds: float,
@@ -385,10 +424,14 @@ def finish_run(plan: Plan, store: ResultStore, job: JobConfig, lock: FolderLock,
                                         model_id=plan.model_id, index_id=plan.index_id)
                   for r in plan.rows if r.error}  # fmt: skip
         writer = ResultsWriter(store.dir / "results.parquet", store.tag, plan.schema, plan.manifest, errors)
-        if alone and len(scan.files) > 1:
-            compact(store, scan, _manifest_order(plan), (writer, by_row))
-        else:
-            write_results(writer, scan, by_row)
+        try:
+            if alone and len(scan.files) > 1:
+                compact(store, scan, _manifest_order(plan), (writer, by_row))
+            else:
+                write_results(writer, scan, by_row)
+        except BaseException:
+            writer.abort()  # no temporary file left taking space (the shards still hold every row)
+            raise
         log.info("results: %s (%d rows)", writer.path, writer.rows)
     for line in summary.lines():
         log.info("%s", line)

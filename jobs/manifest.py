@@ -10,7 +10,7 @@ id              string required; unique (also ignoring case); a safe file name: 
 prompt          string required; non-empty; at most the text conditioner's ``max_length`` tokens
                        (counted as the encoder sees them, with T5's end-of-text token): longer is
                        an error, not a silent cut
-seconds         float  duration in (0, model window]; default: the model's window
+seconds         float  duration in [one latent frame, model window]; default: the model's window
 seed            int    in [0, 2**63); default: derived from the id, so reruns are reproducible
 negative_prompt string must be empty or null: the engine has no negative-prompt branch yet
 cfg_scale       float  per-row classifier-free guidance scale s0 (≥ 1)
@@ -24,8 +24,12 @@ Rows that share ``cfg_scale, steps, sampler, c1, c2, c3, negative_prompt`` are b
 run with the run's configuration overridden by those values.
 
 A null optional value means "use the run's setting". Numbers must be finite; an integer column may
-hold integral floats (``30.0``), nothing else (no strings, no booleans). Column names the results
-use for outputs (``status``, ``error``, ``row``, ...) are reserved.
+hold integral floats (``30.0``), nothing else (no strings, no booleans). Any numeric Arrow type is read
+by its value: signed and unsigned integers of every width, half, single and double floats, and
+decimals (DuckDB writes ``0.5 + 0.5 * x`` as ``DECIMAL(22,1)``), so ``seconds`` may be ``1.0`` as a
+decimal and ``seed`` ``7`` as a ``uint8``; a refused value's message names its column's type where
+that is not int64, double or string.
+Column names the results use for outputs (``status``, ``error``, ``row``, ...) are reserved.
 
 A manifest that cannot be used as a whole (unreadable, a required column missing, a reserved or
 repeated column name) is refused with :class:`ManifestError` naming the problem. A bad *row* never
@@ -37,9 +41,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import numbers
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +54,7 @@ from amg_engine.engine.config import EngineConfig, with_overrides
 REQUIRED = ("id", "prompt")
 OVERRIDES = ("cfg_scale", "steps", "sampler", "c1", "c2", "c3", "negative_prompt")
 OPTIONAL = ("seconds", "seed", *OVERRIDES)
+PLAIN_TYPES = ("int64", "double", "string", "large_string", "bool")  # not named in messages
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # the whole id: use fullmatch
 NEGATIVE_PROMPT_UNSUPPORTED = (
     "negative_prompt is not supported yet (the engine has no negative-prompt branch); "
@@ -77,6 +84,12 @@ class Overrides:
         sampler = {k: v for k, v in (("steps", self.steps), ("sampler", self.sampler)) if v is not None}
         return replace(cfg, sampler=replace(cfg.sampler, **sampler)) if sampler else cfg
 
+    def config_hash(self, base: EngineConfig) -> str:
+        """The configuration part of a row's resume key: the hash of ``base`` with these overrides
+        (holding the precision ``base``'s device resolves). The one place it is computed: by the
+        planner (a Ray driver plans with its actors' configuration) and by the workers that write it."""
+        return self.apply(base).config_hash()
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -86,6 +99,7 @@ class Limits:
     base: EngineConfig
     max_tokens: int | None = None
     count_tokens: Callable[[str], int] | None = field(default=None, compare=False)
+    min_seconds: float = 0.0  # the shortest clip the model can produce and the embedder measure
 
     @classmethod
     def from_engine(cls, engine) -> Limits:
@@ -98,7 +112,18 @@ class Limits:
             # as the conditioner tokenizes (special tokens included: T5 appends </s>), so a prompt that
             # fits here is never cut by the encoder's max_length truncation
             count = lambda text: len(tok(text)["input_ids"])  # noqa: E731
-        return cls(engine.window / engine.sample_rate, engine.config, max_len if count else None, count)
+        window = engine.window / engine.sample_rate
+        return cls(window, engine.config, max_len if count else None, count, min_seconds(engine))
+
+
+def min_seconds(engine) -> float:
+    """The shortest clip a row may ask for: one latent frame of the model (its autoencoder's
+    downsampling ratio, in samples), and at least one sample at the embedder's rate, so that the
+    clip's audio is not empty and its similarity is measured. Shorter is an error row."""
+    ds = getattr(getattr(getattr(engine, "model", None), "pretransform", None), "downsampling_ratio", 1)
+    rate = getattr(getattr(engine, "embedder", None), "sample_rate", None) or engine.sample_rate
+    samples = max(int(ds), math.ceil(engine.sample_rate / rate))
+    return samples / engine.sample_rate
 
 
 @dataclass(frozen=True)
@@ -118,7 +143,7 @@ class Row:
     def config_hash(self, base: EngineConfig) -> str | None:
         """Hash of the configuration the row runs (or would run) with; None if its overrides are invalid."""
         try:
-            return self.config(base).config_hash() if self.overrides is not None else None
+            return self.overrides.config_hash(base) if self.overrides is not None else None
         except ValueError:
             return None
 
@@ -158,28 +183,51 @@ def default_seed(row_id: str) -> int:
 
 
 # -- per-value checks: each returns (value, None) or (None, problem) --------------------------------
-def _number(name: str, v: Any) -> tuple[float | None, str | None]:
+# ``typ``: the column's Arrow type where the manifest's schema is known, named in the problem.
+def _plain(v: Any) -> Any:
+    """A number of any Arrow numeric type as Python's: decimals and numpy scalars become ``int`` (exactly,
+    where integral: a DECIMAL(38,0) seed keeps every digit) or ``float``; anything else is unchanged."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, Decimal):
+        return int(v) if v.is_finite() and v == v.to_integral_value() else float(v)
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
+
+
+def _shown(name: str, v: Any, typ: str | None) -> str:
+    """``name value`` as a message shows it, with the column's type when known."""
+    value = str(v) if isinstance(v, Decimal) else repr(v)
+    return f"{name} {value}" + (f" ({typ})" if typ else "")
+
+
+def _number(name: str, v: Any, typ: str | None = None) -> tuple[float | None, str | None]:
     if v is None:
         return None, None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        return None, f"{name} {v!r} is not a finite number"
-    return float(v), None
+    x = _plain(v)
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        return None, f"{_shown(name, v, typ)} is not a finite number"
+    return float(x), None
 
 
-def _integer(name: str, v: Any) -> tuple[int | None, str | None]:
+def _integer(name: str, v: Any, typ: str | None = None) -> tuple[int | None, str | None]:
     if v is None:
         return None, None
-    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
-        v = int(v)
-    if isinstance(v, bool) or not isinstance(v, int):
-        return None, f"{name} {v!r} is not an integer"
-    return v, None
+    x = _plain(v)
+    if isinstance(x, float) and math.isfinite(x) and x.is_integer():
+        x = int(x)
+    if isinstance(x, bool) or not isinstance(x, int):
+        return None, f"{_shown(name, v, typ)} is not an integer"
+    return x, None
 
 
-def _text(name: str, v: Any) -> tuple[str | None, str | None]:
+def _text(name: str, v: Any, typ: str | None = None) -> tuple[str | None, str | None]:
     if v is None or isinstance(v, str):
         return v, None
-    return None, f"{name} {v!r} is not text"
+    return None, f"{_shown(name, v, typ)} is not text"
 
 
 _KIND = {"cfg_scale": _number, "c1": _number, "c2": _number, "c3": _number, "steps": _integer,
@@ -218,19 +266,29 @@ def token_problem(prompt: str, limits: Limits) -> str | None:
     )
 
 
-def _seconds(v: Any, limits: Limits) -> tuple[float | None, str | None]:
-    sec, err = _number("seconds", v)
+def _seconds(v: Any, limits: Limits, typ: str | None = None) -> tuple[float | None, str | None]:
+    sec, err = _number("seconds", v, typ)
     if err or sec is None:
         return (None, err) if err else (limits.max_seconds, None)
     if not 0 < sec <= limits.max_seconds:
         return None, f"seconds {sec:g} is outside (0, {limits.max_seconds:g}], the model's window"
+    if err := duration_problem(sec, limits):
+        return None, err
     return sec, None
 
 
-def _seed(v: Any, rid: str) -> tuple[int | None, str | None]:
-    seed, err = _integer("seed", v)
+def duration_problem(seconds: float, limits: Limits) -> str | None:
+    """Shorter than the model's shortest clip (:func:`min_seconds`), or None."""
+    if seconds >= limits.min_seconds:
+        return None
+    return (f"seconds {seconds:g} is shorter than one latent frame of the model ({limits.min_seconds:g} "
+            "s), the shortest clip it can generate and its similarity be measured")  # fmt: skip
+
+
+def _seed(v: Any, rid: str, typ: str | None = None) -> tuple[int | None, str | None]:
+    seed, err = _integer("seed", v, typ)
     if err:
-        return None, f"seed {v!r} is not a non-negative integer"
+        return None, f"{_shown('seed', v, typ)} is not a non-negative integer"
     if seed is None:
         return default_seed(rid), None
     if not 0 <= seed < 2**63:
@@ -238,11 +296,13 @@ def _seed(v: Any, rid: str) -> tuple[int | None, str | None]:
     return seed, None
 
 
-def _overrides(v: dict[str, Any], limits: Limits) -> tuple[Overrides | None, str | None]:
+def _overrides(
+    v: dict[str, Any], limits: Limits, types: dict[str, str]
+) -> tuple[Overrides | None, str | None]:
     """The row's overrides (None if a value has the wrong type) and the first problem with them."""
     vals = {}
     for name in OVERRIDES:
-        vals[name], err = _KIND[name](name, v.get(name))
+        vals[name], err = _KIND[name](name, v.get(name), types.get(name))
         if err:
             return None, err
     ov = Overrides(**vals)
@@ -261,16 +321,18 @@ def _override_problem(ov: Overrides, base: EngineConfig) -> str | None:
     return None
 
 
-def check_row(v: dict[str, Any], index: int, limits: Limits) -> Row:
-    """Row-local checks (everything but duplicate ids); the first problem found is reported."""
-    ov, ov_err = _overrides(v, limits)
+def check_row(v: dict[str, Any], index: int, limits: Limits, types: dict[str, str] | None = None) -> Row:
+    """Row-local checks (everything but duplicate ids); the first problem found is reported. ``types``:
+    column name -> its Arrow type, named in the problems where given."""
+    types = types or {}
+    ov, ov_err = _overrides(v, limits, types)
     bad = lambda err: Row(index, v, _as_id(v), None, None, None, ov, f"row {index}: {err}")  # noqa: E731
     if err := _id_problem(v.get("id")) or _prompt_problem(v.get("prompt"), limits):
         return bad(err)
-    seconds, err = _seconds(v.get("seconds"), limits)
+    seconds, err = _seconds(v.get("seconds"), limits, types.get("seconds"))
     if err:
         return bad(err)
-    seed, err = _seed(v.get("seed"), v["id"])
+    seed, err = _seed(v.get("seed"), v["id"], types.get("seed"))
     if err or ov_err:
         return bad(err or ov_err)
     return Row(index, v, v["id"], v["prompt"], seconds, seed, ov, None)
@@ -281,17 +343,20 @@ def _as_id(v: dict[str, Any]) -> str | None:
     return rid if isinstance(rid, str) else None
 
 
-def validate(records: list[dict[str, Any]], limits: Limits | float) -> list[Row]:
+def validate(records: list[dict[str, Any]], limits: Limits | float, schema=None) -> list[Row]:
     """One :class:`Row` per record, in order. Ids are compared ignoring case (audio files must not
     collide on case-insensitive file systems); the first use of an id is kept, later ones are errors.
 
-    ``limits`` may be a bare window length in seconds (the default engine configuration, no token check).
+    ``limits`` may be a bare window length in seconds (the default engine configuration, no token check);
+    ``schema``: the manifest's Arrow schema, whose column types the problems name (where a type is not
+    one a value's own text shows: int64, double, string).
     """
     if not isinstance(limits, Limits):
         limits = Limits(float(limits), EngineConfig())
+    types = {} if schema is None else {f.name: str(f.type) for f in schema if str(f.type) not in PLAIN_TYPES}
     rows, first = [], {}
     for i, v in enumerate(records):
-        row = check_row(v, i, limits)
+        row = check_row(v, i, limits, types)
         if row.error is None:
             key = row.id.casefold()
             if key in first:

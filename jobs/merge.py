@@ -25,6 +25,7 @@ shards through :func:`write_results`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from amg_engine.jobs.results import (
     Scan,
     conform,
     iter_chunks,
+    output_errors,
     parquet_options,
     tmp_name,
 )
@@ -158,7 +160,8 @@ class ResultsWriter:
         self.extra = manifest.select([f.name for f in schema if f.name not in FIXED_SCHEMA.names])
         self.errors, self._error_pos, self._next_error = errors, sorted(errors), 0
         self.rows = 0
-        self._writer = pq.ParquetWriter(self.tmp, schema, **parquet_options(schema))
+        with output_errors(self.tmp):
+            self._writer = pq.ParquetWriter(self.tmp, schema, **parquet_options(schema))
 
     def add(self, done: pa.Table, positions: np.ndarray) -> None:
         """``done``: shard rows (fixed schema) for the manifest ``positions`` (ascending, after the
@@ -181,13 +184,22 @@ class ResultsWriter:
         if errs:
             chunk = pa.concat_tables([chunk, pa.Table.from_pylist(errs, schema=self.schema)]).sort_by("row")
         if chunk.num_rows:
-            self._writer.write_table(chunk, row_group_size=CHUNK_ROWS)
+            with output_errors(self.tmp):
+                self._writer.write_table(chunk, row_group_size=CHUNK_ROWS)
             self.rows += chunk.num_rows
 
     def close(self) -> None:
         self._write(self.schema.empty_table(), upto=None)
-        self._writer.close()
-        fsync_replace(self.tmp, self.path)
+        with output_errors(self.tmp):
+            self._writer.close()
+            fsync_replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Give up: close the writer (errors ignored: the disk may be full) and delete the temporary
+        file; ``results.parquet`` stays as it was."""
+        with contextlib.suppress(Exception):
+            self._writer.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def write_results(writer: ResultsWriter, scan: Scan, picks: dict[int, int]) -> None:
@@ -222,14 +234,23 @@ def compact(store: ResultStore, scan: Scan, position: Callable[[list[str]], np.n
     chosen = np.full(scan.table.num_rows, -1, np.int64)  # scan row -> its manifest position in results
     if results is not None:
         chosen[list(results[1].values())] = list(results[1])
-    with pq.ParquetWriter(tmp, FIXED_SCHEMA, **parquet_options(FIXED_SCHEMA)) as writer:
-        for lo, hi in iter_chunks(len(picked), CHUNK_ROWS):
-            rows = reader.take(files[picked[lo:hi]], pos[picked[lo:hi]])
-            writer.write_table(rows, row_group_size=CHUNK_ROWS)
-            if results is not None:
-                keep = np.flatnonzero(chosen[picked[lo:hi]] >= 0)
-                results[0].add(_rows(rows, keep), chosen[picked[lo:hi]][keep])
-    fsync_replace(tmp, target)
+    try:
+        with (
+            output_errors(tmp),
+            pq.ParquetWriter(tmp, FIXED_SCHEMA, **parquet_options(FIXED_SCHEMA)) as writer,
+        ):
+            for lo, hi in iter_chunks(len(picked), CHUNK_ROWS):
+                rows = reader.take(files[picked[lo:hi]], pos[picked[lo:hi]])
+                with output_errors(tmp):
+                    writer.write_table(rows, row_group_size=CHUNK_ROWS)
+                if results is not None:
+                    keep = np.flatnonzero(chosen[picked[lo:hi]] >= 0)
+                    results[0].add(_rows(rows, keep), chosen[picked[lo:hi]][keep])
+        with output_errors(tmp):
+            fsync_replace(tmp, target)
+    except BaseException:  # e.g. a full disk: the old shards still hold every row; no temporary file
+        tmp.unlink(missing_ok=True)  # stays taking space
+        raise
     for old in scan.files[:-1]:
         old.unlink(missing_ok=True)
     log.info("compacted %d shards (%d rows) into %s (%d rows)", len(scan.files), scan.table.num_rows,

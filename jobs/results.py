@@ -17,6 +17,9 @@ Output folder ``DIR``:
   configuration. Written by streaming (temporary name, fsync, rename) by the last run to finish.
 - ``DIR/.lock``: every run holds it shared while it runs; compaction and ``results.parquet`` need it
   exclusive, so they only happen when no other run is working in the folder (:class:`FolderLock`).
+  ``DIR/.run.lock`` and ``DIR/.shard<i>of<n>.lock``: the runs' claims on their rows (same class).
+- ``DIR/results/part-XXXXX.parquet.corrupt``: a shard that could not be read, set aside; its rows are
+  recovered from ``results.parquet`` where their audio proves them (:meth:`ResultStore.recover`).
 - ``DIR/run.log``: what happened, appended by every run.
 
 Temporary files end in ``.tmp``; under ``--shard i/n`` in ``.shard<i>of<n>.tmp``. A run deletes its
@@ -39,7 +42,8 @@ status             string          ``ok``, ``error``; under the release gate als
                                    cleared τ) and, between attempts, ``retry``
 error              string          ``row <k>: <problem>`` for error rows, else null
 audio_path         string          ``audio/<id>.flac`` relative to DIR (ok rows; ``rejected/<id>-a<k>.flac``
-                                   for rejected rows)
+                                   for rejected and retry rows, and for error rows of the gate whose
+                                   failed attempt followed earlier ones: their best attempt's)
 final_similarity   float64         cosine similarity of the finished audio to its nearest training clip
                                    (rejected rows: their best attempt's)
 max_similarity     float64         largest per-step similarity σ_t the detector saw (null without AMG)
@@ -74,19 +78,23 @@ A row counts as done, and is skipped by a rerun, when the newest shard row of it
 ok or rejected row, its audio file is unchanged (:func:`same_audio`): it exists with the recorded
 size, and either its modification time is the recorded one or (a folder copied without preserving
 times) its SHA-256 is.
-Error rows are retried only with ``--retry-failed``; a ``retry`` row continues with its next
-attempt. "Newest" is by shard number, which grows with every batch written to the folder, then by
+Error rows are retried only with ``--retry-failed`` (a gated error row that kept earlier attempts, its
+file unchanged, continues with its next attempt); a ``retry`` row continues with its next attempt.
+"Newest" is by shard number, which grows with every batch written to the folder, then by
 position in the shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import hashlib
 import io
 import logging
 import os
 import re
+import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,6 +107,44 @@ import pyarrow as pa
 from amg_engine.index.files import atomic_write, fsync_dir, fsync_file, sha256_stream
 
 log = logging.getLogger(__name__)
+
+
+class OutputUnavailable(RuntimeError):
+    """The run cannot write or read its own output folder: a full disk, a read-only or lost folder, no
+    permission. That is the run's fault, not a row's: the run stops at once (the CLI exits with code 4)
+    and the rows in flight get no result row, so rerunning the same command, once the cause is fixed,
+    generates them (module docstring of :mod:`jobs.generate`)."""
+
+    RESUME = ("Rows finished before are kept; fix the cause (free space, remount, permissions) and rerun "
+              "the same command to generate the rest")  # fmt: skip
+
+    def __init__(self, path: str | Path, error: OSError, advice: str = RESUME) -> None:
+        self.path, self.error = Path(path), error
+        super().__init__(f"stopped: {self.path}: {os_cause(error)}. {advice}")
+
+
+def os_cause(error: OSError) -> str:
+    """An operating-system error's cause in words and its errno name: 'No space left on device (ENOSPC)'."""
+    code = errno.errorcode.get(error.errno, "") if error.errno else ""
+    return f"{os.strerror(error.errno)} ({code})" if code else (error.strerror or str(error))
+
+
+class FolderBusy(RuntimeError):
+    """Another run that would do the same rows is working in the output folder (:class:`FolderLock`)."""
+
+
+@contextlib.contextmanager
+def output_errors(path: str | Path) -> Iterator[None]:
+    """Turn an operating-system error (one with an ``errno``) into :class:`OutputUnavailable` naming
+    the file it names, else ``path``. pyarrow reports unreadable data as ``OSError`` without an errno:
+    those pass through unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise OutputUnavailable(e.filename or path, e) from e
+
 
 # Inputs the results hold as typed columns (the values used, see the module docstring).
 INPUT_TYPES: dict[str, pa.DataType] = {
@@ -235,27 +281,84 @@ class FolderLock:
     work that must not race with another run (compaction, ``results.parquet``). The kernel drops it
     when the process dies, so a killed run never leaves the folder locked.
 
+    Before that, a run *claims* its rows: an unsharded run (``tag`` empty) takes ``DIR/.run.lock``
+    exclusive, a ``--shard i/n`` run takes it shared plus ``DIR/.<tag>.lock`` exclusive; each claim
+    records the process (pid, host, start time) in its file. So ``--shard i/n`` runs share a folder,
+    while a second unsharded run, an unsharded run beside shard runs, or a second run of the same
+    shard is refused with :class:`FolderBusy` naming the process that holds the claim: two runs of
+    the same rows would generate them twice and delete each other's temporary files.
+
     Where the file system has no locks, :attr:`supported` is False: :meth:`try_exclusive` then
     answers None ("cannot tell") and the caller does only what is safe without one.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, tag: str = "") -> None:
         self.path = Path(folder) / ".lock"
+        self.tag = tag
         self._fd: int | None = None
+        self._claims: list[int] = []
         self.supported = True
 
     def __enter__(self) -> FolderLock:
-        """Take the lock shared (waiting while another run compacts)."""
+        """Claim this run's rows (or raise :class:`FolderBusy`), then take the lock shared (waiting
+        while another run compacts)."""
         import fcntl
 
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            self._claim()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(self._fd, fcntl.LOCK_SH)
-        except OSError as e:  # e.g. ENOLCK on some network file systems
-            self.supported = False
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                self.__exit__()
+                raise
+            self.supported = False  # e.g. ENOLCK on some network file systems
             log.warning("no file locks on %s (%s): concurrent runs in this folder cannot tell when they "
                         "are alone; parts are not compacted", self.path, e)  # fmt: skip
         return self
+
+    def _claim(self) -> None:
+        """Take ``.run.lock`` (exclusive unsharded, shared for a shard) and a shard's own lock file."""
+        import fcntl
+
+        run = self.path.with_name(".run.lock")
+        if not self.tag:
+            if not self._take(run, fcntl.LOCK_EX, record=True):
+                holders = [h for f in sorted(self.path.parent.glob(".shard*.lock")) if (h := _holder(f))]
+                self._busy(holders or [_read(run)], "an unsharded run needs the folder to itself")
+            return
+        if not self._take(run, fcntl.LOCK_SH, record=False):
+            self._busy([_read(run)], f"an unsharded run does every row, {self.tag}'s too")
+        own = self.path.with_name(f".{self.tag}.lock")
+        if not self._take(own, fcntl.LOCK_EX, record=True):
+            self._busy([_read(own)], f"it runs {self.tag} already")
+
+    def _take(self, path: Path, how: int, record: bool) -> bool:
+        import fcntl
+
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError:
+            os.close(fd)
+            raise
+        self._claims.append(fd)
+        if record:
+            since = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {since}".encode(), 0)
+        return True
+
+    def _busy(self, holders: list[str], why: str) -> None:
+        self.__exit__()
+        who = "; ".join(h or "a process that recorded nothing" for h in holders)
+        raise FolderBusy(
+            f"another run is working in {self.path.parent} ({who}): {why}. Wait for it to finish or "
+            "stop it (a killed run leaves no lock), then rerun; --shard i/n runs may share a folder"
+        )
 
     def try_exclusive(self) -> bool | None:
         """Give up the shared lock and try to take it exclusive without waiting: True when no other run
@@ -272,9 +375,35 @@ class FolderLock:
         return True
 
     def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # releases the lock
-            self._fd = None
+        for fd in [*self._claims, *([self._fd] if self._fd is not None else [])]:
+            os.close(fd)  # releases the lock
+        self._claims, self._fd = [], None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _holder(path: Path) -> str | None:
+    """What the process holding ``path``'s lock recorded, or None when no process holds it."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read(path) or "a running process"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
 
 
 # -- the shards ----------------------------------------------------------------------------------------
@@ -329,6 +458,19 @@ def _scan_file(path: Path, columns: list[str]) -> tuple[pa.Table, np.ndarray]:
     return table, np.cumsum([0, *sizes[:-1]], dtype=np.int64)
 
 
+def _try_scan(path: Path, columns: list[str]) -> tuple[pa.Table, np.ndarray] | Exception:
+    """:func:`_scan_file`, or the error that says the file's data is unreadable (pyarrow's; an
+    operating-system error, one with an errno, is raised: the folder is at fault, not the file)."""
+    try:
+        return _scan_file(path, columns)
+    except OSError as e:
+        if e.errno is not None:
+            raise
+        return e
+    except pa.ArrowException as e:
+        return e
+
+
 class ResultStore:
     """The result files of one output folder, as one process (or one shard, ``tag``) sees them."""
 
@@ -357,14 +499,20 @@ class ResultStore:
         return name.endswith(f".{self.tag}.tmp") if self.tag else not SHARD_TMP.search(name)
 
     def lock(self) -> FolderLock:
-        return FolderLock(self.dir)
+        return FolderLock(self.dir, self.tag)
 
     def write_pending(self, rows: list[dict[str, Any]], schema: pa.Schema) -> Path:
         """Write one shard under a temporary name (this process's: deleted on its next start)."""
         import pyarrow.parquet as pq
 
         tmp = self.parts / f"part-{uuid.uuid4().hex}.{self.tag or 'run'}.tmp"
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, **parquet_options(schema))
+        table = pa.Table.from_pylist(rows, schema=schema)
+        try:
+            with output_errors(tmp):
+                pq.write_table(table, tmp, **parquet_options(schema))
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk: the part written must not keep taking space
+            raise
         return tmp
 
     def write_part(self, rows: list[dict[str, Any]], schema: pa.Schema) -> Path | None:
@@ -405,12 +553,20 @@ class ResultStore:
 
     def scan(self, columns: list[str]) -> Scan:
         """``columns`` (of the fixed schema) of every shard row, each file read for those columns only
-        (a manifest's own columns are not read back). Files are read in parallel threads."""
+        (a manifest's own columns are not read back). Files are read in parallel threads. A shard
+        whose data cannot be read (truncated, torn) is set aside as ``*.corrupt`` with a warning
+        naming it, and what ``results.parquet`` proves of its rows is recovered (:meth:`recover`)."""
         from concurrent.futures import ThreadPoolExecutor
 
         files = self.part_files()
         with ThreadPoolExecutor(4) as pool:
-            read = list(pool.map(lambda p: _scan_file(p, columns), files))
+            read = list(pool.map(lambda p: _try_scan(p, columns), files))
+        unreadable = [(p, r) for p, r in zip(files, read, strict=True) if isinstance(r, Exception)]
+        if unreadable:  # set aside, recover what results.parquet proves, and read the folder again
+            for path, error in unreadable:
+                self._set_aside(path, error)
+            self.recover()
+            return self.scan(columns)
         tables = []
         for k, (path, (table, _)) in enumerate(zip(files, read, strict=True)):
             n = table.num_rows
@@ -420,6 +576,55 @@ class ResultStore:
         schema = pa.schema([FIXED_SCHEMA.field(c) for c in columns] + list(SCAN_EXTRA))
         table = pa.concat_tables(tables) if tables else schema.empty_table()
         return Scan(files, [rg for _, rg in read], table)
+
+    def _set_aside(self, path: Path, error: Exception) -> None:
+        """Rename an unreadable shard out of the way (``*.corrupt``: no run reads or deletes it)."""
+        target = path.with_name(f"{path.name}.corrupt")
+        if target.exists():
+            target = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.corrupt")
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:  # another run of this folder set it aside first
+            return
+        log.warning("result shard %s cannot be read (%s: %s): set aside as %s; its rows that "
+                    "results.parquet records with unchanged audio are recovered, the others will be "
+                    "generated again", path, type(error).__name__, error, target.name)  # fmt: skip
+
+    def recover(self) -> int:
+        """Publish, as a new shard, the rows of ``results.parquet`` that no readable shard holds (the
+        rows of a shard set aside) and that are proven done: an ok, rejected or retry row newer than
+        every shard row of its id whose audio file is the one it records (:func:`same_audio`).
+        Returns how many."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        path = self.dir / "results.parquet"
+        try:
+            pf = pq.ParquetFile(path)
+            table = pf.read(columns=[c for c in FIXED_SCHEMA.names if c in pf.schema_arrow.names])
+        except FileNotFoundError:
+            return 0
+        except (pa.ArrowException, OSError) as e:
+            if isinstance(e, OSError) and e.errno is not None:
+                raise
+            log.warning("%s cannot be read either (%s): nothing recovered from it", path, e)
+            return 0
+        table = conform(table, FIXED_SCHEMA)
+        table = table.filter(pc.is_in(table["status"], pa.array(["ok", "rejected", "retry"])))
+        latest: dict[str, Any] = {}
+        shards = self.scan(["id", "finished_at"]).table.to_pydict()
+        for rid, t in zip(shards["id"], shards["finished_at"], strict=True):
+            if t is not None and (rid not in latest or t > latest[rid]):
+                latest[rid] = t
+        keep = [r for r in table.to_pylist() if r["id"] is not None and r["finished_at"] is not None
+                and (r["id"] not in latest or r["finished_at"] > latest[r["id"]])
+                and same_audio(self.dir / (r["audio_path"] or ""), r["audio_bytes"], r["audio_mtime_ns"],
+                               r["audio_sha256"])]  # fmt: skip
+        if keep:
+            self.write_part(keep, FIXED_SCHEMA)
+        log.warning("recovered %d result rows from %s (their audio matches its recorded size and digest)",
+                    len(keep), path)  # fmt: skip
+        return len(keep)
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """Every shard row's ``columns`` (default: all fixed ones) and ``_part``, ``_file``, ``_pos``."""

@@ -27,12 +27,12 @@ from typing import Any
 import pyarrow as pa
 
 from amg_engine.engine.config import EngineConfig
-from amg_engine.jobs.gate import ReleaseGate, attempt_of
-from amg_engine.jobs.manifest import Limits, Overrides, Row, check_row, token_problem
+from amg_engine.jobs.gate import Attempts, ReleaseGate, attempt_of
+from amg_engine.jobs.manifest import Limits, Overrides, Row, check_row, duration_problem, token_problem
 from amg_engine.jobs.results import (
+    OutputUnavailable,
     ResultStore,
     base_result,
-    decode_audio,
     encode_audio,
     error_result,
     now,
@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 AUDIO_FORMATS = ("flac", "wav")
 AUDIO_WRITERS = 4  # threads writing a batch's audio files (libsndfile and file I/O release the GIL)
+# what a gated row's result carries of its kept attempt when a later attempt did not beat it
+KEPT_OUTPUTS = ("audio_path", "audio_bytes", "audio_mtime_ns", "audio_sha256", "final_similarity",
+                "max_similarity", "neighbour_id", "neighbour_caption", "guided_steps", "trace_similarity",
+                "trace_lambda", "trace_gate", "trace_s1", "trace_s2", "trace_neighbour_id")  # fmt: skip
 
 
 class CircuitOpen(RuntimeError):
@@ -91,11 +95,10 @@ class BatchRunner:
         self.gate = gate
         self.limits = Limits.from_engine(engine)
         self._hashes: dict[Overrides, str] = {}
-        self._superseded: list[Path] = []  # rejected attempts to delete once the batch's shard is out
 
     def config_hash(self, overrides: Overrides) -> str:
         if overrides not in self._hashes:
-            self._hashes[overrides] = overrides.apply(self.engine.config).config_hash()
+            self._hashes[overrides] = overrides.config_hash(self.engine.config)
         return self._hashes[overrides]
 
     def _ids(self) -> dict[str, str | None]:
@@ -122,20 +125,20 @@ class BatchRunner:
             for r in group:
                 scale = 1.0 if self.gate is None else self.gate.c3_scale(attempt_of(priors.get(r.index)))
                 calls.setdefault((overrides, scale), []).append(r)
-        failures = []
+        failures, superseded = [], set()
         for (overrides, _), group in calls.items():
-            rows, failure = self._generate(group, overrides, forced, priors)
+            rows, failure, files = self._generate(group, overrides, forced, priors)
             results += rows
             failures += [failure] if failure else []
+            superseded |= files
         failed = bool(calls) and len(failures) == len(calls)
         pending = None
         if failed:
             pending = self.store.write_pending(results, self.schema)
         else:
             self.store.write_part(results, self.schema)
-        for p in self._superseded:  # the shard that no longer names them is out (or holds error rows)
+        for p in superseded:  # earlier attempts' files: the shard that no longer names them is out
             p.unlink(missing_ok=True)
-        self._superseded.clear()
         ok = sum(r["status"] == "ok" for r in results)
         first = min((rec[0] for rec in records), default=None)
         return BatchOutcome(ok, len(results) - ok, failures[-1] if failed else None, pending, first, results)
@@ -143,17 +146,18 @@ class BatchRunner:
     def _check(self, records) -> tuple[list[dict[str, Any]], dict[Overrides, list[Row]]]:
         """Error results for bad rows, and the good rows grouped by their overrides.
 
-        The Ray driver checks rows without the text encoder, so the token check is repeated here; a row
-        it fails keeps its key (config hash, seconds, seed) so that the merge finds its result.
+        The Ray driver checks rows without the text encoder and the model's shortest clip, so those
+        checks are repeated here; a row they fail keeps its key (config hash, seconds, seed) so that
+        the merge finds its result.
         """
-        untokenized = replace(self.limits, count_tokens=None, max_tokens=None)
+        untokenized = replace(self.limits, count_tokens=None, max_tokens=None, min_seconds=0.0)
         rows = [check_row(values, position, untokenized) for position, values in records]
         ids, base = self._ids(), self.engine.config
         errors = [self._failed(r, r.error, None, config_hash=r.config_hash(base), **ids)
                   for r in rows if r.error]  # fmt: skip
         groups: dict[Overrides, list[Row]] = {}
         for r in (r for r in rows if r.error is None):
-            if err := token_problem(r.prompt, self.limits):
+            if err := token_problem(r.prompt, self.limits) or duration_problem(r.seconds, self.limits):
                 config, cfg_hash = r.config(self.engine.config), self.config_hash(r.overrides)
                 errors.append(self._failed(r, f"row {r.index}: {err}", config, config_hash=cfg_hash, **ids))
             else:
@@ -162,7 +166,8 @@ class BatchRunner:
 
     def _generate(self, rows: list[Row], overrides: Overrides, forced: str | None = None,
                   priors: dict[int, dict | None] | None = None):  # fmt: skip
-        """-> (result rows, the engine's error as "Type: message" if it raised on the group, else None).
+        """-> (result rows, the engine's error as "Type: message" if it raised on the group, else None,
+        files of earlier attempts that the result rows no longer name, to delete once they are written).
         Under a release gate the rows share their attempt's c3 scale (run_batch groups them so)."""
         from amg_engine.engine.engine import Request
 
@@ -178,27 +183,33 @@ class BatchRunner:
         try:
             if forced:
                 raise WorkerLost(forced)
-            outs = engine_view(self.engine, config).generate(
-                [Request(r.id, r.prompt, r.seconds, seed) for r, seed in zip(rows, seeds, strict=True)]
-            )
+            requests = [Request(r.id, r.prompt, r.seconds, seed) for r, seed in zip(rows, seeds, strict=True)]
+            view = engine_view(self.engine, config)
+            # under the gate the engine leaves the similarity to _as_written: each clip is embedded once
+            outs = view.generate(requests) if gate is None else view.generate(requests, measure=False)
             if gate is not None:
                 outs, encoded = self._as_written(outs)
         except Exception as e:  # a failing batch is recorded row by row; the run goes on
             log.exception("engine failed on the batch of rows %s", [r.index for r in rows])
             timing = (time.perf_counter() - start) / len(rows)
             failure = f"{type(e).__name__}: {e}"
-            return [self._failed(r, f"row {r.index}: engine failed on its batch: {failure}", config,
-                                 timing=timing, **common) for r in rows], failure  # fmt: skip
+            failed = [self._interrupted(r, priors.get(r.index), f"row {r.index}: engine failed on its batch: "
+                                        f"{failure}", config, timing, common) for r in rows]  # fmt: skip
+            return failed, failure, set()
         timing = (time.perf_counter() - start) / len(rows)
 
-        def finish(k: int) -> dict[str, Any]:
+        def finish(k: int) -> tuple[dict[str, Any], set[Path]]:
             r, g = rows[k], outs[k]
-            if gate is None or g.error:
-                return self._finished(r, g, config, timing, common)
-            return self._gated(r, g, config, timing, common, priors.get(r.index), seeds[k], encoded[k])
+            prior = priors.get(r.index)
+            if gate is None or (g.error and prior is None):
+                return self._finished(r, g, config, timing, common), set()
+            if g.error:
+                return self._interrupted(r, prior, f"row {r.index}: {g.error}", config, timing, common), set()
+            return self._gated(r, g, config, timing, common, prior, seeds[k], encoded[k])
 
         with ThreadPoolExecutor(min(AUDIO_WRITERS, len(rows))) as pool:  # encoding and file creation overlap
-            return list(pool.map(finish, range(len(rows)))), None
+            done = list(pool.map(finish, range(len(rows))))
+        return [out for out, _ in done], None, {p for _, files in done for p in files}
 
     def _finished(self, row: Row, g, config: EngineConfig, timing: float, common: dict,
                   rel: Path | None = None, encoded: bytes | None = None) -> dict[str, Any]:  # fmt: skip
@@ -210,7 +221,9 @@ class BatchRunner:
         try:
             audio, rate = g.audio.numpy(), self.engine.sample_rate
             f = write_audio(self.store.dir / rel, audio, rate, self.store.tag, encoded)
-        except Exception as e:  # e.g. a full disk: this row fails, the run goes on
+        except OSError as e:  # a full disk, a read-only or lost folder: the run's fault, it stops
+            raise OutputUnavailable(self.store.dir / rel, e) from e
+        except Exception as e:  # the audio cannot be encoded: this row fails, the run goes on
             log.exception("could not write %s", rel)
             msg = f"row {row.index}: could not write {rel}: {type(e).__name__}: {e}"
             return self._failed(row, msg, config, timing=timing, **common)
@@ -222,44 +235,54 @@ class BatchRunner:
         return out
 
     def _gated(self, row: Row, g, config: EngineConfig, timing: float, common: dict,
-               prior: dict[str, Any] | None, seed: int, encoded: bytes) -> dict[str, Any]:  # fmt: skip
-        """One attempt's result under the release gate (module docstring of jobs.gate)."""
-        gate, k, sim = self.gate, attempt_of(prior), float(g.final_similarity)
-        history = dict(
-            attempts=k,
-            attempt_seeds=[*(prior["attempt_seeds"] if prior else []), seed],
-            attempt_similarities=[*(prior["attempt_similarities"] if prior else []), sim],
-            attempt_seconds=[*(prior["attempt_seconds"] if prior else []), timing],
-        )
-        mine = {self._attempt_file(row.id, j) for j in range(1, gate.max_attempts + 1)}
-        if gate.releases(sim):
-            out = self._finished(row, g, config, timing, common, encoded=encoded)
-            if out["status"] == "ok":
-                self._superseded += mine  # nothing of this row stays in rejected/
-                out.update(history)
-            return out
-        for fmt in AUDIO_FORMATS:  # nothing of a row at or above τ is among the released files
-            (self.store.audio / f"{row.id}.{fmt}").unlink(missing_ok=True)
-        if prior is None or sim < prior["final_similarity"]:  # the best attempt so far: keep its audio
-            self.store.rejected.mkdir(exist_ok=True)
-            rel = Path("rejected") / self._attempt_file(row.id, k).name
+               prior: dict | None, seed: int, encoded: bytes) -> tuple[dict, set[Path]]:  # fmt: skip
+        """One attempt's result under the release gate (module docstring of jobs.gate), and the row's
+        files it no longer names (earlier attempts), to delete once the result is written."""
+        verdict = self.gate.judge(Attempts.of(prior), seed, float(g.final_similarity), timing)
+        if verdict.status != "ok":  # nothing of a row at or above τ is among the released files
+            for fmt in AUDIO_FORMATS:
+                (self.store.audio / f"{row.id}.{fmt}").unlink(missing_ok=True)
+        if verdict.fresh:  # this attempt is released, or the best so far: write its audio
+            rel = None  # released: audio/<id>
+            if verdict.status != "ok":
+                self.store.rejected.mkdir(exist_ok=True)
+                rel = Path("rejected") / self._attempt_file(row.id, verdict.keep).name
             out = self._finished(row, g, config, timing, common, rel, encoded)
-            if out["status"] != "ok":  # its audio could not be written
-                return out
-        else:  # an earlier attempt stays the best: its outputs and audio, this attempt's bookkeeping
-            out = {**prior, "timing": timing, "finished_at": now(), **common}
-        out.update(history, status="rejected" if k >= gate.max_attempts else "retry", error=None)
-        self._superseded += mine - {self.store.dir / out["audio_path"]}
+            if out["status"] != "ok":  # its audio could not be written: the attempts so far stay
+                return self._interrupted(row, prior, out["error"], config, timing, common), set()
+        else:  # an earlier attempt stays the best: its outputs and file, this attempt's bookkeeping
+            out = self._carried(row, prior, verdict.keep, timing, common)
+        out.update(verdict.attempts.columns(), status=verdict.status, error=None)
+        mine = {self._attempt_file(row.id, j) for j in range(1, self.gate.max_attempts + 1)}
+        return out, mine - {self.store.dir / out["audio_path"]}
+
+    def _carried(self, row: Row, prior: dict, keep: int, timing: float, common: dict) -> dict[str, Any]:
+        """A result carrying attempt ``keep``'s outputs and file from ``prior`` (the row's previous
+        result), its inputs and manifest position from ``row`` (the manifest may have moved it)."""
+        config = self.gate.config(row.config(self.engine.config), keep)
+        out = base_result(row.index, row.values, _inputs_used(row, config))
+        out.update({k: prior[k] for k in KEPT_OUTPUTS}, timing=timing, finished_at=now(), **common)
+        return out
+
+    def _interrupted(self, row: Row, prior: dict[str, Any] | None, message: str, config: EngineConfig,
+                     timing: float, common: dict) -> dict[str, Any]:  # fmt: skip
+        """An error result for a row whose attempt failed (the engine raised, its audio was non-finite
+        or could not be written). Under the gate, a row with earlier attempts keeps them and its best
+        attempt's file: ``--retry-failed`` continues with the next attempt."""
+        before = Attempts.of(prior)
+        if before.best is None:
+            return self._failed(row, message, config, timing=timing, **common)
+        log.warning("%s", message)
+        out = self._carried(row, prior, before.best, timing, common)
+        out.update(before.columns(), status="error", error=message)
         return out
 
     def _as_written(self, outs: list) -> tuple[list, dict[int, bytes]]:
-        """``outs`` with each clip's final similarity and neighbour measured on its audio as it will be
-        written (16-bit PCM, read back), in one embedder call per few rows: what the release gate
-        judges is the file it releases, the same measure as ``amg audit`` of that file. Also each
-        clip's file bytes (by position in ``outs``), written as they are."""
-        import numpy as np
-        import torch
-
+        """``outs`` with each clip's final similarity and neighbour measured on its file as it will be
+        written (16-bit PCM), by the audit's measure (:meth:`engine.engine.Engine.measure_files`:
+        read as ``amg audit`` reads it, embedded in float32 whatever the run's precision), a few rows
+        per embedder call: what the release gate judges is the file it releases, measured as ``amg
+        audit`` measures it. Also each clip's file bytes (by position in ``outs``), written as they are."""
         from amg_engine.engine.engine import FINAL_DECODE_ROWS
 
         outs, ok = list(outs), [k for k, g in enumerate(outs) if not g.error]
@@ -267,13 +290,7 @@ class BatchRunner:
         encoded = {k: encode_audio(outs[k].audio.numpy(), rate, self.audio_format) for k in ok}
         for a in range(0, len(ok), FINAL_DECODE_ROWS):
             chunk = ok[a : a + FINAL_DECODE_ROWS]
-            clips = [decode_audio(encoded[k]) for k in chunk]
-            x = np.zeros((len(clips), clips[0].shape[0], max(c.shape[1] for c in clips)), np.float32)
-            for j, c in enumerate(clips):
-                x[j, :, : c.shape[1]] = c
-            dev = self.engine.device
-            lengths = torch.tensor([c.shape[1] for c in clips], device=dev)
-            sims, nns = self.engine.nearest(torch.from_numpy(x).to(dev), lengths)
+            sims, nns = self.engine.measure_files([encoded[k] for k in chunk])
             for k, sim, nn in zip(chunk, sims, nns, strict=True):
                 outs[k] = replace(outs[k], final_similarity=sim, neighbour=nn)
         return outs, encoded
@@ -303,6 +320,13 @@ class BatchRunner:
         if config is not None:
             out.update(_inputs_used(row, config))
         return out
+
+
+def carried(result: dict[str, Any]) -> dict[str, Any]:
+    """What a gated row's next attempt needs of its result (its id, attempts and kept attempt's
+    outputs), in plain JSON types: what a Ray driver and its actors pass between rounds."""
+    keys = ("id", *KEPT_OUTPUTS, "attempt_seeds", "attempt_similarities", "attempt_seconds")
+    return {k: result[k] for k in keys}
 
 
 def _inputs_used(row: Row, config: EngineConfig) -> dict[str, Any]:

@@ -147,7 +147,7 @@ class FakeEngine:
         self.calls: list[list[str]] = []  # ids of each generate call (shared with engine views)
         self.configs: list[EngineConfig] = []  # the configuration each call ran with
 
-    def generate(self, requests):
+    def generate(self, requests, measure=True):
         from amg_engine.engine.engine import Generated
 
         ids = [r.id for r in requests]
@@ -183,7 +183,7 @@ class RecordingEngine(FakeEngine):
         with open(self.log_dir / f"calls-{os.getpid()}.txt", "a") as f:
             f.write(f"{what} {os.getpid()} {time.time()} {','.join(ids)}\n")
 
-    def generate(self, requests):
+    def generate(self, requests, measure=True):
         import os
         import signal
         import time
@@ -195,9 +195,51 @@ class RecordingEngine(FakeEngine):
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(self.delay)
-        out = super().generate(requests)
+        out = super().generate(requests, measure)
         self._note("end", ids)
         return out
+
+
+class GatedRecordingEngine(RecordingEngine):
+    """A :class:`RecordingEngine` for the release gate: row ``id`` measures ``sims[id][k-1]`` at attempt
+    k (read from the request's seed, given the rows' ``seeds``), else 0.3; its audio is that similarity
+    / 2 and :meth:`measure_files` reads it back. Calls are logged as ``id@k``; the batch holding
+    attempt ``kill_attempt`` of ``kill_id`` SIGKILLs its process, the first time only."""
+
+    def __init__(self, config, log_dir, sims, seeds, kill_id=None, kill_attempt=None, delay=0.0):
+        from amg_engine.jobs.gate import ReleaseGate
+
+        super().__init__(config, log_dir, delay)
+        self.sims, self.kill = sims, (kill_id, kill_attempt)
+        self.attempt = {ReleaseGate.seed(s, k): k for s in seeds.values() for k in range(1, 9)}
+
+    def generate(self, requests, measure=True):
+        import os
+        import signal
+        import time
+
+        from amg_engine.engine.engine import Generated
+
+        calls = [(r.id, self.attempt[r.seed]) for r in requests]
+        self._note("begin", [f"{i}@{k}" for i, k in calls])
+        marker = self.log_dir / "killed"
+        if self.kill in calls and not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(self.delay)
+        out = []
+        for r, (_, k) in zip(requests, calls, strict=True):
+            sims = self.sims.get(r.id, [])
+            sim = sims[k - 1] if k <= len(sims) else 0.3
+            out.append(Generated(r, torch.full((1, round(r.seconds * self.sample_rate)), sim / 2), sim, 0))
+        self._note("end", [f"{i}@{k}" for i, k in calls])
+        return out
+
+    def measure_files(self, files):
+        from amg_engine.jobs.results import decode_audio
+
+        sims = [2 * float(decode_audio(f).mean()) for f in files]
+        return sims, [1] * len(sims)
 
 
 @dataclass(frozen=True)
@@ -213,6 +255,7 @@ class FakeSpec:
     kill_once: bool = True
     raise_calls: tuple | str = ()
     barrier: int = 0
+    gate: tuple | None = None  # (sims, seeds, kill_attempt): a GatedRecordingEngine
 
     def load(self):
         import os
@@ -222,6 +265,10 @@ class FakeSpec:
         deadline = time.monotonic() + 120
         while len(list(Path(self.log_dir).glob("ready-*"))) < self.barrier and time.monotonic() < deadline:
             time.sleep(0.05)
+        if self.gate is not None:
+            sims, seeds, kill_attempt = self.gate
+            return GatedRecordingEngine(self.config, self.log_dir, sims, seeds, self.kill_id, kill_attempt,
+                                        self.delay)  # fmt: skip
         calls = range(10**9) if self.raise_calls == "all" else self.raise_calls
         return RecordingEngine(self.config, self.log_dir, self.delay, self.kill_id, self.kill_once,
                                raise_calls=calls)  # fmt: skip

@@ -171,7 +171,6 @@ def test_an_unknown_row_is_named_and_nothing_is_written(tmp_path, capsys):
 def test_a_gate_row_that_releases_nothing_is_a_row_of_its_own(tmp_path, monkeypatch):
     """Every prompt rejected (τ just above −1, one attempt): the row has n = 0, no audit figures, all
     rejected, and the table goes on."""
-    import amg_engine.jobs.gate
     from amg_engine import jobs
     from amg_engine.jobs.ablate import GATE_ROWS, run_row
     from amg_engine.jobs.replication import caption_manifest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -131,6 +132,55 @@ def test_another_input_in_the_same_folder_is_refused_not_mixed(folder, tmp_path)
     assert _run(folder, tmp_path / "out2").n_files == 11
 
 
+def _by_id(path: Path) -> dict:
+    return {r["id"]: r for r in pq.read_table(path).to_pylist()}
+
+
+def test_a_reaudit_into_the_same_folder_measures_the_files_as_they_are_now(folder, tmp_path, monkeypatch):
+    """Replace one file by another training clip, and another by audio of the same size with its
+    modification time put back (as ``cp -p`` or ``rsync -t`` leave it): the rerun into the same folder
+    re-embeds the batches that hold them, and only those, and reports what a fresh audit reports; the
+    attribute rows follow the new audio."""
+    from amg_engine.jobs import adherence
+
+    monkeypatch.setattr(audit_mod, "_distances", lambda *a: (None, None))  # not what is tested: saves 10 s
+    _run(folder, tmp_path / "out", pairs=0)
+    train = pq.read_table(TRAIN / "train.parquet").to_pylist()
+    loop = next(r for r in train if r["caption"] == "An electronic drum loop, 135 bpm")
+    shutil.copy(TRAIN / loop["path"], folder / "clip-000.flac")  # batch 0 (of 3, 4 files each)
+    quiet = folder / "sub" / "quiet.wav"  # batch 2
+    st = quiet.stat()
+    frames = sf.info(quiet).frames
+    x, sr = sf.read(TRAIN / train[20]["path"], dtype="float32", frames=frames, fill_value=0.0)
+    sf.write(quiet, 0.3 * x, sr)  # as many frames, the same format: the same size
+    os.utime(quiet, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert quiet.stat().st_size == st.st_size and quiet.stat().st_mtime_ns == st.st_mtime_ns
+    real, calls = audit_mod._embed_batch, []
+    monkeypatch.setattr(audit_mod, "_embed_batch", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real_row, checked = adherence._row, []
+    monkeypatch.setattr(adherence, "_row", lambda it, t: checked.append(it.id) or real_row(it, t))
+    _run(folder, tmp_path / "out", pairs=0)
+    assert sorted(it.id for batch in calls for it in batch) == [
+        "broken.flac",
+        "clip-000.flac",
+        "clip-004.flac",
+        "clip-008.flac",
+        "clip-028.flac",
+        "sub/quiet.wav",
+    ]
+    assert checked == ["clip-000.flac"]  # the other parsed prompts' files did not change
+    _run(folder, tmp_path / "fresh", pairs=0, attributes=False)
+    again, fresh = _by_id(tmp_path / "out" / "audit.parquet"), _by_id(tmp_path / "fresh" / "audit.parquet")
+    assert again["clip-000.flac"]["nearest_id"] == loop["id"]
+    for i, r in fresh.items():
+        assert again[i]["nearest_id"] == r["nearest_id"] and again[i]["status"] == r["status"], i
+        if r["status"] == "ok":
+            assert again[i]["similarity"] == pytest.approx(r["similarity"], abs=1e-5), i
+    attrs = _by_id(tmp_path / "out" / "attributes.parquet")
+    assert attrs["clip-000.flac"]["est_bpm"] == pytest.approx(135, rel=0.04)  # was the 90 bpm loop's
+    assert attrs["clip-000.flac"]["tempo"] is False  # its prompt still asks for 90 bpm
+
+
 def test_results_parquet_source_keeps_ok_rows_and_prompts(tmp_path):
     rows = pq.read_table(TRAIN / "train.parquet").to_pylist()[:3]
     (tmp_path / "run" / "audio").mkdir(parents=True)
@@ -148,6 +198,80 @@ def test_results_parquet_source_keeps_ok_rows_and_prompts(tmp_path):
         items_from_source(tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="folder of audio"):
         items_from_source(tmp_path / "x.csv")
+
+
+def _outside_world(tmp_path: Path) -> Path:
+    """A folder beside the audited one holding private audio (a training clip: it would show at ≈ 1)."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    clip = pq.read_table(TRAIN / "train.parquet").to_pylist()[5]
+    shutil.copy(TRAIN / clip["path"], secret / "private.flac")
+    (secret / "private.txt").write_text("a private caption")
+    return secret
+
+
+def _generic(rows: list[dict], ids: list[str], paths: list[str]) -> set[str]:
+    """The errors of ``ids`` with each row's own path taken out: one text means nothing told them apart."""
+    by_id = {r["id"]: r for r in rows}
+    return {by_id[i]["error"].replace(p, "<path>") for i, p in zip(ids, paths, strict=True)}
+
+
+def test_a_results_file_cannot_make_the_audit_read_outside_its_folder(tmp_path):
+    """Paths of a results file resolve inside its folder, symlinks followed, or the row is an error that
+    reads the same whether the file exists or not; a missing file and one that cannot be read (a folder
+    under an audio name) read the same too; nothing outside is read or put in the report."""
+    secret = _outside_world(tmp_path)
+    run = tmp_path / "run"
+    (run / "audio" / "folder.flac").mkdir(parents=True)
+    rows = pq.read_table(TRAIN / "train.parquet").to_pylist()
+    shutil.copy(TRAIN / rows[0]["path"], run / "audio" / "ok.flac")
+    (run / "audio" / "link.flac").symlink_to(secret / "private.flac")
+    (run / "audio" / "dangling.flac").symlink_to(secret / "nothing.flac")
+    paths = {
+        "ok": "audio/ok.flac",
+        "abs": str(secret / "private.flac"), "abs-missing": str(secret / "nothing.flac"),
+        "up": "../secret/private.flac", "up-missing": "../secret/nothing.flac",
+        "link": "audio/link.flac", "dangling": "audio/dangling.flac",
+        "missing": "audio/missing.flac", "unreadable": "audio/folder.flac",
+    }  # fmt: skip
+    table = pa.table({"id": list(paths), "audio_path": list(paths.values()), "status": ["ok"] * len(paths),
+                      "prompt": ["An acoustic drum loop, 90 bpm"] * len(paths)})  # fmt: skip
+    pq.write_table(table, run / "results.parquet")
+    summary = _run(run / "results.parquet", tmp_path / "out")
+    out = pq.read_table(tmp_path / "out" / "audit.parquet").to_pylist()
+    assert summary.n_ok == 1 and [r["id"] for r in out if r["status"] == "ok"] == ["ok"]
+    outside = ["abs", "abs-missing", "up", "up-missing", "link", "dangling"]
+    for there, not_there in [("abs", "abs-missing"), ("up", "up-missing"), ("link", "dangling")]:
+        assert len(_generic(out, [there, not_there], [paths[there], paths[not_there]])) == 1
+    assert len(_generic(out, ["missing", "unreadable"], [paths["missing"], paths["unreadable"]])) == 1
+    assert all(
+        "private" not in r["error"] and "nothing" not in r["error"]
+        for r in out
+        if r["id"] in ("link", "dangling")
+    )  # fmt: skip; where a link points is not told either
+    attributes = pq.read_table(tmp_path / "out" / "attributes.parquet").to_pylist()
+    assert [r["id"] for r in attributes if r["status"] == "ok"] == ["ok"]
+    assert {r["error"] for r in attributes if r["id"] in outside} <= {r["error"] for r in out}
+    page = _Page()
+    page.feed((tmp_path / "out" / "report.html").read_text(encoding="utf-8"))
+    assert len(page.audio) == 2  # the one audited pair: ok.flac and its training clip
+
+
+def test_a_folder_audit_does_not_follow_links_out_of_the_folder(folder, tmp_path):
+    """A symlink (and a prompt sidecar linked) leaving the folder is an error row with no prompt; a link
+    that stays inside is audited like any file."""
+    secret = _outside_world(tmp_path)
+    (folder / "leak.flac").symlink_to(secret / "private.flac")
+    (folder / "leak.txt").symlink_to(secret / "private.txt")
+    (folder / "gone.flac").symlink_to(secret / "nothing.flac")
+    (folder / "again.flac").symlink_to(folder / "clip-000.flac")
+    summary = _run(folder, tmp_path / "out", pairs=0)
+    rows = _by_id(tmp_path / "out" / "audit.parquet")
+    assert rows["leak.flac"]["status"] == rows["gone.flac"]["status"] == "error"
+    assert rows["leak.flac"]["prompt"] == "" and rows["leak.flac"]["similarity"] is None
+    assert len(_generic(list(rows.values()), ["leak.flac", "gone.flac"], ["leak.flac", "gone.flac"])) == 1
+    assert rows["again.flac"]["status"] == "ok" and rows["again.flac"]["nearest_id"] == "clip-000"
+    assert summary.n_ok == 10 and summary.n_error == 3  # the 9 files, the inside link; broken and 2 links
 
 
 def test_config_errors_name_the_value():
@@ -262,6 +386,7 @@ def _chromium() -> dict:
     return spec
 
 
+@pytest.mark.integration
 def test_report_renders_in_headless_chromium(folder, tmp_path):
     """The report opens offline in a real browser: it renders, the players, the histogram and the pairs'
     spectrograms load, and the console shows no error."""

@@ -17,6 +17,8 @@ from amg_engine.index.clap import ClapEmbedder, ClapTextUnavailable, repeat_pad
 from amg_engine.index.embedders import EmbedderInfo, EmbedderMismatch, load_embedder
 from amg_engine.index.files import file_digest
 
+pytestmark = pytest.mark.integration  # make test-latest runs it on the newest releases
+
 SR = 48_000
 
 

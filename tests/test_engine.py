@@ -108,6 +108,7 @@ def test_generate_returns_trimmed_audio_and_traces(assets):
         assert -1 <= g.final_similarity <= 1 and 0 <= g.neighbour < len(engine.index)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sampler", ["dpmpp-3m-sde", "dpmpp-2m"])
 def test_no_amg_equals_stable_audio_tools_generate(assets, sampler):
     """AMG off, one row: our loop equals stable-audio-tools' own generate_diffusion_cond (same model,

@@ -27,23 +27,26 @@ PCM = 2 / 2**15  # a similarity read back from 16-bit audio is this close to the
 class GateEngine(FakeEngine):
     """A :class:`FakeEngine` whose row ``id`` has similarity ``sims[id][k-1]`` at attempt k (the
     attempt read from the request's seed), else ``default``; its audio is that similarity / 2, and
-    :meth:`nearest` reads it back. ``stop_at``: the generate call (0-based) that raises
+    :meth:`measure_files` reads it back. ``stop_at``: the generate call (0-based) that raises
     KeyboardInterrupt, as a kill there would stop the run."""
 
-    def __init__(self, config=None, sims=None, seeds=None, default=0.3, stop_at=None, max_attempts=8):
-        super().__init__(config)
+    def __init__(self, config=None, sims=None, seeds=None, default=0.3, stop_at=None, max_attempts=8,
+                 raise_calls=()):  # fmt: skip
+        super().__init__(config, raise_calls=raise_calls)
         self.device = torch.device("cpu")
         self.sims, self.default, self.stop_at = sims or {}, default, stop_at
         self.attempt = {ReleaseGate.seed(s, k): k for s in seeds.values() for k in range(1, max_attempts + 1)}
         self.requests: list[list[tuple[str, int]]] = []  # (id, attempt) of each call that ran
 
-    def generate(self, requests):
+    def generate(self, requests, measure=True):
         from amg_engine.engine.engine import Generated
 
         if self.stop_at is not None and len(self.calls) == self.stop_at:
             raise KeyboardInterrupt("killed")
         self.calls.append([r.id for r in requests])
         self.configs.append(self.config)
+        if len(self.calls) - 1 in self.raise_calls:
+            raise RuntimeError(self.failure)
         self.requests.append([(r.id, self.attempt[r.seed]) for r in requests])
         out = []
         for r in requests:
@@ -54,8 +57,10 @@ class GateEngine(FakeEngine):
             out.append(Generated(r, audio, sim, 0, [], None))
         return out
 
-    def nearest(self, audio, lengths):
-        sims = [2 * float(audio[i, :, : int(n)].mean()) for i, n in enumerate(lengths)]
+    def measure_files(self, files):
+        from amg_engine.jobs.results import decode_audio
+
+        sims = [2 * float(decode_audio(f).mean()) for f in files]
         return sims, [1] * len(sims)
 
 
@@ -213,7 +218,6 @@ def test_bad_gate_settings_are_named(kw, problem):
         (["--max-similarity", "--max-attempts", "0"], "--max-attempts 0"),
         (["--max-similarity", "0.5", "--escalate", "-1"], "--escalate -1.0"),
         (["--escalate", "2"], "give --max-similarity"),
-        (["--max-similarity", "--engine", "ray"], "--engine local"),
     ],
 )
 def test_bad_gate_flags_exit_2_and_write_nothing(tmp_path, capsys, flags, problem):
@@ -284,3 +288,124 @@ def test_on_the_default_model_every_released_file_is_below_tau(tmp_path, tmp_pat
                 assert float((e @ index.vectors.T).max()) < tau
             else:
                 assert min(r["attempt_similarities"]) >= tau and (out_gate / r["audio_path"]).exists()
+
+
+def test_a_rerun_after_a_row_is_inserted_at_the_top_finishes_each_row_once(tmp_path):
+    """Ids are the resume key, so rows may move: a run stopped between attempts, resumed with a new
+    row at the top of its manifest, finishes every row with each attempt run once, and every result
+    names the row's position in the manifest it was finished with (issue 26, item 1)."""
+    from collections import Counter
+
+    m, seeds = manifest(tmp_path / "m.parquet", 16)
+    # odd rows: attempt 2 the best so far, attempt 3 worse (the earlier attempt stays), attempt 4 clears
+    sims = {rid: [0.95, 0.7, 0.9, 0.2] if i % 2 else [] for i, rid in enumerate(seeds)}
+    gate, out = ReleaseGate(TAU, 4), tmp_path / "out"
+    killed = GateEngine(sims=sims, seeds=seeds, stop_at=3)  # two fresh batches, attempt 2, then killed
+    with pytest.raises(KeyboardInterrupt):
+        run_generate(m, out, killed, JobConfig(progress=False, gate=gate))
+    ids, table = ["row-new", *seeds], pq.read_table(m)
+    write_manifest(m, {"id": ids, "prompt": [PROMPTS[5], *table["prompt"].to_pylist()],
+                       "seconds": [0.25] * 17, "seed": [5, *seeds.values()]})  # fmt: skip
+    again = GateEngine(sims=sims, seeds={**seeds, "row-new": 5})
+    summary = run_generate(m, out, again, JobConfig(progress=False, gate=gate))
+    attempts = Counter(x for c in killed.requests + again.requests for x in c)
+    assert set(attempts.values()) == {1}  # no attempt ran twice
+    assert {rid: max(k for i, k in attempts if i == rid) for rid in ids} == {
+        rid: 4 if rid in sims and sims[rid] else 1 for rid in ids
+    }
+    res = pq.read_table(out / "results.parquet").to_pylist()
+    assert [r["id"] for r in res] == ids and [r["row"] for r in res] == list(range(17))
+    assert {r["status"] for r in res} == {"ok"} and (summary.released, summary.retrying) == (17, 0)
+    assert all(r["attempts"] == len(r["attempt_seeds"]) == len(r["attempt_similarities"]) for r in res)
+    assert list((out / "rejected").iterdir()) == []  # the kept attempts went with their rows' release
+
+
+def test_a_retry_batch_failing_in_the_engine_keeps_its_rows_attempts(tmp_path):
+    """The engine raises on a batch of second attempts: those rows are errors that keep their first
+    attempt (its record and its file in rejected/), and --retry-failed continues at attempt 2
+    (issue 26, item 5)."""
+    m, seeds = manifest(tmp_path / "m.parquet", 8)
+    sims = {rid: [0.95, 0.7, 0.2] if i % 2 else [] for i, rid in enumerate(seeds)}
+    gate, out = ReleaseGate(TAU, 3), tmp_path / "out"
+    failing = GateEngine(sims=sims, seeds=seeds, raise_calls=(1,))  # the batch of second attempts
+    summary = run_generate(m, out, failing, JobConfig(progress=False, gate=gate))
+    res = results(out)
+    odd = [rid for rid in seeds if sims[rid]]
+    assert summary.errors == 4 and {res[rid]["status"] for rid in odd} == {"error"}
+    for rid in odd:
+        r = res[rid]
+        assert "engine failed" in r["error"] and r["attempts"] == 1 and r["attempt_seeds"] == [seeds[rid]]
+        assert r["audio_path"] == f"rejected/{rid}-a1.flac" and (out / r["audio_path"]).exists()
+    assert sorted(p.name for p in (out / "rejected").iterdir()) == sorted(f"{rid}-a1.flac" for rid in odd)
+    rerun = GateEngine(sims=sims, seeds=seeds)
+    assert run_generate(m, out, rerun, JobConfig(progress=False, gate=gate)).generated == 0  # errors stay
+    summary = run_generate(m, out, rerun, JobConfig(progress=False, gate=gate, retry_failed=True))
+    assert sorted(x for c in rerun.requests for x in c) == sorted((rid, k) for rid in odd for k in (2, 3))
+    res = results(out)
+    assert summary.released == 8 and all(res[rid]["attempt_seeds"] == [
+        ReleaseGate.seed(seeds[rid], k) for k in (1, 2, 3)] for rid in odd)  # fmt: skip
+    assert list((out / "rejected").iterdir()) == []
+
+
+def test_the_attempt_history_state_machine():
+    """ReleaseGate.judge: released at the first attempt below τ, else retried until N, keeping the
+    lowest similarity so far (the earliest of equals, NaN never); Attempts round-trips a result row."""
+    from amg_engine.jobs.gate import Attempts
+
+    gate, none = ReleaseGate(0.5, 3), Attempts()
+    assert none.best is None and none.next == 1 and Attempts.of(None) == none
+    v = gate.judge(none, 11, float("nan"), 1.0)
+    assert (v.status, v.keep, v.fresh) == ("retry", 1, True)  # a NaN is kept only while it is all there is
+    v = gate.judge(v.attempts, 12, 0.8, 1.0)
+    assert (v.status, v.keep, v.fresh) == ("retry", 2, True)
+    w = gate.judge(v.attempts, 13, 0.8, 1.0)
+    assert (w.status, w.keep, w.fresh) == ("rejected", 2, False)  # a tie: the earlier attempt stays
+    assert gate.judge(v.attempts, 13, 0.49, 1.0).status == "ok"
+    assert gate.judge(v.attempts, 13, 0.5, 1.0).status == "rejected"  # at τ is not below it
+    assert Attempts.of(w.attempts.columns()) == w.attempts and w.attempts.columns()["attempts"] == 3
+    assert w.attempts.seeds == (11, 12, 13) and Attempts.of({"attempt_seeds": None}) == none
+
+
+def test_under_bf16_the_gate_records_the_audits_measure_of_each_file(tmp_path, tmp_path_factory, monkeypatch):
+    """The gate judges a file by the audit's measure, in float32 whatever the run's precision: with
+    bf16 (autocast on the CPU, as on CUDA by default), every released and every kept rejected file
+    audits at the similarity its row records; and each clip is embedded once, by that measure (the
+    engine's own final measure does not run under the gate) (issue 26, item 3)."""
+    from amg_engine.engine.engine import Engine
+    from amg_engine.index.embedders import load_embedder
+    from amg_engine.index.store import EmbeddingIndex
+    from amg_engine.jobs.audit import AuditConfig, embed_all, items_from_source
+
+    assets = tiny_assets(tmp_path_factory)
+    n = 8
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    m = write_manifest(tmp_path / "m.parquet", {"id": [f"r{i}" for i in range(n)], "seconds": [0.5] * n,
+                                                "prompt": prompts})  # fmt: skip
+    argv = ["generate", str(m), "--model", str(assets / "model"), "--index", str(assets / "index"),
+            *FAST_FLAGS, "--precision", "bf16"]  # fmt: skip
+    nearest, measured, real_nearest, real_measure = [], [], Engine.nearest, Engine.measure_files
+    monkeypatch.setattr(Engine, "nearest", lambda self, a, n: nearest.append(1) or real_nearest(self, a, n))
+    monkeypatch.setattr(
+        Engine, "measure_files", lambda self, x: measured.append(len(x)) or real_measure(self, x)
+    )
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    assert nearest and not measured  # without the gate the engine measures the final audio
+    tau = float(np.quantile([r["final_similarity"] for r in results(tmp_path / "plain").values()], 0.5))
+    out, nearest[:] = tmp_path / "gated", []
+    assert main([*argv, "--out", str(out), "--max-similarity", str(tau), "--max-attempts", "2"]) == 0
+    res = results(out)
+    assert not nearest and sum(measured) == sum(r["attempts"] for r in res.values())  # once per clip
+    assert {r["status"] for r in res.values()} == {"ok", "rejected"}  # both kinds of file are checked
+    index = EmbeddingIndex.load(assets / "index")
+    embedder, audited = load_embedder(index.embedder), {}
+    for source, name in ((out / "results.parquet", "a"), (out / "rejected", "b")):  # the audit's measure
+        parts = embed_all(items_from_source(source), index, embedder, tmp_path / name, AuditConfig(),
+                          progress=False)  # fmt: skip
+        for r in pq.read_table(parts).to_pylist():
+            audited[r["id"] if name == "a" else f"rejected/{r['id']}"] = r["similarity"]
+    for rid, r in res.items():
+        measured = audited[rid if r["status"] == "ok" else r["audio_path"]]
+        # the same function on the same file, in float32 on one CPU: equal up to the rounding of other
+        # batch compositions in the embedder's matrix products (≲ 1e-6; bf16 would be ~1e-3 off)
+        assert r["final_similarity"] == pytest.approx(measured, abs=1e-5), rid
+        assert r["final_similarity"] == min(r["attempt_similarities"]) or r["status"] == "ok"

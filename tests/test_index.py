@@ -107,6 +107,7 @@ def test_exact_search_has_no_cuda_sync(data):
 # -- FAISS ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("shards", [1, 3])
 def test_faiss_flat_equals_exact(data, shards):
     xb, xq = data
@@ -114,6 +115,7 @@ def test_faiss_flat_equals_exact(data, shards):
     assert_same_neighbours(res.D, res.I, xq, xb, 5)
 
 
+@pytest.mark.integration
 def test_faiss_ivfpq_recall():
     """IVF16,PQ8 on 4,000 x 64 unit vectors, queries at cosine ~0.9 to a database row (a replica
     query), 8 of 16 lists probed. The true neighbour leads the runner-up by ~0.45 in cosine; PQ8's

@@ -73,7 +73,6 @@ def test_zero_never_stops_and_negative_is_refused(tmp_path):
 
 
 def test_the_cli_exits_with_code_3_naming_the_error(tmp_path, monkeypatch, capsys):
-    import amg_engine.engine.engine
     from amg_engine import engine
 
     monkeypatch.setattr(

@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 from jobs_helpers import FakeEngine, good_manifest
 
-import amg_engine.jobs.merge
 from amg_engine import jobs
 from amg_engine.jobs.generate import JobConfig, run_generate
 from amg_engine.jobs.merge import ResultsWriter, RowReader, compact, matching, newest, write_results

@@ -17,6 +17,7 @@ from jobs_helpers import (
     FAST_FLAGS,
     PROMPTS,
     FakeSpec,
+    GatedRecordingEngine,
     assert_gates_are_clear,
     engine_calls,
     fast_config,
@@ -57,6 +58,7 @@ def _ray_run(tmp_path, n, spec_kw=None, job_kw=None, actors=2, batch=4):
     return summary, pq.read_table(tmp_path / "out" / "results.parquet"), engine_calls(log_dir)
 
 
+@pytest.mark.integration
 def test_ray_engine_matches_the_local_engine_and_resumes(local_ray, tmp_path, tmp_path_factory):
     assets = tiny_assets(tmp_path_factory)
     m = write_manifest(tmp_path / "m.parquet", {
@@ -134,3 +136,64 @@ def test_the_circuit_breaker_stops_a_ray_run_and_a_rerun_resumes(local_ray, tmp_
     # after the rerun's start cleaned up: the run after deletes them)
     _check_complete(res, 48, tmp_path / "out", no_tmp=False)
     assert summary.ok == 48
+
+
+def test_the_driver_keys_rows_as_its_actors_do(local_ray, tmp_path):
+    """The driver plans for the device its actors run on: a configuration saying cuda with actors on
+    the CPU keys the rows with the actors' precision (fp32), so a rerun finds them done (issue 26,
+    item 4; before, the driver hashed the configuration it was given)."""
+    from amg_engine.jobs.ray_run import RayOptions, run_generate_ray
+
+    m = write_manifest(tmp_path / "m.parquet", {"id": [f"r{k}" for k in range(4)], "prompt": PROMPTS[:4]})
+    (tmp_path / "calls").mkdir()
+    spec = FakeSpec(replace(fast_config(), device="cuda"), str(tmp_path / "calls"))
+    opts, job = RayOptions(actors=1, cpus_per_actor=0.5, device="cpu"), JobConfig(progress=False)
+    assert run_generate_ray(m, tmp_path / "out", spec, job, opts).generated == 4
+    res = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    assert {r["config_hash"] for r in res} == {replace(fast_config(), device="cpu").config_hash()}
+    assert run_generate_ray(m, tmp_path / "out", spec, job, opts).generated == 0
+
+
+def test_the_release_gate_under_ray_gives_the_local_runs_statuses_attempts_and_files(local_ray, tmp_path):
+    """--engine ray with the release gate, two actors, one of them killed in the middle of a batch of
+    second attempts: every row ends with the statuses, attempts, similarities and files of a local run
+    of the same manifest, and no attempt but the killed batch's runs twice (issue 26, item 10)."""
+    from amg_engine.jobs.gate import ReleaseGate
+    from amg_engine.jobs.generate import run_generate
+    from amg_engine.jobs.ray_run import RayOptions, run_generate_ray
+
+    n = 24
+    ids = [f"r{k:03d}" for k in range(n)]
+    seeds = {rid: 1000 + k for k, rid in enumerate(ids)}
+    fails = [[], [0.9], [0.8, 0.7], [0.95, 0.7, 0.9]]  # cleared at attempt 1, 2, 3; rejected
+    sims = {rid: fails[k % 4] + [0.2] for k, rid in enumerate(ids)}
+    prompts = [PROMPTS[k % 6] for k in range(n)]
+    m = write_manifest(tmp_path / "m.parquet", {"id": ids, "prompt": prompts, "seconds": [0.25] * n,
+                                                "seed": list(seeds.values())})  # fmt: skip
+    config, job = replace(fast_config(), batch_size=4), JobConfig(progress=False, gate=ReleaseGate(0.6, 3))
+    for name in ("local-calls", "ray-calls"):
+        (tmp_path / name).mkdir()
+    local = run_generate(m, tmp_path / "local", GatedRecordingEngine(config, tmp_path / "local-calls", sims,
+                                                                     seeds), job)  # fmt: skip
+    spec = FakeSpec(config, str(tmp_path / "ray-calls"), kill_id="r005", barrier=2, gate=(sims, seeds, 2))
+    summary = run_generate_ray(m, tmp_path / "ray", spec, job, RayOptions(actors=2, cpus_per_actor=0.5))
+    keys = ("row", "status", "attempts", "attempt_seeds", "attempt_similarities", "audio_path",
+            "final_similarity")  # fmt: skip
+    want, got = (pq.read_table(tmp_path / d / "results.parquet").to_pylist() for d in ("local", "ray"))
+    assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in want]
+    assert Counter(r["status"] for r in got) == {"ok": 18, "rejected": 6}
+    for d in ("audio", "rejected"):
+        assert sorted(p.name for p in (tmp_path / "ray" / d).iterdir()) == sorted(
+            p.name for p in (tmp_path / "local" / d).iterdir()
+        )
+    assert (summary.released, summary.rejected, summary.errors, summary.attempt_histogram) == (
+        local.released, local.rejected, local.errors, local.attempt_histogram
+    )  # fmt: skip
+    calls = engine_calls(tmp_path / "ray-calls")
+    killed = [c for c in calls if c["end"] is None]
+    assert len(killed) == 1 and "r005@2" in killed[0]["ids"]  # killed between its first and third attempt
+    ran = Counter(x for c in calls for x in c["ids"])
+    assert ran == Counter(x for c in engine_calls(tmp_path / "local-calls") for x in c["ids"]) + Counter(
+        killed[0]["ids"]
+    )  # every attempt once, the killed batch's twice
+    assert list((tmp_path / "ray").rglob("*.tmp")) == []

@@ -23,8 +23,9 @@ import pytest
 import torch
 from triton.runtime.jit import JITFunction
 
-from amg_engine.kernels import amg_combine, amg_combine_ref, nn_search, nn_search_ref
 from amg_engine.kernels._dispatch import is_interpreted, use_triton
+from amg_engine.kernels.guidance import amg_combine, amg_combine_ref
+from amg_engine.kernels.nn_search import nn_search, nn_search_ref
 
 _INTERPRETED = is_interpreted(importlib.import_module("amg_engine.kernels.guidance")._amg_combine_kernel)
 if not _INTERPRETED and not torch.cuda.is_available():

@@ -9,6 +9,8 @@ from model_checks import assert_same_outputs, assert_same_weights
 from amg_engine.engine.default.model import build_tokenizer, model_config
 from amg_engine.engine.models import ModelFilesError, encode_conditioning, load_model, save_model, v_denoise
 
+pytestmark = pytest.mark.integration  # make test-latest runs it on the newest releases
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):

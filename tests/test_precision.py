@@ -48,24 +48,92 @@ def test_precision_is_part_of_the_resume_key():
     base = PRESETS["default-model"]
     hashes = {p: replace(base, precision=p).config_hash() for p in PRECISIONS}
     assert len(set(hashes.values())) == len(PRECISIONS)
-    # unset: the device's default, which is left out like the device (a Ray driver plans on a CPU
-    # config for GPU actors); so an unset precision keys the same on every device
-    assert base.config_hash() == replace(base, device="cuda").config_hash()
-    assert base.config_hash() not in hashes.values()
+    # unset: the device's default, resolved (tests/test_resume_key.py, issue 26 item 4)
+    assert base.config_hash() == hashes["fp32"]
+    assert replace(base, device="cuda").config_hash() == hashes["bf16"]
+
+
+def _tf32_getters() -> dict:
+    """Every TF32 setting as PyTorch answers it: the legacy getters (which inductor's autotuning and
+    k-diffusion read) and the per-backend ``fp32_precision`` ones. A getter that raises answers its error."""
+    getters = {
+        "float32_matmul_precision": torch.get_float32_matmul_precision,
+        "matmul.allow_tf32": lambda: torch.backends.cuda.matmul.allow_tf32,
+        "cudnn.allow_tf32": lambda: torch.backends.cudnn.allow_tf32,
+        "matmul.fp32_precision": lambda: torch.backends.cuda.matmul.fp32_precision,
+        "conv.fp32_precision": lambda: torch.backends.cudnn.conv.fp32_precision,
+    }
+    out = {}
+    for name, get in getters.items():
+        try:
+            out[name] = get()
+        except RuntimeError as e:  # torch ≥ 2.9: "you have used mix of the legacy and new APIs"
+            out[name] = RuntimeError(str(e)[:80])
+    return out
+
+
+def _tf32_state() -> dict:
+    """What the settings mean: the legacy getters' answers, and whether each new one says TF32 (it says
+    "ieee" where it said "none" before once the legacy flag was set and restored: the same meaning)."""
+    got = _tf32_getters()
+    return {k: (v == "tf32" if k.endswith("fp32_precision") else v) for k, v in got.items()}
 
 
 @pytest.mark.parametrize("name", ["fp32", "tf32", "bf16"])
 def test_tf32_flags_are_set_locally_and_restored(name):
     """Precision.flags sets the CUDA TF32 modes only inside its block (settable without a GPU)."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = matmul.fp32_precision, conv.fp32_precision
-    expected = "tf32" if name == "tf32" else "ieee"
+    before = _tf32_state()
     with pytest.raises(RuntimeError, match="inside"), Precision(name, "cuda").flags():
-        assert (matmul.fp32_precision, conv.fp32_precision) == (expected, expected)
+        assert torch.backends.cuda.matmul.allow_tf32 is torch.backends.cudnn.allow_tf32 is (name == "tf32")
         raise RuntimeError("inside")  # restored on the way out of an exception too
-    assert (matmul.fp32_precision, conv.fp32_precision) == before
+    assert _tf32_state() == before
     with Precision("tf32", "cpu").flags():  # no CUDA flags on a CPU engine
-        assert (matmul.fp32_precision, conv.fp32_precision) == before
+        assert _tf32_state() == before
+
+
+@pytest.mark.parametrize("name", PRECISIONS)
+def test_every_tf32_getter_answers_inside_the_flags(name):
+    """Precision.flags uses one of PyTorch's two TF32 APIs, so both kinds of getter keep answering inside
+    it, in agreement with the precision, and answer as before after it (settable without a GPU)."""
+    before = _tf32_state()
+    assert not any(isinstance(v, Exception) for v in before.values()), before
+    tf32 = name == "tf32"
+    with Precision(name, "cuda").flags():
+        inside = _tf32_getters()
+    assert not any(isinstance(v, Exception) for v in inside.values()), inside
+    assert inside["float32_matmul_precision"] == ("high" if tf32 else "highest")
+    assert inside["matmul.allow_tf32"] is inside["cudnn.allow_tf32"] is tf32
+    assert (inside["matmul.fp32_precision"] == "tf32") is (inside["conv.fp32_precision"] == "tf32") is tf32
+    assert _tf32_state() == before
+
+
+class _CudaFlagsOnCpu(Precision):
+    """A CPU engine's precision whose flags are CUDA's (they can be set and read on a machine without one)."""
+
+    def flags(self):
+        return Precision(self.name, "cuda").flags()
+
+
+def test_every_tf32_getter_answers_inside_the_sampling_loop(engines, reqs, monkeypatch):
+    """Where k-diffusion and inductor read them: inside the engine's step loop, under each precision's
+    flags (the model's autocast stays the CPU one)."""
+    import amg_engine.engine.engine as engine_mod
+
+    e32, _ = engines
+    seen, real = [], engine_mod.record_function
+    monkeypatch.setattr(
+        engine_mod, "record_function", lambda label: seen.append(_tf32_getters()) or real(label)
+    )
+    fast = replace(e32.config, sampler=replace(e32.config.sampler, steps=2))
+    with agreement.with_config(e32, fast):
+        for name in PRECISIONS:
+            monkeypatch.setattr(e32, "precision", _CudaFlagsOnCpu(name, "cpu"))
+            seen.clear()
+            e32.sample(reqs[:1])
+            assert len(seen) == 2, name
+            for got in seen:
+                assert not any(isinstance(v, Exception) for v in got.values()), (name, got)
+                assert got["matmul.allow_tf32"] is (name == "tf32"), (name, got)
 
 
 def test_autocast_applies_only_inside_the_wrapped_call():

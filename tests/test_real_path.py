@@ -98,6 +98,7 @@ def check_results(out: Path, index_dir: Path, expect_ok: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.integration
 def test_generate_sao_paper_killed_and_resumed(real, index, tmp_path, capsys):
     m, out = manifest(tmp_path / "m.parquet"), tmp_path / "out"
     argv = generate_argv(m, out, real.model, index, real.clap, "--preset", "sao-paper")
@@ -163,6 +164,7 @@ def test_ray_engine_with_the_same_flags(real, index, tmp_path):
         assert x["final_similarity"] == pytest.approx(y["final_similarity"], abs=1e-4)
 
 
+@pytest.mark.integration
 def test_one_embedding_of_a_clip_in_every_path(real, index):
     """A training file fed back through each path gives its index vector (to 1e-5) and similarity 1
     with its own row: the build and the audit (file reads), the final similarity (in-memory audio,

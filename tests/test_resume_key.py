@@ -135,3 +135,20 @@ def test_sao_presets_sample_with_the_brownian_tree():
 
     assert PRESETS["sao-paper"].sampler.noise == PRESETS["sao-demo"].sampler.noise == "brownian"
     assert PRESETS["default-model"].sampler.noise == "gaussian"
+
+
+def test_the_resume_key_holds_the_precision_the_device_runs_in():
+    """An unset precision is the device's default (fp32 on CPU, bf16 on CUDA): the key holds the one
+    resolved, so a run resumed on another device regenerates, and a precision given explicitly keys
+    like the same precision chosen by default (issue 26, item 4)."""
+    from dataclasses import replace
+
+    from amg_engine.engine.config import PRESETS
+
+    base = PRESETS["default-model"]  # device cpu, precision unset
+    cuda = replace(base, device="cuda")
+    assert base.config_hash() != cuda.config_hash()
+    assert replace(base, precision="bf16").config_hash() == cuda.config_hash()
+    assert replace(cuda, precision="fp32").config_hash() == base.config_hash()
+    assert replace(base, precision="fp32").config_hash() == base.config_hash()
+    assert replace(cuda, device="cuda:1").config_hash() == cuda.config_hash()  # the device only via it

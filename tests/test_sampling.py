@@ -64,6 +64,7 @@ def _gaussian_denoiser(mu: float, s: float):
     ("steps", "sigma_min", "sigma_max", "rho"),
     [(1, 0.3, 500.0, 1.0), (17, 0.3, 500.0, 1.0), (30, 0.01, 80.0, 2.5)],
 )
+@pytest.mark.integration
 def test_polyexponential_equals_k_diffusion(steps, sigma_min, sigma_max, rho):
     ours = S.SCHEDULES["polyexponential"](steps, sigma_min, sigma_max, rho)
     theirs = K.get_sigmas_polyexponential(steps, sigma_min, sigma_max, rho)
@@ -74,6 +75,7 @@ def test_polyexponential_equals_k_diffusion(steps, sigma_min, sigma_max, rho):
     ("steps", "sigma_min", "sigma_max", "rho"),
     [(1, 0.03, 80.0, 7.0), (17, 0.002, 80.0, 7.0), (30, 0.3, 500.0, 3.0)],
 )
+@pytest.mark.integration
 def test_karras_equals_k_diffusion(steps, sigma_min, sigma_max, rho):
     ours = S.SCHEDULES["karras"](steps, sigma_min, sigma_max, rho)
     theirs = K.get_sigmas_karras(steps, sigma_min, sigma_max, rho)
@@ -101,6 +103,7 @@ def test_unknown_sampler_names_valid_ones():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(K_SAMPLERS))
 @pytest.mark.parametrize("schedule", ["polyexponential", "karras"])
 def test_matches_k_diffusion(name, schedule):

@@ -15,6 +15,8 @@ from amg_engine.engine.engine import Engine, Request
 from amg_engine.engine.models import load_model, save_model
 from amg_engine.engine.sao import sao_config, tiny_sao_config
 
+pytestmark = pytest.mark.integration  # make test-latest runs it on the newest releases
+
 
 def test_shipped_config_is_sao_1_0():
     c = sao_config()

@@ -64,7 +64,6 @@ def test_mapped_index_gives_the_bundled_neighbours(mapped):
 
 
 def test_mapped_identity_is_the_stored_digest_with_the_precision(mapped, monkeypatch):
-    import amg_engine.index.files
     from amg_engine import index
 
     bundled, root = mapped

@@ -19,6 +19,8 @@ from model_checks import assert_same_outputs, assert_same_weights
 from amg_engine.engine.default.model import build_tokenizer, model_config
 from amg_engine.engine.models import ModelFilesError, build_model, encode_conditioning, load_model, save_model
 
+pytestmark = pytest.mark.integration  # make test-latest runs it on the newest releases
+
 PROMPTS = ["a drum loop, 120 bpm", "a warm pad"]
 MAX_LENGTH = 16
 
