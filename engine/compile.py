@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from amg_engine.engine.models import Conditioning, v_denoise
+from amg_engine.engine.models import Conditioning, denoise
 from amg_engine.engine.precision import Precision
 
 
@@ -24,7 +24,7 @@ def cfg_branches(
     model, x, sigma, cond: Conditioning, uncond: Conditioning
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x0 of the conditional and unconditional branches in one batched model call -> (x0_c, x0_u)."""
-    both = v_denoise(model, torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([cond, uncond]))
+    both = denoise(model, torch.cat([x, x]), torch.cat([sigma, sigma]), Conditioning.cat([cond, uncond]))
     return both.chunk(2)
 
 
@@ -47,5 +47,5 @@ def compiled_branches(
 
 def compiled_denoise(model, compile: bool, precision: Precision | None = None) -> Callable:
     """denoise(x, sigma, cond) -> x0, one conditioning branch, for batches of any size."""
-    fn = partial(v_denoise, model)
+    fn = partial(denoise, model)
     return maybe_compile(precision.wrap(fn) if precision else fn, compile, dynamic=True)

@@ -74,6 +74,11 @@ class GuidanceConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
+    """The sampler, its schedule and its noise. ``schedule`` fixes the time variable (engine/sampling.py):
+    "polyexponential" and "karras" run over the VE sigma of v-objective models, "rf-logsnr" over the
+    flow time t of rectified-flow models (stable-audio-tools' ``sample_rf``; ``sigma_max`` is then t's
+    start, in (0, 1], and ``sigma_min``, ``rho`` are unused). The sampler must run in that variable."""
+
     sampler: str = "dpmpp-3m-sde"
     schedule: str = "polyexponential"
     steps: int = 100
@@ -85,7 +90,7 @@ class SamplerConfig:
     noise: Literal["gaussian", "brownian"] = "gaussian"
 
     def __post_init__(self) -> None:
-        from amg_engine.engine.sampling import SAMPLERS, SCHEDULES
+        from amg_engine.engine.sampling import SAMPLERS, SCHEDULE_SPACE, SCHEDULES, check_space
 
         _check(
             self.noise in ("gaussian", "brownian"), f"noise={self.noise!r}: choose 'gaussian' or 'brownian'"
@@ -99,6 +104,18 @@ class SamplerConfig:
             _finite(name, getattr(self, name))
         _check(
             0 < self.sigma_min < self.sigma_max, f"sigma range ({self.sigma_min}, {self.sigma_max}) is empty"
+        )
+        if SCHEDULE_SPACE[self.schedule] == "t":
+            _check(
+                self.sigma_max <= 1,
+                f"sigma_max={self.sigma_max}: schedule {self.schedule!r} starts the flow time t in (0, 1]; "
+                "use 1.0 (pure noise)",
+            )
+        check_space(self.sampler, self.schedule)
+        _check(
+            not (self.noise == "brownian" and SCHEDULE_SPACE[self.schedule] == "t"),
+            f"noise='brownian' on schedule {self.schedule!r}: k-diffusion's Brownian tree is over sigma; "
+            "flow samplers draw fresh gaussian noise (noise='gaussian', as stable-audio-tools does)",
         )
 
 
@@ -158,7 +175,9 @@ class EngineConfig:
 
 
 # Named presets. "default-model" is tuned for the embedded default model and its mel embedder;
-# the SAO presets are the published settings (amg-reference.md §2).
+# the SAO 1.0 presets are the published settings (amg-reference.md §2). "sao-small" is Stable Audio
+# Open Small's own sampling (rf_denoiser objective, stable-audio-tools' sample_rf t schedule, ping-pong,
+# 8 steps, no CFG); AMG on a flow model is not implemented yet, so it is off (the engine refuses it).
 PRESETS: dict[str, EngineConfig] = {
     "default-model": EngineConfig(
         GuidanceConfig(cfg_scale=4.0, c1=3.0, c2=3.0, c3=6000.0, lambda_min=0.6, lambda_max=0.75),
@@ -175,6 +194,11 @@ PRESETS: dict[str, EngineConfig] = {
             mode="reference", cfg_scale=7.0, c1=4.0, c2=3.0, c3=100.0, lambda_min=0.7, lambda_max=0.8
         ),
         SamplerConfig(noise="brownian"),
+    ),
+    "sao-small": EngineConfig(
+        GuidanceConfig(amg=False, cfg_scale=1.0),
+        # sigma_max: t starts at 1 (pure noise); sigma_min is unused by the rf-logsnr schedule
+        SamplerConfig(sampler="pingpong", schedule="rf-logsnr", steps=8, sigma_min=0.01, sigma_max=1.0),
     ),
 }
 

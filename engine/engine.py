@@ -23,14 +23,16 @@ from amg_engine.engine.config import EngineConfig
 from amg_engine.engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser, search_fn
 from amg_engine.engine.models import (
     DEFAULT_MODEL_DIR,
+    OBJECTIVE_SPACE,
     Conditioning,
     check_model_files,
+    diffusion_objective,
     encode_conditioning,
     load_model,
     model_id,
 )
 from amg_engine.engine.precision import Precision
-from amg_engine.engine.sampling import SCHEDULES, BrownianRowNoise, RowNoise, get_sampler
+from amg_engine.engine.sampling import SCHEDULE_SPACE, SCHEDULES, BrownianRowNoise, RowNoise, get_sampler
 from amg_engine.index.clip import input_span, prepare_clips
 from amg_engine.index.embedders import replication_threshold
 
@@ -100,8 +102,10 @@ class Engine:
         self.device = torch.device(config.device)
         index = EmbeddingIndex.load(index_dir)
         check_embedder(index.embedder, embedder_checkpoint)
-        check_model_files(model_dir)
+        objective = diffusion_objective(check_model_files(model_dir))
+        check_objective(config, objective)  # before the weights are read
         self.model, self.model_config = load_model(model_dir, self.device, trust_checkpoint)
+        self.objective = objective
         self.sample_rate = self.model_config["sample_rate"]
         self.window = self.model_config["sample_size"]
         self.audio_scale = self.model_config.get("amg_default", {}).get("audio_scale", 1.0)
@@ -240,10 +244,13 @@ class Engine:
     def sample(self, requests: list[Request]) -> tuple[torch.Tensor, list[StepTrace]]:
         """Final latents [B, C, L] and the per-step traces (empty without a detector), undecoded."""
         g = self.config.guidance
+        check_objective(self.config, self.objective)  # a view (jobs/runner.engine_view) may swap it
         b = len(requests)
         with torch.no_grad():
             meta = [{"prompt": r.prompt, "seconds_total": r.seconds} for r in requests]
             cond = encode_conditioning(self.model, meta, self.device)
+        if not g.amg and g.cfg_scale == 1:  # no guidance: the conditional branch alone, one forward
+            return self._sample(ConditionalDenoiser(cond, self._denoise), requests)
         reference = g.mode == "reference"
         uncond = cond.zeros_like() if (reference and g.amg) else cond.null_text()
         full = lambda v: torch.full((b,), float(v), device=self.device)  # noqa: E731
@@ -271,7 +278,9 @@ class Engine:
         sigmas, host_sigmas = schedule.to(self.device), schedule.tolist()
         shape = (self.model.io_channels, self.window // self.model.pretransform.downsampling_ratio)
         rows = RowNoise([r.seed for r in requests], shape, device=self.device)
-        x = rows.initial() * sigmas[0]
+        # VE: x = σ_max·ε. Flow: x = ε at t[0] whatever t[0] is, as stable-audio-tools' sample_rf starts
+        # (exact for t[0] = 1; only init audio, not supported here, is mixed in below 1)
+        x = rows.initial() if SCHEDULE_SPACE[s.schedule] == "t" else rows.initial() * sigmas[0]
         draw = self._noise_source(rows, x, host_sigmas) if sampler.uses_noise else None
         if s.sampler not in self._steps:
             self._steps[s.sampler] = maybe_compile(sampler.step, self.config.compile)
@@ -353,6 +362,44 @@ class Engine:
                 latents * pt.scale, chunked=True, chunk_size=VAE_CHUNK_FRAMES, overlap=VAE_OVERLAP_FRAMES
             )
         return audio.float() / self.audio_scale
+
+
+def check_objective(config: EngineConfig, objective: str) -> None:
+    """``ValueError`` unless ``config`` can sample a model of this diffusion objective: the schedule must
+    run in the model's time variable, and AMG is refused on a flow model (not implemented yet)."""
+    space = OBJECTIVE_SPACE[objective]
+    schedule = config.sampler.schedule
+    if SCHEDULE_SPACE[schedule] != space:
+        fits = sorted(n for n, v in SCHEDULE_SPACE.items() if v == space)
+        hint = " (e.g. --preset sao-small)" if space == "t" else ""
+        raise ValueError(
+            f"the model's diffusion_objective is {objective!r}, sampled over {_SPACE[space]}, but schedule "
+            f"{schedule!r} runs over {_SPACE[SCHEDULE_SPACE[schedule]]}: use schedule "
+            f"{' or '.join(fits)}{hint}"
+        )
+    if space == "t" and config.guidance.amg:
+        raise ValueError(
+            f"AMG on a rectified-flow model (diffusion_objective {objective!r}) is not implemented yet: "
+            "run it without AMG, with --no-amg (GuidanceConfig(amg=False))"
+        )
+
+
+_SPACE = {"sigma": "the VE noise level sigma", "t": "the flow time t"}
+
+
+@dataclass
+class ConditionalDenoiser:
+    """``(x, sigma) -> (x0 of the conditional branch, None)``: the denoiser when there is no guidance at
+    all (AMG off, cfg_scale 1), one model forward per step where CFG's combine would need two (its
+    result, x0_u + 1·(x0_c − x0_u), equals x0_c up to rounding; stable-audio-tools' DiT also skips the
+    unconditional pass at cfg_scale 1)."""
+
+    cond: Conditioning
+    denoise: object  # (x, sigma, cond) -> x0, maybe compiled
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor):
+        with torch.no_grad(), record_function("amg/model"):
+            return self.denoise(x, sigma, self.cond), None
 
 
 def _stack_traces(traces: list[StepTrace]) -> list[dict[str, list]]:

@@ -34,7 +34,8 @@ import torch
 from torch.profiler import record_function
 
 from amg_engine.engine.compile import cfg_branches
-from amg_engine.engine.models import Conditioning, v_denoise
+from amg_engine.engine.models import Conditioning
+from amg_engine.engine.models import denoise as model_denoise
 from amg_engine.engine.transfer import host_read, to_device
 
 
@@ -160,7 +161,7 @@ class AMGDenoiser:
         return cfg_branches(self.model, x, sigma, cond, uncond)
 
     def _denoise(self, x, sigma, cond) -> torch.Tensor:
-        return (self.denoise or partial(v_denoise, self.model))(x, sigma, cond)
+        return (self.denoise or partial(model_denoise, self.model))(x, sigma, cond)
 
     def _probe(self, x0_c, x0_u, cfg_scale) -> torch.Tensor:
         if self.reference:

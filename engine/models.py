@@ -279,6 +279,47 @@ def encode_conditioning(model, metadata: list[dict[str, Any]], device) -> Condit
     return Conditioning(inputs["cross_attn_cond"], inputs.get("global_cond"))
 
 
+# stable-audio-tools' diffusion objectives -> the time variable the model is sampled over
+# (engine/sampling.py): VE sigma for "v", flow time t for the rectified-flow objectives
+OBJECTIVE_SPACE = {"v": "sigma", "rectified_flow": "t", "rf_denoiser": "t"}
+
+
+def diffusion_objective(config: dict[str, Any]) -> str:
+    """The ``diffusion_objective`` of a ``model_config.json`` (stable-audio-tools' default "v"), checked
+    to be one this engine can denoise."""
+    objective = config["model"]["diffusion"].get("diffusion_objective", "v")
+    if objective not in OBJECTIVE_SPACE:
+        raise ValueError(
+            f"diffusion_objective {objective!r} in model_config.json: this engine denoises "
+            f"{sorted(OBJECTIVE_SPACE)}"
+        )
+    return objective
+
+
+def denoise(model, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """x0 prediction of ``model`` at its own time variable ``sigma`` [B]: :func:`v_denoise` (VE sigma)
+    for a "v" model, :func:`rf_denoise` (flow time t) for a rectified-flow one. The objective is the
+    model's ``diffusion_objective`` attribute, set by stable-audio-tools from model_config.json (a
+    Python attribute, not a tensor: ``torch.compile`` guards on it, no graph break)."""
+    objective = getattr(model, "diffusion_objective", "v")
+    if objective == "v":
+        return v_denoise(model, x, sigma, cond)
+    if OBJECTIVE_SPACE.get(objective) == "t":
+        return rf_denoise(model, x, sigma, cond)
+    raise ValueError(f"diffusion_objective {objective!r}: this engine denoises {sorted(OBJECTIVE_SPACE)}")
+
+
+def rf_denoise(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """x0 prediction of a rectified-flow model at flow time ``t`` [B] in [0, 1]: ``x − t·v(x, t)``.
+
+    stable-audio-tools' ``rectified_flow`` / ``rf_denoiser`` objectives train on ``x_t = (1 − t)·x0 +
+    t·ε`` with target ``v = ε − x0``, so ``x_t − t·v = x0``; the DiT takes t itself as its time input
+    (``sample_flow_pingpong``: ``denoised = x − t·model(x, t)``).
+    """
+    v = model.model(x, t, cross_attn_cond=cond.cross_attn, global_cond=cond.global_cond, cfg_scale=1.0)
+    return x - t.to(x.dtype)[:, None, None] * v
+
+
 def v_denoise(model, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
     """x0 prediction of a v-objective model at VE noise level ``sigma`` [B] (k-diffusion VDenoiser).
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from amg_engine.engine.guidance import lambda_t
-from amg_engine.engine.models import encode_conditioning, v_denoise
+from amg_engine.engine.models import denoise, encode_conditioning, v_denoise
 from amg_engine.engine.sampling import SCHEDULES, RowNoise, get_sampler
 
 
@@ -50,7 +50,7 @@ def published_amg(engine, request) -> torch.Tensor:
 
 def _plain(engine, x, sigma, cond, uncond, g) -> torch.Tensor:
     with torch.no_grad(), engine.precision.autocast():
-        x0_c, x0_u = v_denoise(engine.model, x, sigma, cond), v_denoise(engine.model, x, sigma, uncond)
+        x0_c, x0_u = denoise(engine.model, x, sigma, cond), denoise(engine.model, x, sigma, uncond)
     return x0_u + g.cfg_scale * (x0_c - x0_u)
 
 

@@ -14,6 +14,15 @@ it whole, and every row is updated independently of its batch-mates.
 
 Noise comes from :class:`RowNoise`, one seeded generator per row, which is what makes a row's
 result independent of the batch it is sampled in.
+
+Two time variables. k-diffusion's samplers run over the VE noise level ``sigma`` (``x = x0 + sigma·ε``,
+v-objective models such as Stable Audio Open 1.0). Rectified-flow models (stable-audio-tools'
+``rectified_flow`` and ``rf_denoiser`` objectives, e.g. Stable Audio Open Small) run over the flow
+time ``t`` in [0, 1] of the interpolant ``x_t = (1 − t)·x0 + t·ε``; the model predicts ``v = ε − x0``,
+so ``denoised = x − t·v``. The step signature is the same, with ``sigma`` holding ``t``:
+:data:`SCHEDULE_SPACE` and ``Sampler.spaces`` say which variable each schedule and sampler works in.
+Euler works in both (``(x − denoised)/t`` is the flow's velocity, so it is stable-audio-tools'
+``sample_discrete_euler``); ``pingpong`` only over ``t``; the DPM-Solver++ steps only over sigma.
 """
 
 from __future__ import annotations
@@ -34,15 +43,19 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SAMPLERS",
     "SCHEDULES",
+    "SCHEDULE_SPACE",
     "EulerState",
     "BrownianRowNoise",
     "RowNoise",
     "Sampler",
     "ThreeStepState",
     "TwoStepState",
+    "check_space",
     "get_sampler",
     "karras",
+    "pingpong_step",
     "polyexponential",
+    "rf_logsnr",
     "sample",
 ]
 
@@ -93,8 +106,42 @@ def karras(
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device)
 
 
+def rf_logsnr(
+    steps: int,
+    sigma_min: float = 0.0,
+    sigma_max: float = 1.0,
+    rho: float = 1.0,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """The flow-time schedule of stable-audio-tools' ``sample_rf`` (rectified-flow models, t in [0, 1]).
+
+    ``logsnr = linspace(logsnr_max, 2, steps + 1)``, ``t = sigmoid(-logsnr)``, then ``t[0] = sigma_max``
+    and ``t[-1] = 0``; ``logsnr_max = -6`` for ``sigma_max = 1``, else ``log((1 − sigma_max)/sigma_max
+    + 1e-6)``, as ``sample_rf`` computes it. ``sigma_max`` must be in (0, 1] (``sample_rf`` silently
+    clamps a larger one to 1; here it is an error). ``sigma_min`` and ``rho`` are unused: the log-SNR line
+    always ends at 2 (the last non-zero t tends to sigmoid(-2) = 0.119 as steps grow). Returns float32
+    ``[steps + 1]`` from ``sigma_max`` to 0, bit-identical to ``sample_rf`` (same float32 ops).
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps}: need at least 1 sampling step")
+    if not 0 < sigma_max <= 1:
+        raise ValueError(f"sigma_max={sigma_max}: the flow time t starts in (0, 1]; use 1 for pure noise")
+    logsnr_max = math.log((1 - sigma_max) / sigma_max + 1e-6) if sigma_max < 1 else -6
+    t = torch.sigmoid(-torch.linspace(logsnr_max, 2, steps + 1))  # built on CPU as sample_rf does
+    t[0] = sigma_max
+    t[-1] = 0
+    return t.to(device)
+
+
 Schedule = Callable[..., Tensor]
-SCHEDULES: dict[str, Schedule] = {"polyexponential": polyexponential, "karras": karras}
+SCHEDULES: dict[str, Schedule] = {
+    "polyexponential": polyexponential,
+    "karras": karras,
+    "rf-logsnr": rf_logsnr,
+}
+# the time variable each schedule runs in: "sigma" (VE noise level, v-objective models) or "t" (flow
+# time, rectified-flow models)
+SCHEDULE_SPACE: dict[str, str] = {"polyexponential": "sigma", "karras": "sigma", "rf-logsnr": "t"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,6 +308,22 @@ def dpmpp_3m_sde_step(
     return _finish(last, denoised, x_next, x), state_next
 
 
+def pingpong_step(
+    x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor, state: EulerState, noise: Tensor
+) -> tuple[Tensor, EulerState]:
+    """Ping-pong step of a rectified-flow model (stable-audio-tools ``sample_flow_pingpong``).
+
+    ``sigma``, ``sigma_next`` are flow times t, t_next in [0, 1]: the prediction is re-noised to t_next
+    with fresh noise, ``x_next = (1 − t_next)·denoised + t_next·noise``, nothing of ``x`` kept. Meant for
+    few-step distilled models (Stable Audio Open Small, ARC post-training) whose ``denoised`` is a sample
+    rather than a posterior mean. ``noise``: standard normal ``[B, C, T]``. The final step (t_next = 0)
+    returns ``denoised`` exactly (upstream computes ``1·denoised + 0·noise``, the same value).
+    """
+    t_next = _col(sigma_next, x)
+    x_next = (1 - t_next) * denoised + t_next * noise
+    return _finish(sigma_next <= 0, denoised, x_next, x), EulerState(state.steps + 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Name -> sampler table
 # ----------------------------------------------------------------------------------------------
@@ -270,23 +333,42 @@ StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, Any, Tensor], tuple[Tensor, A
 
 @dataclass(frozen=True)
 class Sampler:
-    """A sampler: its pure ``step``, its ``init_state(x)``, and whether ``step`` reads ``noise``."""
+    """A sampler: its pure ``step``, its ``init_state(x)``, whether ``step`` reads ``noise``, and the
+    time variables it is valid in (``"sigma"``, ``"t"``: see the module docstring)."""
 
     name: str
     step: StepFn
     init_state: Callable[[Tensor], SamplerState]
     uses_noise: bool
+    spaces: tuple[str, ...] = ("sigma",)
 
 
 SAMPLERS: dict[str, Sampler] = {
     s.name: s
     for s in (
-        Sampler("euler", euler_step, _init_euler, uses_noise=False),
+        Sampler("euler", euler_step, _init_euler, uses_noise=False, spaces=("sigma", "t")),
         Sampler("dpmpp-2m", dpmpp_2m_step, _init_two_step, uses_noise=False),
         Sampler("dpmpp-2m-sde", dpmpp_2m_sde_step, _init_two_step, uses_noise=True),
         Sampler("dpmpp-3m-sde", dpmpp_3m_sde_step, _init_three_step, uses_noise=True),
+        Sampler("pingpong", pingpong_step, _init_euler, uses_noise=True, spaces=("t",)),
     )
 }
+
+
+def check_space(sampler: str, schedule: str) -> str:
+    """The time variable ("sigma" or "t") that ``schedule`` runs in, once ``sampler`` is known to be
+    valid there; ``ValueError`` naming the samplers that are otherwise."""
+    space = SCHEDULE_SPACE[schedule]
+    if space not in get_sampler(sampler).spaces:
+        valid = sorted(n for n, s in SAMPLERS.items() if space in s.spaces)
+        raise ValueError(
+            f"sampler={sampler!r} does not run on schedule {schedule!r} (over {_SPACE_NAMES[space]}); "
+            f"choose one of {valid}, or a schedule over {_SPACE_NAMES[get_sampler(sampler).spaces[0]]}"
+        )
+    return space
+
+
+_SPACE_NAMES = {"sigma": "the VE noise level sigma", "t": "the flow time t"}
 
 
 def get_sampler(name: str) -> Sampler:

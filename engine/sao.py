@@ -51,3 +51,30 @@ def tiny_sao_config(
     dit = config["model"]["diffusion"]["config"]
     dit.update(embed_dim=width, depth=1, num_heads=2, cond_token_dim=width, global_cond_dim=2 * width)
     return config
+
+
+# Stable Audio Open Small's window: 524288 samples, 11.89 s of 44.1 kHz stereo
+SAO_SMALL_SAMPLE_SIZE = 524288
+
+
+def tiny_sao_small_config(
+    tokenizer_dir: str = "tokenizer", width: int = 64, sample_size: int = 2048 * 8
+) -> dict:
+    """A small offline variant of Stable Audio Open Small's layout (random weights only; for tests).
+
+    What the engine depends on, as Small's ``model_config.json`` has it: ``diffusion_objective``
+    ``"rf_denoiser"`` (so stable-audio-tools samples it with ``sample_rf``), SAO 1.0's autoencoder
+    (stereo 44.1 kHz, downsampling 2048, 64 latent channels), a prompt conditioner and a single
+    ``seconds_total`` timing conditioner (no ``seconds_start``) feeding cross-attention and the global
+    token. The DiT's widths and depth are shrunk as in :func:`tiny_sao_config`; ``sample_size``
+    :data:`SAO_SMALL_SAMPLE_SIZE` gives Small's full window.
+    """
+    config = tiny_sao_config(tokenizer_dir, width, sample_size)
+    cond = config["model"]["conditioning"]
+    cond["configs"] = [c for c in cond["configs"] if c["id"] != "seconds_start"]
+    diffusion = config["model"]["diffusion"]
+    diffusion["diffusion_objective"] = "rf_denoiser"
+    diffusion["cross_attention_cond_ids"] = ["prompt", "seconds_total"]
+    diffusion["global_cond_ids"] = ["seconds_total"]
+    diffusion["config"]["global_cond_dim"] = width
+    return config
