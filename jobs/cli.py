@@ -64,7 +64,11 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda-min", type=float, help="threshold λ_t at high noise")
     p.add_argument("--lambda-max", type=float, help="threshold λ_t approached at low noise")
     p.add_argument("--steps", type=int, help="sampler steps")
-    p.add_argument("--sampler", help="dpmpp-3m-sde, dpmpp-2m-sde, dpmpp-2m or euler")
+    p.add_argument(
+        "--sampler",
+        help="dpmpp-3m-sde, dpmpp-2m-sde, dpmpp-2m or euler; on a flow model (--preset sao-small) "
+        "pingpong or euler",
+    )
     p.add_argument("--batch-size", type=int, help="rows per denoising batch")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda")
     p.add_argument(

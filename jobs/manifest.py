@@ -15,7 +15,8 @@ seed            int    in [0, 2**63); default: derived from the id, so reruns ar
 negative_prompt string must be empty or null: the engine has no negative-prompt branch yet
 cfg_scale       float  per-row classifier-free guidance scale s0 (≥ 1)
 steps           int    per-row sampler steps (2–10000)
-sampler         string per-row sampler: dpmpp-3m-sde, dpmpp-2m-sde, dpmpp-2m or euler
+sampler         string per-row sampler: dpmpp-3m-sde, dpmpp-2m-sde, dpmpp-2m or euler; on a flow
+                       model (rf_denoiser) pingpong or euler
 c1, c2, c3      float  per-row AMG scales (≥ 0; 0 turns a term off)
 (others)        any    carried through unchanged to the results
 =============== ====== ==========================================================================
