@@ -110,10 +110,12 @@ class EngineSpec:
     trust_checkpoint: bool = False
 
     def __post_init__(self) -> None:
-        from amg_engine.engine.models import check_model_files
+        from amg_engine.engine.engine import check_objective
+        from amg_engine.engine.models import check_model_files, diffusion_objective
         from amg_engine.index.embedders import check_embedder
 
-        check_model_files(self.model_dir)
+        # the configuration against the model's objective too (AMG on a flow model is refused)
+        check_objective(self.config, diffusion_objective(check_model_files(self.model_dir)))
         check_embedder(self.embedder_info(), self.embedder_checkpoint)
 
     def embedder_info(self):

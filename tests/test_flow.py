@@ -114,6 +114,24 @@ def test_pingpong_step_is_per_row():
     assert torch.equal(state.steps, torch.full((B,), 5))
 
 
+@pytest.mark.slow
+def test_compiled_pingpong_step_equals_eager():
+    """fullgraph=True: the step traces whole (no RNG, no tensor-value branch), final step included."""
+    sampler, denoise = S.get_sampler("pingpong"), _flow_denoiser(_velocity())
+    compiled = torch.compile(sampler.step, fullgraph=True, dynamic=False)
+    t = S.rf_logsnr(4)
+    noise = S.RowNoise(SEEDS, (C, T))
+    x_eager = x_comp = noise.initial()
+    state_eager = state_comp = sampler.init_state(x_eager)
+    for k in range(4):
+        t_k, t_next, eps = t[k].expand(B), t[k + 1].expand(B), noise.draw()
+        x_eager, state_eager = sampler.step(x_eager, denoise(x_eager, t_k), t_k, t_next, state_eager, eps)
+        x_comp, state_comp = compiled(x_comp, denoise(x_comp, t_k), t_k, t_next, state_comp, eps)
+        # Inductor may fuse the two products (a few ulps per step), compounded over <= 4 steps
+        torch.testing.assert_close(x_comp, x_eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state_comp.steps, torch.full((B,), 4))
+
+
 # ------------------------------------------------------------------------------------------------
 # The step's law on an analytic Gaussian: data x0 ~ N(MU, SD^2), x_t = (1 - t) x0 + t eps
 # ------------------------------------------------------------------------------------------------
@@ -330,8 +348,16 @@ def test_sao_small_row_alone_equals_row_in_batch(tiny_small):
 
 
 def test_engine_refuses_amg_on_a_flow_model(tiny_small):
+    from dataclasses import replace
+
+    from amg_engine.jobs.ray_run import EngineSpec
+
     with pytest.raises(ValueError, match="not implemented yet.*--no-amg"):
         _small_engine(tiny_small, amg=True)
+    amg_on = replace(PRESETS["sao-small"], guidance=GuidanceConfig(cfg_scale=1.0))
+    with pytest.raises(ValueError, match="not implemented yet.*--no-amg"):  # a Ray driver, before any actor
+        EngineSpec(amg_on, tiny_small / "model", tiny_small / "index")
+    EngineSpec(PRESETS["sao-small"], tiny_small / "model", tiny_small / "index")  # AMG off: accepted
     with pytest.raises(ValueError, match="rf_denoiser.*rf-logsnr"):
         from amg_engine.engine.engine import Engine
 
