@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -395,7 +396,7 @@ class ConditionalDenoiser:
     unconditional pass at cfg_scale 1)."""
 
     cond: Conditioning
-    denoise: object  # (x, sigma, cond) -> x0, maybe compiled
+    denoise: Callable[..., torch.Tensor]  # (x, sigma, cond) -> x0, maybe compiled
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor):
         with torch.no_grad(), record_function("amg/model"):
