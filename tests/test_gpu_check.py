@@ -78,8 +78,10 @@ def test_budget_skips_and_failures_are_recorded(tmp_path):
 
 
 def test_wheel_list_names_one_pinned_version_each():
+    """Each needed package once, pinned by the lock (tests/test_install.py checks the versions)."""
     import fetch_gpu_wheels
 
-    names = [s.split("==")[0] for s in fetch_gpu_wheels.NEEDED]
-    assert all("==" in s for s in fetch_gpu_wheels.NEEDED) and len(names) == len(set(names))
+    names = fetch_gpu_wheels.NEEDED
+    specs = fetch_gpu_wheels.locked(names)
+    assert all("==" in s for s in specs) and len(names) == len(set(names))
     assert "stable-audio-tools" in names and "laion-clap" in names and not any("faiss" in n for n in names)
