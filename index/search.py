@@ -182,9 +182,9 @@ def _faiss_cache(index, config: SearchConfig):
     import json
 
     folder = getattr(index, "folder", None)
-    if not config.cache or folder is None or not (folder / "amg_engine.index.json").exists():
+    if not config.cache or folder is None or not (folder / "index.json").exists():
         return None
-    stored = json.loads((folder / "amg_engine.index.json").read_text())["vectors_sha256"]
+    stored = json.loads((folder / "index.json").read_text())["vectors_sha256"]
     key = json.dumps([stored, config.factory, config.shards, config.train_size, config.seed])
     return folder / "faiss" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.faissindex"
 

@@ -44,7 +44,7 @@ __all__ = ["Column", "EmbedderMismatch", "EmbeddingIndex", "build_index", "index
 
 FORMAT = 2  # index.json's "format": the memory-mapped layout
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-INDEX_JSON, VECTORS_NPY, ITEMS_ARROW = "amg_engine.index.json", "vectors.npy", "items.arrow"
+INDEX_JSON, VECTORS_NPY, ITEMS_ARROW = "index.json", "vectors.npy", "items.arrow"
 
 
 class Column(Sequence):

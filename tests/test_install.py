@@ -41,12 +41,25 @@ def lock_pins() -> dict[str, str]:
     return pins
 
 
+def _nodes_with_code_strings(tree: ast.AST):
+    """Every node of ``tree`` and of each string constant in it that is Python code with an import
+    (the code tests run in subprocesses with ``python -c``)."""
+    for node in ast.walk(tree):
+        yield node
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "import " in node.value:
+            try:
+                inner = ast.parse(node.value)
+            except SyntaxError:
+                continue
+            yield from _nodes_with_code_strings(inner)
+
+
 def test_no_module_imports_a_bare_project_name():
     """Every import of ours goes through amg_engine (a bare ``import kernels`` would be Hugging Face's)."""
     bare = []
     for folder in (*FOLDERS, "tests", "benchmarks"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            for node in _nodes_with_code_strings(ast.parse(path.read_text(), filename=str(path))):
                 names = []
                 if isinstance(node, ast.Import):
                     names = [a.name for a in node.names]
@@ -106,12 +119,12 @@ def test_wheel_install_runs_outside_the_checkout(tmp_path):
 
 
 COEXIST = r"""
-import json, sys, tempfile, importlib.metadata as md
+import importlib, json, sys, tempfile, importlib.metadata as md
 from pathlib import Path
 import torch
 sys.path.append(sys.argv[1])  # tests/, for the tiny CLAP builder (after the root: '' stays first)
-import kernels  # Hugging Face's, the one transformers imports
-from kernels import CUDAProperties  # noqa: F401  (the import that failed)
+kernels = importlib.import_module("kernels")  # Hugging Face's, the one transformers imports
+kernels.CUDAProperties  # the name whose import failed
 from transformers.integrations import hub_kernels  # noqa: F401
 from amg_engine.engine.default.model import build_tokenizer, model_config
 from amg_engine.engine.models import build_model, encode_conditioning, load_model, save_model
@@ -196,11 +209,19 @@ def test_lock_covers_and_satisfies_the_declared_ranges():
     assert "kernels" in pins and "transformers" in pins
 
 
+def _version(name: str) -> str | None:
+    """The version ``import`` would see (the first on sys.path: setuptools puts its vendored copies of
+    packaging, wheel and others on sys.path after site-packages once imported)."""
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
 def test_environment_is_the_lock():
     """The suite runs on exactly the locked versions (``make test`` installs the lock): a package at
     another version means the environment was not made by ``make setup``."""
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in md.distributions()}
-    wrong = {n: (v, installed.get(n)) for n, v in lock_pins().items() if installed.get(n) != v}
+    wrong = {n: (v, installed) for n, v in lock_pins().items() if (installed := _version(n)) != v}
     assert not wrong, f"locked vs installed: {wrong}"
 
 

@@ -422,7 +422,9 @@ def test_compiled_step_equals_eager():
 
 
 _WITHOUT_INTERPRETER = """
-import sys, torch, kernels
+import sys, torch
+import amg_engine.kernels.guidance  # registers amg::amg_combine
+from amg_engine.kernels import nn_search as kernels
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._subclasses.functional_tensor import dispatch_functionalize
 from torch.fx.experimental.proxy_tensor import make_fx

@@ -118,7 +118,7 @@ def test_build_from_embeddings_resumes_after_a_kill(tmp_path, monkeypatch):
     assert torch.equal(whole.vectors, torch.from_numpy(x.astype(np.float16)))
     assert whole.ids[299] == "c299" and whole.captions[0] == "clip 0" and whole.seconds[2] == 3.0
     assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == [
-        "embedder.json", "amg_engine.index.json", "items.arrow", "vectors.npy"
+        "embedder.json", "index.json", "items.arrow", "vectors.npy"
     ]  # fmt: skip
 
     real, calls, kills = build._vectors_of, [], []
