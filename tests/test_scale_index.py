@@ -10,6 +10,7 @@ where the runner-up is further than twice that from the best.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -316,7 +317,7 @@ def test_audit_against_a_mapped_index_finds_the_same_neighbours(tiny_pair, tmp_p
     train = pq.read_table(assets / "train" / "train.parquet").slice(0, 6).to_pylist()
     audio.mkdir()
     for row in train:
-        (audio / f"{row['id']}.wav").symlink_to((assets / "train" / row["path"]).resolve())
+        shutil.copyfile(assets / "train" / row["path"], audio / f"{row['id']}.wav")  # a link out is refused
     tables = {}
     for name in ("in-memory", "float16"):
         config = AuditConfig(k=3, attributes=False, pairs=2)
