@@ -48,6 +48,7 @@ def _flow_denoiser(v):
 
 
 @pytest.mark.integration
+@pytest.mark.integration
 @pytest.mark.parametrize(("steps", "sigma_max"), [(1, 1.0), (8, 1.0), (30, 1.0), (8, 0.7)])
 def test_rf_logsnr_equals_sample_rf_schedule(monkeypatch, steps, sigma_max):
     """The t that stable-audio-tools' sample_rf hands its pingpong sampler, captured there."""
@@ -70,6 +71,7 @@ def test_rf_logsnr_rejects_bad_arguments(bad):
         S.rf_logsnr(**args)
 
 
+@pytest.mark.integration
 @pytest.mark.integration
 def test_pingpong_equals_sample_flow_pingpong(monkeypatch):
     """Our pingpong loop equals stable-audio-tools' sample_flow_pingpong on the same velocity model,
@@ -296,6 +298,7 @@ def _small_engine(root, **guidance):
     return Engine(replace(cfg, guidance=replace(cfg.guidance, **guidance)), root / "model", root / "index")
 
 
+@pytest.mark.integration
 @pytest.mark.integration
 def test_sao_small_no_amg_equals_stable_audio_tools_generate(tiny_small):
     """AMG off, one row: the engine's sao-small preset equals stable-audio-tools' own
