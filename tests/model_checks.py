@@ -47,3 +47,29 @@ def assert_same_outputs(a, b, meta: list[dict], x: torch.Tensor, sigma: torch.Te
     assert ya.abs().sum() > 0
     torch.testing.assert_close(yb, ya, rtol=OUTPUT_RTOL, atol=OUTPUT_RTOL * ya.abs().max().item())
     return ya
+
+
+def save_tiny_random_model(config: dict, root):
+    """A stable-audio-tools model of ``config`` (a tiny SAO-layout config with a ``lut`` prompt
+    conditioner) saved in the real layout under ``root / "model"``, its word-level tokenizer beside it;
+    seeded random weights, the DiT's drawn too (it zero-initialises its in/out convs): every weight
+    counts. -> the model as built."""
+    import json
+
+    from stable_audio_tools.models.factory import create_model_from_config
+
+    from amg_engine.engine.default.model import build_tokenizer
+    from amg_engine.engine.models import save_model
+
+    build_tokenizer(["an acoustic drum loop, 120 bpm", "a warm pad"], root / "model" / "tokenizer")
+    resolved = json.loads(json.dumps(config))
+    resolved["model"]["conditioning"]["configs"][0]["config"]["tokenizer_name"] = str(
+        root / "model" / "tokenizer"
+    )
+    torch.manual_seed(0)
+    model = create_model_from_config(resolved)
+    for name, p in model.named_parameters():
+        if "model.model" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    save_model(model, config, root / "model")
+    return model

@@ -21,13 +21,7 @@ from amg_engine.engine.default.train import train_step
 B, C, T = 16, 4, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors; on the shared 2-core CPU one thread is faster and leaves the other core free."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def _vp(t: Tensor) -> tuple[Tensor, Tensor]:  # [B] -> α, s as [B, 1, 1]

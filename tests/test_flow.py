@@ -5,11 +5,11 @@ step's law on an analytic Gaussian, and the engine on a tiny random model of SAO
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
+from model_checks import save_tiny_random_model
 from torch import Tensor
 
 from amg_engine.engine import sampling as S
@@ -19,13 +19,7 @@ B, C, T = 3, 4, 16
 SEEDS = [11, 22, 33]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded, as tests/test_sampling.py: tiny tensors on a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def _velocity(seed: int = 0):
@@ -262,28 +256,13 @@ def test_engine_refuses_a_flow_schedule_on_a_v_model():
 def tiny_small(tmp_path_factory):
     """A tiny SAO Small (rf_denoiser) with random weights saved as model_config.json + model.safetensors
     (its tokenizer beside them), and a small mel index; the engine loads it back through our loader."""
-    from stable_audio_tools.models.factory import create_model_from_config
-
-    from amg_engine.engine.default.model import build_tokenizer
-    from amg_engine.engine.models import save_model
     from amg_engine.engine.sao import tiny_sao_small_config
     from amg_engine.index.embedders import MelEmbedder
     from amg_engine.index.store import build_index
 
     root = tmp_path_factory.mktemp("sao-small")
-    build_tokenizer(["an acoustic drum loop, 120 bpm", "a warm pad"], root / "model" / "tokenizer")
-    config = tiny_sao_small_config()
-    resolved = json.loads(json.dumps(config))
-    resolved["model"]["conditioning"]["configs"][0]["config"]["tokenizer_name"] = str(
-        root / "model" / "tokenizer"
-    )
-    torch.manual_seed(0)
-    model = create_model_from_config(resolved)
+    model = save_tiny_random_model(tiny_sao_small_config(), root)
     assert model.diffusion_objective == "rf_denoiser"
-    for name, p in model.named_parameters():
-        if "model.model" in name:  # the DiT zero-initialises its in/out convs; make every weight count
-            torch.nn.init.normal_(p, std=0.05)
-    save_model(model, config, root / "model")
     clips = torch.randn(2, 1, 8192, generator=torch.Generator().manual_seed(3)) * 0.1
     build_index(MelEmbedder(), clips, 8000, ["a", "b"], ["a warm pad", "x"], [1.0, 1.0]).save(root / "index")
     return root

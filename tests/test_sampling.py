@@ -22,17 +22,7 @@ K_SAMPLERS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module single-threaded, restoring the setting afterwards.
-
-    The tensors here are tiny (<= 64 K elements); on a shared 2-core CPU, intra-op threads waiting
-    on a busy core made the 100-step Gaussian runs ~100x slower (20 s vs 0.2 s, measured).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
 
 def _mixing_denoiser(seed: int = 0):

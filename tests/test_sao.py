@@ -2,17 +2,15 @@
 saves, loads back and runs through the engine (autoencoder pretransform, stereo 44.1 kHz, start and
 total timing conditioners)."""
 
-import json
 import math
 
 import pytest
 import torch
-from model_checks import assert_same_outputs, assert_same_weights
+from model_checks import assert_same_outputs, assert_same_weights, save_tiny_random_model
 
 from amg_engine.engine.config import EngineConfig, GuidanceConfig, SamplerConfig
-from amg_engine.engine.default.model import build_tokenizer
 from amg_engine.engine.engine import Engine, Request
-from amg_engine.engine.models import load_model, save_model
+from amg_engine.engine.models import load_model
 from amg_engine.engine.sao import sao_config, tiny_sao_config
 
 pytestmark = pytest.mark.integration  # make test-latest runs it on the newest releases
@@ -33,21 +31,8 @@ def test_shipped_config_is_sao_1_0():
 
 @pytest.fixture(scope="module")
 def tiny_sao(tmp_path_factory):
-    from stable_audio_tools.models.factory import create_model_from_config
-
     root = tmp_path_factory.mktemp("sao")
-    build_tokenizer(["an acoustic drum loop, 120 bpm", "a warm pad"], root / "model" / "tokenizer")
-    config = tiny_sao_config()
-    resolved = json.loads(json.dumps(config))
-    resolved["model"]["conditioning"]["configs"][0]["config"]["tokenizer_name"] = str(
-        root / "model" / "tokenizer"
-    )
-    torch.manual_seed(0)
-    model = create_model_from_config(resolved)
-    for name, p in model.named_parameters():
-        if "model.model" in name:  # the DiT zero-initialises its in/out convs; make every weight count
-            torch.nn.init.normal_(p, std=0.05)
-    save_model(model, config, root / "model")
+    model = save_tiny_random_model(tiny_sao_config(), root)
     return root, model
 
 
