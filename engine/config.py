@@ -132,6 +132,10 @@ class EngineConfig:
     # numeric precision of the model calls, decoder and embedder (engine/precision.py): fp32, tf32,
     # bf16 or fp16; None: the device's default, bf16 on CUDA and fp32 elsewhere
     precision: str | None = None
+    # where the training index's vectors live for the per-step search: "" the engine's device alone;
+    # "all" every visible CUDA device; or a list such as "cuda:0,cuda:1" (engine/shards.py). Same
+    # neighbours wherever they live, so it is not part of the resume key.
+    index_devices: str = ""
 
     def __post_init__(self) -> None:
         from amg_engine.engine.precision import PRECISIONS
@@ -144,6 +148,11 @@ class EngineConfig:
             self.precision is None or self.precision in PRECISIONS,
             f"precision={self.precision!r}: choose one of {PRECISIONS}, or None for the device's "
             "default (bf16 on CUDA, fp32 on CPU)",
+        )
+        _check(
+            isinstance(self.index_devices, str),
+            f"index_devices={self.index_devices!r}: give a string, '' (the engine's device), 'all' or "
+            "a comma-separated list such as 'cuda:0,cuda:1'",
         )
 
     @property
@@ -169,6 +178,7 @@ class EngineConfig:
         d.pop("reuse_forward")  # same outputs either way
         d.pop("batch_size")  # outputs are batch-invariant by design
         d.pop("precision")
+        d.pop("index_devices")  # placement only: the shards' merged answer is the single search's
         if self.resolved_precision != "fp32":
             d["precision"] = self.resolved_precision
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

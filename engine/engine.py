@@ -34,6 +34,7 @@ from amg_engine.engine.models import (
 )
 from amg_engine.engine.precision import Precision
 from amg_engine.engine.sampling import SCHEDULE_SPACE, SCHEDULES, BrownianRowNoise, RowNoise, get_sampler
+from amg_engine.engine.shards import ShardedVectors, nearest, resolve_devices
 from amg_engine.index.clip import input_span, prepare_clips
 from amg_engine.index.embedders import replication_threshold
 
@@ -110,7 +111,13 @@ class Engine:
         self.sample_rate = self.model_config["sample_rate"]
         self.window = self.model_config["sample_size"]
         self.audio_scale = self.model_config.get("amg_default", {}).get("audio_scale", 1.0)
-        self.index = index.to(self.device)
+        devices = resolve_devices(config.index_devices, self.device)
+        if devices == (self.device,):
+            self.index = index.to(self.device)
+            self.search_vectors = self.index.vectors  # what the step searches: [N, D] on the device
+        else:  # the index stays where it is (mapped on the host); its rows go to the devices in shards
+            self.index = index
+            self.search_vectors = ShardedVectors.split(index.vectors, devices, self.device)
         self.embedder = load_embedder(index.embedder, embedder_checkpoint, trust_checkpoint).to(self.device)
         self.replication_threshold = replication_threshold(index.embedder)
         self.model_id, self.index_id = model_id(model_dir), index_id(index_dir)
@@ -153,7 +160,7 @@ class Engine:
         """Each clip's similarity to its nearest training clip, and that clip's index row: audio
         [B, C, T] at the model's rate, each row's first ``lengths`` [B] samples (:meth:`embed`)."""
         with torch.no_grad(), self.precision.flags():
-            sim, nn = search_fn(self.device)(self.embed(audio, lengths), self.index.vectors)
+            sim, nn = nearest(self.embed(audio, lengths), self.search_vectors, search_fn(self.device))
         return sim.tolist(), nn.tolist()
 
     def detector(self, seconds: list[float], reference: bool):
@@ -263,7 +270,7 @@ class Engine:
             return self._sample(denoiser, requests)
         denoiser = AMGDenoiser(
             self.model, cond, uncond, RowParams(full(g.cfg_scale), full(g.c1), full(g.c2), full(g.c3)),
-            self.detector([r.seconds for r in requests], reference), self.index.vectors,
+            self.detector([r.seconds for r in requests], reference), self.search_vectors,
             self._neighbour_cond,
             amg=g.amg, reference=reference, lambda_min=g.lambda_min, lambda_max=g.lambda_max,
             branches=self._branches, gated_branches=self._gated_branches, denoise=self._denoise,

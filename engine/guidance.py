@@ -36,6 +36,7 @@ from torch.profiler import record_function
 from amg_engine.engine.compile import cfg_branches
 from amg_engine.engine.models import Conditioning
 from amg_engine.engine.models import denoise as model_denoise
+from amg_engine.engine.shards import index_rows, nearest
 from amg_engine.engine.transfer import host_read, to_device
 
 
@@ -135,7 +136,7 @@ class AMGDenoiser:
     uncond: Conditioning
     params: RowParams
     detector: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    index_vectors: torch.Tensor  # [N, D]
+    index_vectors: torch.Tensor  # [N, D], or engine.shards.ShardedVectors over several devices
     # training indices [G] (a host tensor: the cache is keyed on the host) -> conditioning
     neighbour_cond: Callable[[torch.Tensor], Conditioning]
     amg: bool = True
@@ -185,7 +186,7 @@ class AMGDenoiser:
         else:
             x0_c, x0_u, emb, tape = self._forward_split(x, sigma, warm)
         with torch.no_grad(), record_function("amg/search"):
-            sim, nn = search_fn(x.device)(emb, self.index_vectors)  # [B], [B]; no host sync
+            sim, nn = nearest(emb, self.index_vectors, search_fn(x.device))  # [B], [B]; no host sync
         alpha_bar = 1 / (1 + sigma.float() ** 2)
         lam = lambda_t(alpha_bar, self.lambda_min, self.lambda_max)
         # The step's one host sync: which gates are open (and the neighbours of those rows, whose
@@ -255,7 +256,7 @@ class AMGDenoiser:
                 hit = torch.isin(warm.host, need_g)  # [W] warm rows whose gradient is needed
                 if hit.any():
                     # rows are independent, so one backward of the masked sum gives each its own gradient
-                    sim_w = (emb_w.float() * self.index_vectors[nn[warm.dev]]).sum(dim=1)
+                    sim_w = (emb_w.float() * index_rows(self.index_vectors, nn[warm.dev])).sum(dim=1)
                     (g,) = torch.autograd.grad((sim_w * to_device(hit, x.device)).sum(), xw)
                     pos = to_device(hit.nonzero().squeeze(1), x.device)
                     grad[warm.dev[pos]] = g[pos]
@@ -277,7 +278,7 @@ class AMGDenoiser:
                 x0_c, x0_u = (self.gated_branches or self._branches)(x, sigma, cond, uncond)
                 probe = self._probe(x0_c, x0_u, self.params.cfg_scale[rows])
             emb = self.detector(probe, rows)
-            sim = (emb.float() * self.index_vectors[nn]).sum(dim=1)
+            sim = (emb.float() * index_rows(self.index_vectors, nn)).sum(dim=1)
             (g,) = torch.autograd.grad(sim.sum(), x)
         return g
 

@@ -72,6 +72,11 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="rows per denoising batch")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda")
     p.add_argument(
+        "--index-devices",
+        help="spread the training index over these devices for the per-step exact search: 'all' (every "
+        "visible CUDA device) or a list such as cuda:0,cuda:1 (default: the --device alone)",
+    )
+    p.add_argument(
         "--precision",
         choices=PRECISIONS,
         help="model, decoder and embedder precision (default: bf16 on CUDA, fp32 on CPU); "
@@ -156,6 +161,8 @@ def _engine_config(args):
     top = {k: v for k, v in (("batch_size", args.batch_size), ("device", args.device)) if v is not None}
     if args.precision is not None:
         top["precision"] = args.precision
+    if args.index_devices is not None:
+        top["index_devices"] = args.index_devices
     if args.compile:
         top["compile"] = True
     return replace(cfg, sampler=replace(cfg.sampler, **sampler), **top)
