@@ -56,8 +56,9 @@ class Row:
     c1: bool = True
     c2: bool = True
     c3: bool = True
-    model: str = "default"  # "default" or "ambient"
+    model: str = "default"  # "default", "ambient", "flow" or a --compare-model name
     gate: bool = False  # under the release gate (jobs/gate.py, its defaults)
+    preset: str = "default-model"  # the engine preset whose scales the row switches (engine/config.py)
 
 
 ROWS = (
@@ -86,6 +87,24 @@ def model_rows(name: str, gate: bool = False) -> tuple[Row, ...]:
 
 
 AMBIENT_ROWS = model_rows("ambient", gate=True)
+
+# The few-step flow variant of the default model (engine/default/assets/model-flow; rf_denoiser, 8
+# ping-pong steps, no CFG): its own baseline, each term alone, full AMG, and both under the gate, all
+# with the default-flow preset's scales (engine/flow_guidance.py); its retained shares are over its own
+# baseline.
+FLOW_ROWS = tuple(
+    Row(f"flow {name}", model="flow", preset="default-flow", **kw)
+    for name, kw in (
+        ("baseline", dict(amg=False)),
+        ("c1 despecification", dict(c2=False, c3=False)),
+        ("c2 caption dedup", dict(c1=False, c3=False)),
+        ("c3 dissimilarity", dict(c1=False, c2=False)),
+        ("full AMG", {}),
+        ("baseline + gate", dict(amg=False, gate=True)),
+        ("full AMG + gate", dict(gate=True)),
+    )
+)
+BASELINES = {"flow": "flow baseline"}  # model -> the row its retained share is over (else "baseline")
 
 
 @dataclass(frozen=True)
@@ -121,13 +140,20 @@ def ambient_model_dir() -> Path:
     return DEFAULT_MODEL_DIR.parent / "model-ambient"
 
 
-def row_config(row: Row, preset: str = "default-model", steps: int | None = None):
+def flow_model_dir() -> Path:
+    """Where the bundled few-step flow variant of the default model lives (may be absent)."""
+    from amg_engine.engine.models import DEFAULT_MODEL_DIR
+
+    return DEFAULT_MODEL_DIR.parent / "model-flow"
+
+
+def row_config(row: Row, preset: str | None = None, steps: int | None = None):
     """The engine configuration of a row: the preset with the row's terms switched off."""
     from dataclasses import replace
 
     from amg_engine.engine.config import PRESETS, with_overrides
 
-    base = PRESETS[preset]
+    base = PRESETS[preset or row.preset]
     g = base.guidance
     cfg = with_overrides(
         base, amg=row.amg, c1=g.c1 if row.c1 else 0.0, c2=g.c2 if row.c2 else 0.0, c3=g.c3 if row.c3 else 0.0
@@ -233,10 +259,11 @@ def estimator_accuracy() -> dict:
 
 
 def add_retained(table: list[dict]) -> list[dict]:
-    """Set each row's ``retained``: its ``attributes`` over the baseline's of the same block."""
-    base = {r["prompts"]: r["attributes"] for r in table if r["row"] == "baseline"}
+    """Set each row's ``retained``: its ``attributes`` over the baseline's of the same block (the flow
+    model's rows: over the flow baseline's, :data:`BASELINES`)."""
+    base = {(r["prompts"], r["row"]): r["attributes"] for r in table}
     for r in table:
-        b = base.get(r["prompts"])
+        b = base.get((r["prompts"], BASELINES.get(r["model"], "baseline")))
         r["retained"] = None if r["attributes"] is None or not b else r["attributes"] / b
     return table
 
@@ -245,6 +272,7 @@ def run_ablation(
     out: str | Path,
     rows=ROWS + GATE_ROWS,
     ambient: Path | None = None,
+    flow: Path | None = None,
     limit: int | None = None,
     extra_models: dict[str, Path] | None = None,
     steps: int | None = None,
@@ -255,8 +283,9 @@ def run_ablation(
 ) -> list[dict]:
     """Run every row on every block of prompts (the first ``limit`` of each, if given) -> the table.
 
-    ``estimators``: :func:`estimator_accuracy`'s result, if already measured; ``only``: run just the
-    rows of these names (or folder names, :func:`slug`)."""
+    ``flow``: the few-step flow model's folder, for :data:`FLOW_ROWS`; ``estimators``:
+    :func:`estimator_accuracy`'s result, if already measured; ``only``: run just the rows of these names
+    (or folder names, :func:`slug`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -268,6 +297,9 @@ def run_ablation(
     for name, path in extra.items():
         model_dirs[name] = Path(path)
         rows = tuple(rows) + model_rows(name, gate=name == "ambient")
+    if flow is not None:
+        model_dirs["flow"] = Path(flow)
+        rows = tuple(rows) + FLOW_ROWS
     if only is not None:
         unknown = sorted({slug(o) for o in only} - {slug(r.name) for r in rows})
         if unknown:
@@ -329,6 +361,10 @@ def format_notes(table: list[dict], estimators: dict) -> str:
         used = "in `attributes`" if attr in estimators["headline"] else "NOT in `attributes` (under 90%)"
         lines.append(f"- {attr} estimator: {tr['hits']}/{tr['n']} training clips, {ho['hits']}/{ho['n']} "
                      f"held-out clips; {used}")  # fmt: skip
+    for r in table:
+        if r["row"] == "flow full AMG":
+            lines.append(f"- flow model: full AMG keeps {_cell(r['retained'], 'pct')} of the flow baseline's "
+                         f"attribute adherence on {r['prompts']} prompts")  # fmt: skip
     shares = {r["prompts"]: r["retained"] for r in table if r["row"] == "full AMG"}
     for block, share in shares.items():
         goals = [(f"≥ {100 * GOAL_CAPTIONS:.0f}%", GOAL_CAPTIONS)]
@@ -346,14 +382,15 @@ def gate_verdicts(table: list[dict]) -> list[str]:
     """Per block: is full AMG + gate cheaper per released clip than plain CFG + gate, and at what
     adherence."""
     lines = []
-    for block in dict.fromkeys(r["prompts"] for r in table):
+    for block, prefix in ((b, p) for b in dict.fromkeys(r["prompts"] for r in table) for p in ("", "flow ")):
         rows = {r["row"]: r for r in table if r["prompts"] == block}
-        cfg, amg = rows.get("baseline + gate"), rows.get("full AMG + gate")
+        cfg, amg = rows.get(f"{prefix}baseline + gate"), rows.get(f"{prefix}full AMG + gate")
         if not cfg or not amg or not cfg["seconds_per_released"] or not amg["seconds_per_released"]:
             continue
         ratio = amg["seconds_per_released"] / cfg["seconds_per_released"]
         lines.append(
-            f"- {block} prompts, release gate: full AMG spends {_cell(amg['seconds_per_released'], 'num')} s "
+            f"- {prefix}{block} prompts, release gate: full AMG spends "
+            f"{_cell(amg['seconds_per_released'], 'num')} s "
             f"({amg['gens_per_released']:.2f} row-generations) per released clip, plain CFG "
             f"{_cell(cfg['seconds_per_released'], 'num')} s ({cfg['gens_per_released']:.2f}): AMG is "
             f"{ratio:.2f}x the time, {'cheaper' if ratio < 1 else 'dearer'}; released "
@@ -375,8 +412,12 @@ def cmd_ablate(args) -> int:
                 f"--compare-model {spec!r}: write NAME=MODEL_DIR, e.g. control=/tmp/control/model"
             )
         extra[name] = Path(path)
+    flow = args.flow_model
+    if flow is None and not args.no_flow and (flow_model_dir() / "model_config.json").exists():
+        flow = flow_model_dir()
     sets = [ps for ps in PROMPT_SETS if ps.name in args.prompts]
     table = run_ablation(args.out, ambient=None if args.no_ambient else ambient, limit=args.limit,
+                         flow=None if args.no_flow else flow,
                          steps=args.steps, progress=not args.quiet, extra_models=extra,
                          prompt_sets=sets, only=args.rows)  # fmt: skip
     print(format_table(table))
@@ -401,6 +442,14 @@ def add_ablate_arguments(p) -> None:
     )
     p.add_argument("--no-ambient", action="store_true", help="leave out the ambient-model rows")
     p.add_argument(
+        "--flow-model",
+        type=Path,
+        default=None,
+        help="a few-step rectified-flow model folder for the flow rows (default: the bundled "
+        "model-flow, if any), sampled with the default-flow preset",
+    )
+    p.add_argument("--no-flow", action="store_true", help="leave out the flow-model rows")
+    p.add_argument(
         "--compare-model",
         action="append",
         default=[],
@@ -424,7 +473,7 @@ def add_ablate_arguments(p) -> None:
         default=None,
         metavar="ROW",
         help="run only these rows, by folder name (e.g. baseline full-amg baseline-gate full-amg-gate "
-        "ambient-model-gate ambient-amg-gate); default: all",
+        "ambient-model-gate ambient-amg-gate flow-baseline flow-full-amg-gate); default: all",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -450,6 +499,6 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 __all__ = [
-    "ROWS", "GATE_ROWS", "AMBIENT_ROWS", "PROMPT_SETS", "PromptSet", "Row", "model_rows", "run_ablation",
-    "format_table", "register_ablate",
+    "ROWS", "GATE_ROWS", "AMBIENT_ROWS", "FLOW_ROWS", "PROMPT_SETS", "PromptSet", "Row", "model_rows",
+    "run_ablation", "format_table", "register_ablate",
 ]  # fmt: skip
