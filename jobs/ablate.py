@@ -89,13 +89,16 @@ def model_rows(name: str, gate: bool = False) -> tuple[Row, ...]:
 AMBIENT_ROWS = model_rows("ambient", gate=True)
 
 # The few-step flow variant of the default model (engine/default/assets/model-flow; rf_denoiser, 8
-# ping-pong steps, no CFG): its own baseline, each term alone, full AMG, and both under the gate, all
-# with the default-flow preset's scales (engine/flow_guidance.py); its retained shares are over its own
-# baseline.
+# ping-pong steps, no CFG): its own baseline (and traced: detector only), each term alone, full AMG,
+# and both under the gate, all with the default-flow preset's scales (engine/flow_guidance.py); its
+# retained shares are over its own baseline.
 FLOW_ROWS = tuple(
     Row(f"flow {name}", model="flow", preset="default-flow", **kw)
     for name, kw in (
         ("baseline", dict(amg=False)),
+        # the detector and gate run, every term off: the baseline's output (tests/test_flow_amg.py) with
+        # its per-step similarity traced
+        ("detector only", dict(c1=False, c2=False, c3=False)),
         ("c1 despecification", dict(c2=False, c3=False)),
         ("c2 caption dedup", dict(c1=False, c3=False)),
         ("c3 dissimilarity", dict(c1=False, c2=False)),
@@ -192,7 +195,12 @@ def run_row(
         manifest, run_dir, engine, JobConfig(progress=progress, gate=ReleaseGate() if row.gate else None)
     )
     threshold, cost = engine.replication_threshold, release_cost(run_dir / "results.parquet")
-    entry = {"prompts": block, "row": row.name, "model": row.model}
+    entry = {
+        "prompts": block,
+        "row": row.name,
+        "model": row.model,
+        **step_profile(run_dir / "results.parquet"),
+    }
     if not cost["released"]:  # the gate released nothing (or every row failed): nothing to audit
         empty = ("mean", "p95", "max", "share_replica", "family_adherence", *ATTRIBUTE_COLUMNS, "attributes",
                  "retained", "fad", "kad", "fad_heldout", "kad_heldout")  # fmt: skip
@@ -216,6 +224,22 @@ def run_row(
         "fad": summary.fad, "kad": summary.kad, "fad_heldout": summary.fad_heldout,
         "kad_heldout": summary.kad_heldout, **cost,
     }  # fmt: skip
+
+
+def step_profile(results: Path) -> dict:
+    """Per sampler step, over the ok rows with a detector trace: the mean similarity the detector saw
+    (``sim_by_step``) and the share of rows whose gate was open (``gate_by_step``); None without traces
+    (AMG off). For the flow rows' notes: where in 8 steps the guidance acts."""
+    import pyarrow.parquet as pq
+
+    cols = pq.read_table(results, columns=["status", "trace_similarity", "trace_gate"]).to_pydict()
+    rows = [(s, g) for st, s, g in zip(*cols.values(), strict=True) if st == "ok" and s]
+    if not rows or len({len(s) for s, _ in rows}) != 1:
+        return {"sim_by_step": None, "gate_by_step": None}
+    n = len(rows)
+    sim = [sum(s[i] for s, _ in rows) / n for i in range(len(rows[0][0]))]
+    gate = [sum(bool(g[i]) for _, g in rows) / n for i in range(len(rows[0][1]))]
+    return {"sim_by_step": sim, "gate_by_step": gate}
 
 
 def release_cost(results: Path) -> dict:
@@ -263,7 +287,7 @@ def add_retained(table: list[dict]) -> list[dict]:
     model's rows: over the flow baseline's, :data:`BASELINES`)."""
     base = {(r["prompts"], r["row"]): r["attributes"] for r in table}
     for r in table:
-        b = base.get((r["prompts"], BASELINES.get(r["model"], "baseline")))
+        b = base.get((r["prompts"], BASELINES.get(r.get("model"), "baseline")))
         r["retained"] = None if r["attributes"] is None or not b else r["attributes"] / b
     return table
 
@@ -362,6 +386,12 @@ def format_notes(table: list[dict], estimators: dict) -> str:
         lines.append(f"- {attr} estimator: {tr['hits']}/{tr['n']} training clips, {ho['hits']}/{ho['n']} "
                      f"held-out clips; {used}")  # fmt: skip
     for r in table:
+        if r.get("model") == "flow" and r.get("sim_by_step"):
+            sims = " ".join(f"{v:.2f}" for v in r["sim_by_step"])
+            gates = " ".join(f"{100 * v:.0f}%" for v in r["gate_by_step"])
+            lines.append(
+                f"- {r['prompts']}, {r['row']}, per step: detector similarity {sims}; gate open {gates}"
+            )
         if r["row"] == "flow full AMG":
             lines.append(f"- flow model: full AMG keeps {_cell(r['retained'], 'pct')} of the flow baseline's "
                          f"attribute adherence on {r['prompts']} prompts")  # fmt: skip
