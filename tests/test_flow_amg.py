@@ -204,9 +204,12 @@ def test_each_term_costs_its_forwards_only_while_the_gate_is_open(tiny_flow, ter
 
 def test_flow_amg_row_alone_equals_row_in_batch(tiny_flow):
     """Gates open on some rows and steps only; a row sampled alone gets what it gets in the batch."""
-    engine = _engine(tiny_flow, lambda_min=0.3, lambda_max=0.3, c3=500.0)
+    engine = _engine(tiny_flow, lambda_min=0.14, lambda_max=0.14, c3=500.0)
     batch, traces, _ = _sample(engine)
     gates = torch.stack([t.gate for t in traces])  # [steps, B]
+    # λ = 0.14 sits between the rows' similarities on this random model (≈0.16-0.19 for row 1, ≈0.11
+    # and ≈0.02 for rows 0 and 2): gates open on one row, closed on the others
+    assert gates.any() and not gates.all()
     for i in range(len(REQS)):
         alone, alone_traces, _ = _sample(engine, REQS[i : i + 1])
         assert torch.equal(torch.stack([t.gate for t in alone_traces])[:, 0], gates[:, i])
@@ -343,3 +346,45 @@ def test_ray_engine_runs_amg_on_the_flow_default_as_the_local_engine(tmp_path):
         )
         # another process, another thread count: rounding only (gates may differ only at λ's edge)
         assert x["final_similarity"] == pytest.approx(y["final_similarity"], abs=1e-3)
+
+
+def test_flow_amg_step_reads_the_device_once(tiny_flow, monkeypatch):
+    """As tests/test_step_syncs.py checks for the v models' step: the flow AMG step's one host read is
+    the gates and neighbours (the per-row term switches are read once per batch, at construction), and
+    nothing else in the step reads a device value, with gates open on some rows and steps only."""
+    from dataclasses import fields
+
+    from test_step_syncs import DeviceReads
+
+    from amg_engine.engine import flow_guidance
+
+    engine = _engine(tiny_flow, lambda_min=0.14, lambda_max=0.14, c3=500.0)
+    mode, explicit, calls = DeviceReads(), [], []
+    real_read, real_call = flow_guidance.host_read, flow_guidance.FlowAMGDenoiser.__call__
+
+    def counted_read(t):
+        explicit.append(tuple(t.shape))
+        out = real_read(t).clone()
+        mode.tag(out, on_device=False)
+        return out
+
+    def to_device(t, device):  # on CPU .to() returns the same tensor: copy it so the tags can differ
+        out = t.clone()
+        mode.tag(out)
+        return out
+
+    def step(self, x, t):
+        mode.tag((x, t, [getattr(self, f.name) for f in fields(self) if f.init and f.name != "model"]))
+        mode.tag(self.params.__dict__)
+        calls.append(len(explicit))
+        with mode:
+            return real_call(self, x, t)
+
+    monkeypatch.setattr(flow_guidance, "host_read", counted_read)
+    monkeypatch.setattr(flow_guidance, "to_device", to_device)
+    monkeypatch.setattr(flow_guidance.FlowAMGDenoiser, "__call__", step)
+    _, traces = engine.sample(_requests())
+    gates = torch.stack([tr.gate for tr in traces])
+    assert gates.any() and not gates.all(), "the test needs open and closed gates"
+    per_call = [b - a for a, b in zip(calls, [*calls[1:], len(explicit)], strict=True)]
+    assert per_call == [1] * 8 and mode.reads == [], mode.reads
