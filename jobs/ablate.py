@@ -89,9 +89,9 @@ def model_rows(name: str, gate: bool = False) -> tuple[Row, ...]:
 AMBIENT_ROWS = model_rows("ambient", gate=True)
 
 # The few-step flow variant of the default model (engine/default/assets/model-flow; rf_denoiser, 8
-# ping-pong steps, no CFG): its own baseline (and traced: detector only), each term alone, full AMG,
-# and both under the gate, all with the default-flow preset's scales (engine/flow_guidance.py); its
-# retained shares are over its own baseline.
+# ping-pong steps, no CFG): its own baseline (and traced: detector only), each term alone, each pair
+# (full AMG with one term off), full AMG, and both under the gate, all with the default-flow preset's
+# scales (engine/flow_guidance.py); its retained shares are over its own baseline.
 FLOW_ROWS = tuple(
     Row(f"flow {name}", model="flow", preset="default-flow", **kw)
     for name, kw in (
@@ -102,6 +102,9 @@ FLOW_ROWS = tuple(
         ("c1 despecification", dict(c2=False, c3=False)),
         ("c2 caption dedup", dict(c1=False, c3=False)),
         ("c3 dissimilarity", dict(c1=False, c2=False)),
+        ("c1 + c2", dict(c3=False)),  # full AMG with one term off, each in turn
+        ("c1 + c3", dict(c2=False)),
+        ("c2 + c3", dict(c1=False)),
         ("full AMG", {}),
         ("baseline + gate", dict(amg=False, gate=True)),
         ("full AMG + gate", dict(gate=True)),
