@@ -9,7 +9,10 @@ one) are the plain-CFG baseline, each guidance term alone (despecification c1, c
 c2, dissimilarity c3), each pair and full AMG; then plain CFG and full AMG under the release gate
 (:data:`GATE_ROWS`, jobs/gate.py: τ the index's threshold, 3 attempts); with ``--ambient-model``
 (default: the bundled Ambient Diffusion variant when it exists) also that model alone and with full
-AMG, each without and with the gate. ``--rows`` runs some rows only. Each run is audited against the
+AMG, each without and with the gate; with ``--flow-model`` (default: the bundled few-step flow variant,
+``engine/default/assets/model-flow``, when it exists) the flow rows (:data:`FLOW_ROWS`: 8 ping-pong
+steps, the ``default-flow`` preset, retained over the flow baseline, per-step traces in the notes).
+``--rows`` runs some rows only. Each run is audited against the
 training index (``amg audit``; under the gate, the released clips), and the table lists per row:
 
 - similarity of each output to its nearest training clip: mean, 95th percentile, maximum, and the
