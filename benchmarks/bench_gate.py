@@ -1,7 +1,7 @@
 """What a released clip costs under the release gate: plain CFG + gate (generate-and-filter) against
 full AMG + gate, on the default model's caption prompts.
 
-    python benchmarks/bench_gate.py [--prompts 32] [--reps 3]
+    python benchmarks/bench_gate.py [--prompts 32] [--reps 3] [--preset default-flow]
 
 The two runs alternate, ``--reps`` times each, every run into a fresh folder with its engine already
 loaded and warmed up, so a change of load on a shared machine hits both alike; the figures are the
@@ -9,6 +9,9 @@ medians. Per configuration: the share of prompts released and rejected, the row-
 wall seconds per released clip, and the ratio of full AMG's seconds per released clip to the
 generate-and-filter baseline's measured in the same run (below 1: AMG is cheaper). The gate is
 ``amg generate --max-similarity`` with its defaults (τ the index's threshold, 3 attempts).
+``--preset default-flow`` measures the same on the few-step flow variant of the default model
+(engine/default/assets/model-flow, 8 ping-pong steps, no CFG: "plain CFG" is then the conditional
+prediction alone).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
     from amg_engine.engine.config import PRESETS, with_overrides
-    from amg_engine.engine.engine import Engine
+    from amg_engine.engine.engine import DEFAULT_INDEX_DIR, Engine
+    from amg_engine.engine.models import DEFAULT_FLOW_MODEL_DIR, DEFAULT_MODEL_DIR
     from amg_engine.jobs.gate import ReleaseGate
     from amg_engine.jobs.generate import JobConfig, run_generate
     from amg_engine.jobs.replication import caption_manifest
@@ -41,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=32, help="the first N distinct training captions")
     p.add_argument("--reps", type=int, default=3, help="runs of each configuration, alternating")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.jsonl", help="JSON-lines log")
+    p.add_argument(
+        "--preset",
+        choices=("default-model", "default-flow"),
+        default="default-model",
+        help="default-model (the bundled v model) or default-flow (its few-step flow variant)",
+    )
     args = p.parse_args(argv)
+    model_dir = DEFAULT_FLOW_MODEL_DIR if args.preset == "default-flow" else DEFAULT_MODEL_DIR
     if args.prompts < 1 or args.reps < 1:
         p.error("--prompts and --reps need to be ≥ 1")
 
@@ -53,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         pq.write_table(pq.read_table(manifest).slice(0, 2), warm)
         engines = {}
         for name, amg in CONFIGS:
-            engines[name] = Engine(with_overrides(PRESETS["default-model"], amg=amg))
+            config = with_overrides(PRESETS[args.preset], amg=amg)
+            engines[name] = Engine(config, model_dir, DEFAULT_INDEX_DIR)
             run_generate(warm, tmp / f"warm-{amg}", engines[name], JobConfig(progress=False))
         job = JobConfig(progress=False, gate=ReleaseGate())
         runs: dict[str, list[dict]] = {name: [] for name, _ in CONFIGS}
@@ -86,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     verdict = ("generate-and-filter released nothing" if not cfg["released"] else
                "AMG cheaper" if ratio < 1 else "generate-and-filter cheaper")  # fmt: skip
     print(f"full AMG + gate / plain CFG + gate, seconds per released clip: {ratio:.2f}x ({verdict}; "
-          f"medians of {args.reps} alternating runs, {n} prompts)")  # fmt: skip
+          f"medians of {args.reps} alternating runs, {n} prompts, {args.preset})")  # fmt: skip
     record = dict(bench="gate", when=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                  **environment("cpu"), prompts=n, reps=args.reps, figures=figures,
+                  **environment("cpu"), prompts=n, reps=args.reps, preset=args.preset, figures=figures,
                   amg_over_filter_seconds_per_released=ratio)  # fmt: skip
     append_record(args.out, record)
     return 0

@@ -51,6 +51,11 @@ class GuidanceConfig:
     c3: float = 1000.0  # dissimilarity
     lambda_min: float = 0.4
     lambda_max: float = 0.5
+    # the smallest prompt scale s0 − s1 − s2 despecification and caption deduplication may leave: 1 as
+    # published (s1 ≤ s0 − 1, so at cfg_scale 1 both are off); 0 lets them reach the unconditional
+    # prediction, which few-step flow models sampled without CFG need (engine/flow_guidance.py). Only
+    # the flow models' combine reads it: on a v model it must stay 1.
+    min_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.mode in MODES, f"mode={self.mode!r}: choose one of {MODES}")
@@ -65,6 +70,12 @@ class GuidanceConfig:
             _check(
                 getattr(self, name) >= 0, f"{name}={getattr(self, name)}: must be ≥ 0 (0 turns the term off)"
             )
+        _finite("min_scale", self.min_scale)
+        _check(
+            0 <= self.min_scale <= min(1.0, self.cfg_scale),
+            f"min_scale={self.min_scale}: need 0 ≤ min_scale ≤ 1 (1: the published caps; 0: despecification "
+            "may reach the unconditional prediction)",
+        )
         _check(
             -1 <= self.lambda_min <= self.lambda_max <= 1,
             f"lambda_min={self.lambda_min}, lambda_max={self.lambda_max}: "
@@ -179,6 +190,8 @@ class EngineConfig:
         d.pop("batch_size")  # outputs are batch-invariant by design
         d.pop("precision")
         d.pop("index_devices")  # placement only: the shards' merged answer is the single search's
+        if self.guidance.min_scale == 1.0:  # the published caps: the hash of every config before the field
+            d["guidance"].pop("min_scale")
         if self.resolved_precision != "fp32":
             d["precision"] = self.resolved_precision
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -187,7 +200,9 @@ class EngineConfig:
 # Named presets. "default-model" is tuned for the embedded default model and its mel embedder;
 # the SAO 1.0 presets are the published settings (amg-reference.md §2). "sao-small" is Stable Audio
 # Open Small's own sampling (rf_denoiser objective, stable-audio-tools' sample_rf t schedule, ping-pong,
-# 8 steps, no CFG); AMG on a flow model is not implemented yet, so it is off (the engine refuses it).
+# 8 steps, no CFG), AMG off; "sao-small-amg" the same with AMG as engine/flow_guidance.py defines it on a
+# flow model (CLAP thresholds of sao-demo, caps down to the unconditional prediction). "default-flow" is
+# the bundled few-step flow variant of the default model (engine/default/assets/model-flow).
 PRESETS: dict[str, EngineConfig] = {
     "default-model": EngineConfig(
         GuidanceConfig(cfg_scale=4.0, c1=3.0, c2=3.0, c3=6000.0, lambda_min=0.6, lambda_max=0.75),
@@ -208,6 +223,18 @@ PRESETS: dict[str, EngineConfig] = {
     "sao-small": EngineConfig(
         GuidanceConfig(amg=False, cfg_scale=1.0),
         # sigma_max: t starts at 1 (pure noise); sigma_min is unused by the rf-logsnr schedule
+        SamplerConfig(sampler="pingpong", schedule="rf-logsnr", steps=8, sigma_min=0.01, sigma_max=1.0),
+    ),
+    "sao-small-amg": EngineConfig(
+        GuidanceConfig(
+            cfg_scale=1.0, c1=0.5, c2=0.5, c3=100.0, lambda_min=0.7, lambda_max=0.8, min_scale=0.0
+        ),
+        SamplerConfig(sampler="pingpong", schedule="rf-logsnr", steps=8, sigma_min=0.01, sigma_max=1.0),
+    ),
+    "default-flow": EngineConfig(
+        GuidanceConfig(
+            cfg_scale=1.0, c1=0.5, c2=0.5, c3=20000.0, lambda_min=0.6, lambda_max=0.75, min_scale=0.0
+        ),
         SamplerConfig(sampler="pingpong", schedule="rf-logsnr", steps=8, sigma_min=0.01, sigma_max=1.0),
     ),
 }

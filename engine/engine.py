@@ -21,6 +21,7 @@ from torch.profiler import record_function
 from amg_engine.engine.compile import compiled_branches, compiled_denoise, maybe_compile
 from amg_engine.engine.cond_cache import ConditioningCache
 from amg_engine.engine.config import EngineConfig
+from amg_engine.engine.flow_guidance import FlowAMGDenoiser
 from amg_engine.engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser, search_fn
 from amg_engine.engine.models import (
     DEFAULT_MODEL_DIR,
@@ -268,6 +269,8 @@ class Engine:
                 self.model, cond, cond.null_text(), s0, g.scale_before, self._branches
             )
             return self._sample(denoiser, requests)
+        if OBJECTIVE_SPACE[self.objective] == "t" and g.amg:
+            return self._sample(self._flow_denoiser(cond, uncond, full, requests), requests)
         denoiser = AMGDenoiser(
             self.model, cond, uncond, RowParams(full(g.cfg_scale), full(g.c1), full(g.c2), full(g.c3)),
             self.detector([r.seconds for r in requests], reference), self.search_vectors,
@@ -277,6 +280,16 @@ class Engine:
             reuse_forward=self.config.reuse_forward,
         )  # fmt: skip
         return self._sample(denoiser, requests)
+
+    def _flow_denoiser(self, cond, uncond, full, requests) -> FlowAMGDenoiser:
+        """AMG on a rectified-flow model (engine/flow_guidance.py), the corrected detector."""
+        g = self.config.guidance
+        params = RowParams(full(g.cfg_scale), full(g.c1), full(g.c2), full(g.c3))
+        return FlowAMGDenoiser(
+            self.model, cond, uncond, params, self.detector([r.seconds for r in requests], False),
+            self.search_vectors, self._neighbour_cond, lambda_min=g.lambda_min, lambda_max=g.lambda_max,
+            min_scale=g.min_scale, denoise=self._denoise,
+        )  # fmt: skip
 
     def _sample(self, denoiser: AMGDenoiser, requests: list[Request]):
         s = self.config.sampler
@@ -374,7 +387,8 @@ class Engine:
 
 def check_objective(config: EngineConfig, objective: str) -> None:
     """``ValueError`` unless ``config`` can sample a model of this diffusion objective: the schedule must
-    run in the model's time variable, and AMG is refused on a flow model (not implemented yet)."""
+    run in the model's time variable; AMG on a flow model runs in mode "corrected" only, and ``min_scale``
+    below 1 only there (engine/flow_guidance.py)."""
     space = OBJECTIVE_SPACE[objective]
     schedule = config.sampler.schedule
     if SCHEDULE_SPACE[schedule] != space:
@@ -385,10 +399,17 @@ def check_objective(config: EngineConfig, objective: str) -> None:
             f"{schedule!r} runs over {_SPACE[SCHEDULE_SPACE[schedule]]}: use schedule "
             f"{' or '.join(fits)}{hint}"
         )
-    if space == "t" and config.guidance.amg:
+    g = config.guidance
+    if space == "t" and g.amg and g.strategy == "amg" and g.mode == "reference":
         raise ValueError(
-            f"AMG on a rectified-flow model (diffusion_objective {objective!r}) is not implemented yet: "
-            "run it without AMG, with --no-amg (GuidanceConfig(amg=False))"
+            f"mode 'reference' reproduces the published code on a v-objective model; a rectified-flow model "
+            f"(diffusion_objective {objective!r}) is guided in mode 'corrected' (engine/flow_guidance.py): "
+            "use --mode corrected, or --preset default-flow / sao-small-amg"
+        )
+    if space == "sigma" and g.min_scale != 1:
+        raise ValueError(
+            f"min_scale={g.min_scale}: only the flow models' combine lowers the caps below the published "
+            "s0 − 1; on a v-objective model leave min_scale at 1"
         )
 
 

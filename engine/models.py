@@ -24,6 +24,9 @@ import torch
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default" / "assets" / "model"
+# the few-step rectified-flow variant of the default model (engine/default/train.py --objective rf),
+# the model of the "default-flow" preset
+DEFAULT_FLOW_MODEL_DIR = DEFAULT_MODEL_DIR.parent / "model-flow"
 
 
 class ModelFilesError(FileNotFoundError):

@@ -58,7 +58,7 @@ SAO_SMALL_SAMPLE_SIZE = 524288
 
 
 def tiny_sao_small_config(
-    tokenizer_dir: str = "tokenizer", width: int = 64, sample_size: int = 2048 * 8
+    tokenizer_dir: str = "tokenizer", width: int = 64, sample_size: int = 2048 * 8, t5_dir: str | None = None
 ) -> dict:
     """A small offline variant of Stable Audio Open Small's layout (random weights only; for tests).
 
@@ -67,9 +67,10 @@ def tiny_sao_small_config(
     (stereo 44.1 kHz, downsampling 2048, 64 latent channels), a prompt conditioner and a single
     ``seconds_total`` timing conditioner (no ``seconds_start``) feeding cross-attention and the global
     token. The DiT's widths and depth are shrunk as in :func:`tiny_sao_config`; ``sample_size``
-    :data:`SAO_SMALL_SAMPLE_SIZE` gives Small's full window.
+    :data:`SAO_SMALL_SAMPLE_SIZE` gives Small's full window; ``t5_dir`` a T5 prompt conditioner, as in
+    :func:`tiny_sao_config`.
     """
-    config = tiny_sao_config(tokenizer_dir, width, sample_size)
+    config = tiny_sao_config(tokenizer_dir, width, sample_size, t5_dir)
     cond = config["model"]["conditioning"]
     cond["configs"] = [c for c in cond["configs"] if c["id"] != "seconds_start"]
     diffusion = config["model"]["diffusion"]

@@ -9,7 +9,10 @@ one) are the plain-CFG baseline, each guidance term alone (despecification c1, c
 c2, dissimilarity c3), each pair and full AMG; then plain CFG and full AMG under the release gate
 (:data:`GATE_ROWS`, jobs/gate.py: τ the index's threshold, 3 attempts); with ``--ambient-model``
 (default: the bundled Ambient Diffusion variant when it exists) also that model alone and with full
-AMG, each without and with the gate. ``--rows`` runs some rows only. Each run is audited against the
+AMG, each without and with the gate; with ``--flow-model`` (default: the bundled few-step flow variant,
+``engine/default/assets/model-flow``, when it exists) the flow rows (:data:`FLOW_ROWS`: 8 ping-pong
+steps, the ``default-flow`` preset, retained over the flow baseline, per-step traces in the notes).
+``--rows`` runs some rows only. Each run is audited against the
 training index (``amg audit``; under the gate, the released clips), and the table lists per row:
 
 - similarity of each output to its nearest training clip: mean, 95th percentile, maximum, and the
@@ -56,8 +59,9 @@ class Row:
     c1: bool = True
     c2: bool = True
     c3: bool = True
-    model: str = "default"  # "default" or "ambient"
+    model: str = "default"  # "default", "ambient", "flow" or a --compare-model name
     gate: bool = False  # under the release gate (jobs/gate.py, its defaults)
+    preset: str = "default-model"  # the engine preset whose scales the row switches (engine/config.py)
 
 
 ROWS = (
@@ -86,6 +90,30 @@ def model_rows(name: str, gate: bool = False) -> tuple[Row, ...]:
 
 
 AMBIENT_ROWS = model_rows("ambient", gate=True)
+
+# The few-step flow variant of the default model (engine/default/assets/model-flow; rf_denoiser, 8
+# ping-pong steps, no CFG): its own baseline (and traced: detector only), each term alone, each pair
+# (full AMG with one term off), full AMG, and both under the gate, all with the default-flow preset's
+# scales (engine/flow_guidance.py); its retained shares are over its own baseline.
+FLOW_ROWS = tuple(
+    Row(f"flow {name}", model="flow", preset="default-flow", **kw)
+    for name, kw in (
+        ("baseline", dict(amg=False)),
+        # the detector and gate run, every term off: the baseline's output (tests/test_flow_amg.py) with
+        # its per-step similarity traced
+        ("detector only", dict(c1=False, c2=False, c3=False)),
+        ("c1 despecification", dict(c2=False, c3=False)),
+        ("c2 caption dedup", dict(c1=False, c3=False)),
+        ("c3 dissimilarity", dict(c1=False, c2=False)),
+        ("c1 + c2", dict(c3=False)),  # full AMG with one term off, each in turn
+        ("c1 + c3", dict(c2=False)),
+        ("c2 + c3", dict(c1=False)),
+        ("full AMG", {}),
+        ("baseline + gate", dict(amg=False, gate=True)),
+        ("full AMG + gate", dict(gate=True)),
+    )
+)
+BASELINES = {"flow": "flow baseline"}  # model -> the row its retained share is over (else "baseline")
 
 
 @dataclass(frozen=True)
@@ -121,13 +149,20 @@ def ambient_model_dir() -> Path:
     return DEFAULT_MODEL_DIR.parent / "model-ambient"
 
 
-def row_config(row: Row, preset: str = "default-model", steps: int | None = None):
+def flow_model_dir() -> Path:
+    """Where the bundled few-step flow variant of the default model lives (may be absent)."""
+    from amg_engine.engine.models import DEFAULT_MODEL_DIR
+
+    return DEFAULT_MODEL_DIR.parent / "model-flow"
+
+
+def row_config(row: Row, preset: str | None = None, steps: int | None = None):
     """The engine configuration of a row: the preset with the row's terms switched off."""
     from dataclasses import replace
 
     from amg_engine.engine.config import PRESETS, with_overrides
 
-    base = PRESETS[preset]
+    base = PRESETS[preset or row.preset]
     g = base.guidance
     cfg = with_overrides(
         base, amg=row.amg, c1=g.c1 if row.c1 else 0.0, c2=g.c2 if row.c2 else 0.0, c3=g.c3 if row.c3 else 0.0
@@ -166,7 +201,12 @@ def run_row(
         manifest, run_dir, engine, JobConfig(progress=progress, gate=ReleaseGate() if row.gate else None)
     )
     threshold, cost = engine.replication_threshold, release_cost(run_dir / "results.parquet")
-    entry = {"prompts": block, "row": row.name, "model": row.model}
+    entry = {
+        "prompts": block,
+        "row": row.name,
+        "model": row.model,
+        **step_profile(run_dir / "results.parquet"),
+    }
     if not cost["released"]:  # the gate released nothing (or every row failed): nothing to audit
         empty = ("mean", "p95", "max", "share_replica", "family_adherence", *ATTRIBUTE_COLUMNS, "attributes",
                  "retained", "fad", "kad", "fad_heldout", "kad_heldout")  # fmt: skip
@@ -190,6 +230,22 @@ def run_row(
         "fad": summary.fad, "kad": summary.kad, "fad_heldout": summary.fad_heldout,
         "kad_heldout": summary.kad_heldout, **cost,
     }  # fmt: skip
+
+
+def step_profile(results: Path) -> dict:
+    """Per sampler step, over the ok rows with a detector trace: the mean similarity the detector saw
+    (``sim_by_step``) and the share of rows whose gate was open (``gate_by_step``); None without traces
+    (AMG off). For the flow rows' notes: where in 8 steps the guidance acts."""
+    import pyarrow.parquet as pq
+
+    cols = pq.read_table(results, columns=["status", "trace_similarity", "trace_gate"]).to_pydict()
+    rows = [(s, g) for st, s, g in zip(*cols.values(), strict=True) if st == "ok" and s]
+    if not rows or len({len(s) for s, _ in rows}) != 1:
+        return {"sim_by_step": None, "gate_by_step": None}
+    n = len(rows)
+    sim = [sum(s[i] for s, _ in rows) / n for i in range(len(rows[0][0]))]
+    gate = [sum(bool(g[i]) for _, g in rows) / n for i in range(len(rows[0][1]))]
+    return {"sim_by_step": sim, "gate_by_step": gate}
 
 
 def release_cost(results: Path) -> dict:
@@ -233,10 +289,11 @@ def estimator_accuracy() -> dict:
 
 
 def add_retained(table: list[dict]) -> list[dict]:
-    """Set each row's ``retained``: its ``attributes`` over the baseline's of the same block."""
-    base = {r["prompts"]: r["attributes"] for r in table if r["row"] == "baseline"}
+    """Set each row's ``retained``: its ``attributes`` over the baseline's of the same block (the flow
+    model's rows: over the flow baseline's, :data:`BASELINES`)."""
+    base = {(r["prompts"], r["row"]): r["attributes"] for r in table}
     for r in table:
-        b = base.get(r["prompts"])
+        b = base.get((r["prompts"], BASELINES.get(r.get("model"), "baseline")))
         r["retained"] = None if r["attributes"] is None or not b else r["attributes"] / b
     return table
 
@@ -245,6 +302,7 @@ def run_ablation(
     out: str | Path,
     rows=ROWS + GATE_ROWS,
     ambient: Path | None = None,
+    flow: Path | None = None,
     limit: int | None = None,
     extra_models: dict[str, Path] | None = None,
     steps: int | None = None,
@@ -255,8 +313,9 @@ def run_ablation(
 ) -> list[dict]:
     """Run every row on every block of prompts (the first ``limit`` of each, if given) -> the table.
 
-    ``estimators``: :func:`estimator_accuracy`'s result, if already measured; ``only``: run just the
-    rows of these names (or folder names, :func:`slug`)."""
+    ``flow``: the few-step flow model's folder, for :data:`FLOW_ROWS`; ``estimators``:
+    :func:`estimator_accuracy`'s result, if already measured; ``only``: run just the rows of these names
+    (or folder names, :func:`slug`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -268,6 +327,9 @@ def run_ablation(
     for name, path in extra.items():
         model_dirs[name] = Path(path)
         rows = tuple(rows) + model_rows(name, gate=name == "ambient")
+    if flow is not None:
+        model_dirs["flow"] = Path(flow)
+        rows = tuple(rows) + FLOW_ROWS
     if only is not None:
         unknown = sorted({slug(o) for o in only} - {slug(r.name) for r in rows})
         if unknown:
@@ -329,6 +391,16 @@ def format_notes(table: list[dict], estimators: dict) -> str:
         used = "in `attributes`" if attr in estimators["headline"] else "NOT in `attributes` (under 90%)"
         lines.append(f"- {attr} estimator: {tr['hits']}/{tr['n']} training clips, {ho['hits']}/{ho['n']} "
                      f"held-out clips; {used}")  # fmt: skip
+    for r in table:
+        if r.get("model") == "flow" and r.get("sim_by_step"):
+            sims = " ".join(f"{v:.2f}" for v in r["sim_by_step"])
+            gates = " ".join(f"{100 * v:.0f}%" for v in r["gate_by_step"])
+            lines.append(
+                f"- {r['prompts']}, {r['row']}, per step: detector similarity {sims}; gate open {gates}"
+            )
+        if r["row"] == "flow full AMG":
+            lines.append(f"- flow model: full AMG keeps {_cell(r['retained'], 'pct')} of the flow baseline's "
+                         f"attribute adherence on {r['prompts']} prompts")  # fmt: skip
     shares = {r["prompts"]: r["retained"] for r in table if r["row"] == "full AMG"}
     for block, share in shares.items():
         goals = [(f"≥ {100 * GOAL_CAPTIONS:.0f}%", GOAL_CAPTIONS)]
@@ -346,14 +418,15 @@ def gate_verdicts(table: list[dict]) -> list[str]:
     """Per block: is full AMG + gate cheaper per released clip than plain CFG + gate, and at what
     adherence."""
     lines = []
-    for block in dict.fromkeys(r["prompts"] for r in table):
+    for block, prefix in ((b, p) for b in dict.fromkeys(r["prompts"] for r in table) for p in ("", "flow ")):
         rows = {r["row"]: r for r in table if r["prompts"] == block}
-        cfg, amg = rows.get("baseline + gate"), rows.get("full AMG + gate")
+        cfg, amg = rows.get(f"{prefix}baseline + gate"), rows.get(f"{prefix}full AMG + gate")
         if not cfg or not amg or not cfg["seconds_per_released"] or not amg["seconds_per_released"]:
             continue
         ratio = amg["seconds_per_released"] / cfg["seconds_per_released"]
         lines.append(
-            f"- {block} prompts, release gate: full AMG spends {_cell(amg['seconds_per_released'], 'num')} s "
+            f"- {prefix}{block} prompts, release gate: full AMG spends "
+            f"{_cell(amg['seconds_per_released'], 'num')} s "
             f"({amg['gens_per_released']:.2f} row-generations) per released clip, plain CFG "
             f"{_cell(cfg['seconds_per_released'], 'num')} s ({cfg['gens_per_released']:.2f}): AMG is "
             f"{ratio:.2f}x the time, {'cheaper' if ratio < 1 else 'dearer'}; released "
@@ -375,8 +448,12 @@ def cmd_ablate(args) -> int:
                 f"--compare-model {spec!r}: write NAME=MODEL_DIR, e.g. control=/tmp/control/model"
             )
         extra[name] = Path(path)
+    flow = args.flow_model
+    if flow is None and not args.no_flow and (flow_model_dir() / "model_config.json").exists():
+        flow = flow_model_dir()
     sets = [ps for ps in PROMPT_SETS if ps.name in args.prompts]
     table = run_ablation(args.out, ambient=None if args.no_ambient else ambient, limit=args.limit,
+                         flow=None if args.no_flow else flow,
                          steps=args.steps, progress=not args.quiet, extra_models=extra,
                          prompt_sets=sets, only=args.rows)  # fmt: skip
     print(format_table(table))
@@ -401,6 +478,14 @@ def add_ablate_arguments(p) -> None:
     )
     p.add_argument("--no-ambient", action="store_true", help="leave out the ambient-model rows")
     p.add_argument(
+        "--flow-model",
+        type=Path,
+        default=None,
+        help="a few-step rectified-flow model folder for the flow rows (default: the bundled "
+        "model-flow, if any), sampled with the default-flow preset",
+    )
+    p.add_argument("--no-flow", action="store_true", help="leave out the flow-model rows")
+    p.add_argument(
         "--compare-model",
         action="append",
         default=[],
@@ -424,7 +509,7 @@ def add_ablate_arguments(p) -> None:
         default=None,
         metavar="ROW",
         help="run only these rows, by folder name (e.g. baseline full-amg baseline-gate full-amg-gate "
-        "ambient-model-gate ambient-amg-gate); default: all",
+        "ambient-model-gate ambient-amg-gate flow-baseline flow-full-amg-gate); default: all",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -450,6 +535,6 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 __all__ = [
-    "ROWS", "GATE_ROWS", "AMBIENT_ROWS", "PROMPT_SETS", "PromptSet", "Row", "model_rows", "run_ablation",
-    "format_table", "register_ablate",
+    "ROWS", "GATE_ROWS", "AMBIENT_ROWS", "FLOW_ROWS", "PROMPT_SETS", "PromptSet", "Row", "model_rows",
+    "run_ablation", "format_table", "register_ablate",
 ]  # fmt: skip

@@ -42,7 +42,11 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--out", type=Path, required=True, help="output folder (audio/ and results.parquet)")
     p.add_argument(
-        "--preset", default="default-model", choices=sorted(PRESETS), help="named engine configuration"
+        "--preset",
+        default="default-model",
+        choices=sorted(PRESETS),
+        help="named engine configuration; default-flow runs the bundled few-step flow model "
+        "(engine/default/assets/model-flow) unless --model says otherwise",
     )
     p.add_argument("--no-amg", action="store_true", help="plain classifier-free guidance baseline (no AMG)")
     p.add_argument("--mode", choices=("corrected", "reference"), help="AMG semantics (see README)")
@@ -61,13 +65,20 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--c1", type=float, help="despecification scale (0 turns it off)")
     p.add_argument("--c2", type=float, help="caption-deduplication scale (0 turns it off)")
     p.add_argument("--c3", type=float, help="dissimilarity-gradient scale (0 turns it off)")
+    p.add_argument(
+        "--min-scale",
+        type=float,
+        help="smallest prompt scale s0 − s1 − s2 despecification and caption deduplication may leave: 1 "
+        "as published; 0 (the flow presets) lets them reach the unconditional prediction at cfg_scale 1; "
+        "flow models only",
+    )
     p.add_argument("--lambda-min", type=float, help="threshold λ_t at high noise")
     p.add_argument("--lambda-max", type=float, help="threshold λ_t approached at low noise")
     p.add_argument("--steps", type=int, help="sampler steps")
     p.add_argument(
         "--sampler",
-        help="dpmpp-3m-sde, dpmpp-2m-sde, dpmpp-2m or euler; on a flow model (--preset sao-small) "
-        "pingpong or euler",
+        help="dpmpp-3m-sde, dpmpp-2m-sde, dpmpp-2m or euler; on a flow model (--preset sao-small, "
+        "sao-small-amg, default-flow) pingpong or euler",
     )
     p.add_argument("--batch-size", type=int, help="rows per denoising batch")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda")
@@ -156,6 +167,7 @@ def _engine_config(args):
         PRESETS[args.preset], amg=False if args.no_amg else None, mode=args.mode, cfg_scale=args.cfg_scale,
         strategy=args.strategy, scale_before=args.scale_before,
         c1=args.c1, c2=args.c2, c3=args.c3, lambda_min=args.lambda_min, lambda_max=args.lambda_max,
+        min_scale=args.min_scale,
     )  # fmt: skip
     sampler = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
     top = {k: v for k, v in (("batch_size", args.batch_size), ("device", args.device)) if v is not None}
@@ -184,14 +196,15 @@ def _gate(args):
 
 def cmd_generate(args) -> int:
     from amg_engine.engine.engine import DEFAULT_INDEX_DIR, Engine
-    from amg_engine.engine.models import DEFAULT_MODEL_DIR
+    from amg_engine.engine.models import DEFAULT_FLOW_MODEL_DIR, DEFAULT_MODEL_DIR
     from amg_engine.jobs.generate import JobConfig, Shard, run_generate
 
     job = JobConfig(
         args.format, args.retry_failed, Shard.parse(args.shard), not args.quiet, args.max_failed_batches,
         threshold=args.threshold, gate=_gate(args),
     )  # fmt: skip
-    model, index = args.model or DEFAULT_MODEL_DIR, args.index or DEFAULT_INDEX_DIR
+    bundled = DEFAULT_FLOW_MODEL_DIR if args.preset == "default-flow" else DEFAULT_MODEL_DIR
+    model, index = args.model or bundled, args.index or DEFAULT_INDEX_DIR
     checkpoint, trust = args.embedder_checkpoint, args.trust_checkpoint
     if args.engine == "ray":
         from amg_engine.jobs.ray_run import EngineSpec, RayOptions, import_ray, run_generate_ray

@@ -114,7 +114,8 @@ class EngineSpec:
         from amg_engine.engine.models import check_model_files, diffusion_objective
         from amg_engine.index.embedders import check_embedder
 
-        # the configuration against the model's objective too (AMG on a flow model is refused)
+        # the configuration against the model's objective too (a schedule in the wrong time variable,
+        # reference mode on a flow model: engine.engine.check_objective)
         check_objective(self.config, diffusion_objective(check_model_files(self.model_dir)))
         check_embedder(self.embedder_info(), self.embedder_checkpoint)
 

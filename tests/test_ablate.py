@@ -19,6 +19,7 @@ from amg_engine.index.store import EmbeddingIndex
 from amg_engine.jobs.ablate import (
     AMBIENT_ROWS,
     ATTRIBUTE_COLUMNS,
+    FLOW_ROWS,
     PROMPT_SETS,
     ROWS,
     Row,
@@ -183,3 +184,39 @@ def test_a_gate_row_that_releases_nothing_is_a_row_of_its_own(tmp_path, monkeypa
     r = run_row(GATE_ROWS[0], "captions", manifest, tmp_path, models, 3, False, ["tempo"])
     assert (r["n"], r["released"], r["rejected"], r["mean"], r["attributes"]) == (0, 0.0, 1.0, None, None)
     assert r["gens_per_released"] is None and "n/a" in format_table([r])
+
+
+@pytest.mark.parametrize("row", FLOW_ROWS, ids=lambda r: r.name)
+def test_flow_rows_switch_the_flow_presets_terms(row):
+    """The flow rows run the default-flow preset (cfg 1, caps down to the unconditional prediction) on
+    the bundled flow model, each with its own terms on."""
+    base, cfg = PRESETS["default-flow"].guidance, row_config(row).guidance
+    assert row.model == "flow" and row.preset == "default-flow" and cfg.amg == row.amg
+    for name in ("c1", "c2", "c3"):
+        assert getattr(cfg, name) == (getattr(base, name) if getattr(row, name) else 0.0)
+    assert (cfg.cfg_scale, cfg.min_scale) == (1.0, 0.0)
+    assert row_config(row).sampler == PRESETS["default-flow"].sampler
+
+
+def test_flow_retained_is_relative_to_the_flow_baseline():
+    table = [
+        {"prompts": "captions", "row": "baseline", "model": "default", "attributes": 0.8},
+        {"prompts": "captions", "row": "flow baseline", "model": "flow", "attributes": 0.5},
+        {"prompts": "captions", "row": "flow full AMG", "model": "flow", "attributes": 0.4},
+    ]
+    assert [r["retained"] for r in add_retained(table)] == [1.0, 1.0, 0.4 / 0.5]
+
+
+def test_step_profile_averages_the_traces_of_ok_rows(tmp_path):
+    import pyarrow as pa
+
+    from amg_engine.jobs.ablate import step_profile
+
+    cols = {"status": ["ok", "ok", "error"], "trace_similarity": [[0.9, 0.5], [0.7, 0.3], []],
+            "trace_gate": [[True, False], [True, True], []]}  # fmt: skip
+    pq.write_table(pa.table(cols), tmp_path / "r.parquet")
+    prof = step_profile(tmp_path / "r.parquet")
+    assert prof["sim_by_step"] == pytest.approx([0.8, 0.4]) and prof["gate_by_step"] == [1.0, 0.5]
+    cols = {"status": ["ok"], "trace_similarity": [[]], "trace_gate": [[]]}  # AMG off: no traces
+    pq.write_table(pa.table(cols), tmp_path / "off.parquet")
+    assert step_profile(tmp_path / "off.parquet") == {"sim_by_step": None, "gate_by_step": None}

@@ -329,16 +329,22 @@ def test_sao_small_row_alone_equals_row_in_batch(tiny_small):
     assert out[0].error is None and out[0].audio.shape == (2, round(0.2 * 44100))
 
 
-def test_engine_refuses_amg_on_a_flow_model(tiny_small):
+def test_engine_checks_amg_on_a_flow_model(tiny_small):
+    """AMG on a flow model runs in mode "corrected" (engine/flow_guidance.py); the published code's
+    "reference" semantics are for v models and refused, in the engine and in a Ray driver before any
+    actor starts; a VE schedule on a flow model is refused."""
     from dataclasses import replace
 
     from amg_engine.jobs.ray_run import EngineSpec
 
-    with pytest.raises(ValueError, match="not implemented yet.*--no-amg"):
-        _small_engine(tiny_small, amg=True)
+    _small_engine(tiny_small, amg=True, min_scale=0.0)  # accepted
     amg_on = replace(PRESETS["sao-small"], guidance=GuidanceConfig(cfg_scale=1.0))
-    with pytest.raises(ValueError, match="not implemented yet.*--no-amg"):  # a Ray driver, before any actor
-        EngineSpec(amg_on, tiny_small / "model", tiny_small / "index")
+    EngineSpec(amg_on, tiny_small / "model", tiny_small / "index")
+    with pytest.raises(ValueError, match="mode 'reference'.*corrected"):
+        _small_engine(tiny_small, amg=True, mode="reference")
+    reference = replace(amg_on, guidance=replace(amg_on.guidance, mode="reference"))
+    with pytest.raises(ValueError, match="mode 'reference'.*corrected"):  # a Ray driver, before any actor
+        EngineSpec(reference, tiny_small / "model", tiny_small / "index")
     EngineSpec(PRESETS["sao-small"], tiny_small / "model", tiny_small / "index")  # AMG off: accepted
     with pytest.raises(ValueError, match="rf_denoiser.*rf-logsnr"):
         from amg_engine.engine.engine import Engine

@@ -11,6 +11,17 @@ its clip (mel-pattern similarity ≥ 0.9), and it stops early once ``--target`` 
 ``engine/default/ambient.py``): fixed noisy copies x0 + σ_tn·η of the latents are drawn once, and at
 VE noise levels σ = tan(πt/2) above σ_tn the model sees only those copies, with the ambient loss;
 the saved ``model_config.json`` records σ_tn as ``amg_default.ambient_sigma``.
+
+``--objective rf`` trains the few-step flow variant instead (``engine/default/assets/model-flow``):
+stable-audio-tools' ``rf_denoiser`` objective, ``x_t = (1 − t)·x0 + t·ε`` with t ~ U(0, 1) and target
+``v = ε − x0`` (the saved config says ``"diffusion_objective": "rf_denoiser"``, so stable-audio-tools and
+the engine sample it over the flow time t), and the replication check samples every caption in 8
+ping-pong steps of the ``sample_rf`` schedule without CFG (the ``default-flow`` preset). With ``--init``
+the DiT starts from the v-objective default's weights (same architecture; the time input changes
+meaning, which the fine-tuning learns)::
+
+    python -m amg_engine.engine.default.train --out engine/default/assets/model-flow --objective rf \
+        --init engine/default/assets/model --steps 800 --lr 5e-4 --lr-decay cosine --ema 0.99 --threads 1
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import torch
 from amg_engine.engine.default.ambient import ambient_v_loss, noisy_copies, validate_sigma_tn
 from amg_engine.engine.default.data import SAMPLE_RATE, WINDOW, clip_tensor, make_clips, write_dataset
 from amg_engine.engine.default.model import build_tokenizer, model_config
-from amg_engine.engine.models import encode_conditioning, save_model, v_denoise
+from amg_engine.engine.models import encode_conditioning, rf_denoise, save_model, v_denoise
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +55,12 @@ def train_step(
     gen: torch.Generator,
     noisy_latents: torch.Tensor | None = None,
     ambient_sigma: float = 0.0,
+    objective: str = "v",
 ) -> float:
     """One optimiser step on ``latents`` [B, C, T]; returns the loss.
+
+    ``objective`` "v": Stable Audio's v-loss (α = cos(πt/2), σ = sin(πt/2)); "rf": the rectified-flow
+    loss of stable-audio-tools' ``rf_denoiser``, x_t = (1 − t)·x0 + t·ε with target ε − x0.
 
     With ``noisy_latents`` [B, C, T] (the batch's fixed copies x0 + σ_tn·η) the loss is
     ``ambient_v_loss`` with cut-off ``ambient_sigma`` = σ_tn; without, the plain v-loss.
@@ -54,8 +69,10 @@ def train_step(
     t = torch.rand(b, generator=gen)
     alpha, sigma = torch.cos(t * math.pi / 2)[:, None, None], torch.sin(t * math.pi / 2)[:, None, None]
     noise = torch.randn(latents.shape, generator=gen)
+    if objective == "rf":
+        alpha, sigma = 1 - t[:, None, None], t[:, None, None]
     noised = latents * alpha + noise * sigma
-    target = noise * alpha - latents * sigma
+    target = noise - latents if objective == "rf" else noise * alpha - latents * sigma
     cond = encode_conditioning(model, metadata, "cpu")
     drop = (torch.rand(b, generator=gen) < scale_dropout)[:, None, None]
     cross = torch.where(drop, torch.zeros_like(cond.cross_attn), cond.cross_attn)
@@ -77,26 +94,23 @@ def train_step(
 
 
 @torch.no_grad()
-def replication_rate(model, clips, scale: float, embedder, steps: int = 30, cfg: float = 4.0) -> float:
-    """Share of distinct captions whose CFG sample has similarity ≥ 0.9 to a clip with that caption."""
-    from k_diffusion.sampling import get_sigmas_polyexponential, sample_dpmpp_2m
-
+def replication_rate(
+    model, clips, scale: float, embedder, steps: int = 30, cfg: float = 4.0, objective: str = "v"
+) -> float:
+    """Share of distinct captions whose sample has similarity ≥ 0.9 to a clip with that caption: CFG
+    with DPM-Solver++(2M) for a v model, ``steps`` ping-pong steps of the ``sample_rf`` schedule with the
+    conditional prediction alone (cfg 1, the ``default-flow`` preset) for a flow model (``"rf"``)."""
     captions = sorted({c.caption for c in clips})
     meta = [{"prompt": c, "seconds_total": max(x.seconds for x in clips if x.caption == c)} for c in captions]
     cond = encode_conditioning(model, meta, "cpu")
-    both = type(cond).cat([cond, cond.null_text()])
-
-    def denoiser(x, sigma):
-        x0 = v_denoise(model, torch.cat([x, x]), torch.cat([sigma, sigma]), both)
-        x0_c, x0_u = x0.chunk(2)
-        return x0_u + cfg * (x0_c - x0_u)
-
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(
         len(captions), model.io_channels, WINDOW // model.pretransform.downsampling_ratio, generator=g
     )
-    sigmas = get_sigmas_polyexponential(steps, 0.03, 80.0, rho=1.0)
-    out = sample_dpmpp_2m(denoiser, x * sigmas[0], sigmas, disable=True)
+    if objective == "rf":
+        out = _pingpong(model, x, cond, steps, g)
+    else:
+        out = _cfg_dpmpp_2m(model, x, cond, steps, cfg)
     audio = model.pretransform.decode(out) / scale
     e_gen = embedder(audio, SAMPLE_RATE)
     e_train = embedder(clip_tensor(clips), SAMPLE_RATE)
@@ -104,6 +118,33 @@ def replication_rate(model, clips, scale: float, embedder, steps: int = 30, cfg:
     own = torch.tensor([[c.caption == cap for c in clips] for cap in captions])
     best_own = sims.masked_fill(~own, -1).max(1).values
     return (best_own >= 0.9).float().mean().item()
+
+
+def _cfg_dpmpp_2m(model, x, cond, steps: int, cfg: float):
+    from k_diffusion.sampling import get_sigmas_polyexponential, sample_dpmpp_2m
+
+    both = type(cond).cat([cond, cond.null_text()])
+
+    def denoiser(x, sigma):
+        x0 = v_denoise(model, torch.cat([x, x]), torch.cat([sigma, sigma]), both)
+        x0_c, x0_u = x0.chunk(2)
+        return x0_u + cfg * (x0_c - x0_u)
+
+    sigmas = get_sigmas_polyexponential(steps, 0.03, 80.0, rho=1.0)
+    return sample_dpmpp_2m(denoiser, x * sigmas[0], sigmas, disable=True)
+
+
+def _pingpong(model, x, cond, steps: int, gen: torch.Generator):
+    """The engine's ping-pong loop (engine/sampling.py) over the rf-logsnr schedule, conditional only."""
+    from amg_engine.engine.sampling import get_sampler, rf_logsnr
+
+    sampler = get_sampler("pingpong")
+    ts, state = rf_logsnr(steps), sampler.init_state(x)
+    for i in range(steps):
+        t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
+        denoised = rf_denoise(model, x, t, cond)
+        x, state = sampler.step(x, denoised, t, t_next, state, torch.randn(x.shape, generator=gen))
+    return x
 
 
 def _lr_factor(step: int, steps: int, decay: str, warmup: int = 200) -> float:
@@ -148,6 +189,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Ambient Diffusion cut-off σ_tn in latent units (VE noise level): above it the model sees "
         "only fixed noisy copies x0 + σ_tn·η of the latents (the paper's range: 0.4-4); 0 = off",
     )
+    p.add_argument(
+        "--objective",
+        choices=("v", "rf"),
+        default="v",
+        help="v: Stable Audio's v-objective (the default model); rf: stable-audio-tools' rf_denoiser "
+        "rectified flow, checked in 8 ping-pong steps without CFG (the few-step flow variant)",
+    )
     p.add_argument("--seed", type=int, default=0, help="initialisation, data-order and noisy-copy seed")
     p.add_argument(
         "--reindex",
@@ -160,6 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     validate_sigma_tn(args.ambient_sigma)
+    if args.objective == "rf" and args.ambient_sigma > 0:
+        raise SystemExit("--ambient-sigma is a v-objective loss; it cannot be combined with --objective rf")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -176,6 +226,8 @@ def main() -> None:
     ema, start = train(model, config, clips, args)
     save_model(ema, config, args.out, dtype=torch.float16)
     log.info("done in %.0f s", time.time() - start)
+    if args.objective == "rf":  # same clips, parameter-free pretransform: the default's index serves it
+        return
     write_index(model, clips, data_dir, args.out.parent / "index")
 
 
@@ -187,6 +239,8 @@ def new_model(args: argparse.Namespace, clips) -> tuple[torch.nn.Module, dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     build_tokenizer([c.caption for c in clips], args.out / "tokenizer")
     config = model_config(depth=args.depth)
+    if args.objective == "rf":
+        config["model"]["diffusion"]["diffusion_objective"] = "rf_denoiser"
     resolved = json.loads(json.dumps(config))
     resolved["model"]["conditioning"]["configs"][0]["config"]["tokenizer_name"] = str(args.out / "tokenizer")
     model = create_model_from_config(resolved)
@@ -233,7 +287,9 @@ def train(model, config: dict, clips, args: argparse.Namespace) -> tuple[torch.n
         idx = torch.randperm(len(clips), generator=gen)[: args.batch_size]
         batch = [meta[i] for i in idx]
         copies = None if noisy is None else noisy[idx]
-        losses.append(train_step(model, opt, latents[idx], batch, 0.1, gen, copies, args.ambient_sigma))
+        losses.append(
+            train_step(model, opt, latents[idx], batch, 0.1, gen, copies, args.ambient_sigma, args.objective)
+        )
         sched.step()
         if ema is not model:
             with torch.no_grad():
@@ -243,16 +299,23 @@ def train(model, config: dict, clips, args: argparse.Namespace) -> tuple[torch.n
         if step % args.eval_every == 0:
             record = {"step": step, "seconds": round(time.time() - start),
                       "loss": round(sum(losses[-100:]) / len(losses[-100:]), 5)}  # fmt: skip
-            if _evaluate_and_save(ema, config, clips, embedder, args.out, record, history) >= args.target:
+            rate = _evaluate_and_save(ema, config, clips, embedder, args.out, record, history, args.objective)
+            if rate >= args.target:
                 break
     return ema, start
 
 
-def _evaluate_and_save(ema, config: dict, clips, embedder, out: Path, record: dict, history: list) -> float:
+def _evaluate_and_save(
+    ema, config: dict, clips, embedder, out: Path, record: dict, history: list, objective: str = "v"
+) -> float:
     """The replication check of the weights ``ema``, logged into ``history`` (OUT/training_log.json)
     with ``record``; saves the model. -> the share of captions that replicate."""
     ema.eval()
-    rate = replication_rate(ema, clips, config["amg_default"]["audio_scale"], embedder)
+    scale = config["amg_default"]["audio_scale"]
+    if objective == "rf":
+        rate = replication_rate(ema, clips, scale, embedder, steps=8, objective="rf")
+    else:
+        rate = replication_rate(ema, clips, scale, embedder)
     ema.train()
     history.append({**record, "replication": rate})
     log.info("step %d: %.0f%% of captions replicate", record["step"], 100 * rate)
