@@ -21,7 +21,14 @@ from torch.profiler import record_function
 from amg_engine.engine.compile import compiled_branches, compiled_denoise, maybe_compile
 from amg_engine.engine.cond_cache import ConditioningCache
 from amg_engine.engine.config import EngineConfig
-from amg_engine.engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser, search_fn
+from amg_engine.engine.guidance import (
+    AMGDenoiser,
+    Cascade,
+    RowParams,
+    StepTrace,
+    TransitionDenoiser,
+    search_fn,
+)
 from amg_engine.engine.models import (
     DEFAULT_MODEL_DIR,
     OBJECTIVE_SPACE,
@@ -267,7 +274,8 @@ class Engine:
             self._neighbour_cond,
             amg=g.amg, reference=reference, lambda_min=g.lambda_min, lambda_max=g.lambda_max,
             branches=self._branches, gated_branches=self._gated_branches, denoise=self._denoise,
-            reuse_forward=self.config.reuse_forward,
+            reuse_forward=self.config.reuse_forward, gradient=g.gradient,
+            cascade=None if g.cascade_threshold is None else Cascade(g.cascade_threshold, g.cascade_every),
         )  # fmt: skip
         return self._sample(denoiser, requests)
 
@@ -415,4 +423,6 @@ def _stack_traces(traces: list[StepTrace]) -> list[dict[str, list]]:
             "s2": t.s2.float().cpu().tolist(),
             "neighbour": t.neighbour.cpu().tolist(),
         })  # fmt: skip
+        if t.signal is not None:
+            out[-1]["signal"] = t.signal.float().cpu().tolist()
     return out
