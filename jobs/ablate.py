@@ -41,7 +41,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,11 @@ class Row:
     c3: bool = True
     model: str = "default"  # "default" or "ambient"
     gate: bool = False  # under the release gate (jobs/gate.py, its defaults)
+    # the cheaper variants (issue 29; GuidanceConfig): the similarity gradient, the cascade at the model's
+    # calibrated threshold (cascade.json beside the model, `amg calibrate`), the strategy
+    gradient: str = "full"
+    cascade: bool = False
+    strategy: str = "amg"
 
 
 ROWS = (
@@ -73,6 +78,19 @@ ROWS = (
 
 
 GATE_ROWS = (Row("baseline + gate", amg=False, gate=True), Row("full AMG + gate", gate=True))
+
+# The variants that pay only where memorization is (issue 29), each alone and under the release gate:
+# the detector gradient, the cascade, both, both without the neighbour branch (c2 off: on caption
+# prompts the neighbour's caption is the prompt itself, so c2 duplicates c1; the "c1 + c3" row above
+# matches full AMG), and the transition strategy of Jain et al. (no detector at all) as a comparator.
+VARIANT_ROWS = (
+    Row("detector gradient", gradient="detector"),
+    Row("cascade", cascade=True),
+    Row("cascade + detector gradient", gradient="detector", cascade=True),
+    Row("cascade + detector gradient, c1 + c3", c2=False, gradient="detector", cascade=True),
+    Row("transition", strategy="transition"),
+)
+VARIANT_GATE_ROWS = tuple(replace(r, name=f"{r.name} + gate", gate=True) for r in VARIANT_ROWS)
 
 
 def model_rows(name: str, gate: bool = False) -> tuple[Row, ...]:
@@ -121,17 +139,22 @@ def ambient_model_dir() -> Path:
     return DEFAULT_MODEL_DIR.parent / "model-ambient"
 
 
-def row_config(row: Row, preset: str = "default-model", steps: int | None = None):
-    """The engine configuration of a row: the preset with the row's terms switched off."""
-    from dataclasses import replace
-
+def row_config(
+    row: Row, preset: str = "default-model", steps: int | None = None, model_dir: Path | None = None
+):
+    """The engine configuration of a row: the preset with the row's terms switched off, and its variant
+    (the cascade at the calibrated threshold of ``model_dir``, default the bundled model's)."""
     from amg_engine.engine.config import PRESETS, with_overrides
+    from amg_engine.jobs.calibrate import calibrated_config
 
     base = PRESETS[preset]
     g = base.guidance
     cfg = with_overrides(
-        base, amg=row.amg, c1=g.c1 if row.c1 else 0.0, c2=g.c2 if row.c2 else 0.0, c3=g.c3 if row.c3 else 0.0
-    )
+        base, amg=row.amg, c1=g.c1 if row.c1 else 0.0, c2=g.c2 if row.c2 else 0.0, c3=g.c3 if row.c3 else 0.0,
+        gradient=row.gradient, strategy=row.strategy,
+    )  # fmt: skip
+    if row.cascade:
+        cfg = calibrated_config(cfg, model_dir)
     return cfg if steps is None else replace(cfg, sampler=replace(cfg.sampler, steps=steps))
 
 
@@ -161,7 +184,8 @@ def run_row(
     from amg_engine.jobs.generate import JobConfig, run_generate
 
     run_dir = out / block / slug(row.name)
-    engine = Engine(row_config(row, steps=steps), model_dirs[row.model], DEFAULT_INDEX_DIR)
+    cfg = row_config(row, steps=steps, model_dir=model_dirs[row.model])
+    engine = Engine(cfg, model_dirs[row.model], DEFAULT_INDEX_DIR)
     run_generate(
         manifest, run_dir, engine, JobConfig(progress=progress, gate=ReleaseGate() if row.gate else None)
     )
@@ -243,7 +267,7 @@ def add_retained(table: list[dict]) -> list[dict]:
 
 def run_ablation(
     out: str | Path,
-    rows=ROWS + GATE_ROWS,
+    rows=ROWS + GATE_ROWS + VARIANT_ROWS + VARIANT_GATE_ROWS,
     ambient: Path | None = None,
     limit: int | None = None,
     extra_models: dict[str, Path] | None = None,
