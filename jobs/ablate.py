@@ -7,7 +7,10 @@ Generates two blocks of prompts under the same rows: every distinct training cap
 training set lacks, seeds 200, 201, ...). The rows (:data:`ROWS`, a table: add a :class:`Row` to add
 one) are the plain-CFG baseline, each guidance term alone (despecification c1, caption deduplication
 c2, dissimilarity c3), each pair and full AMG; then plain CFG and full AMG under the release gate
-(:data:`GATE_ROWS`, jobs/gate.py: τ the index's threshold, 3 attempts); with ``--ambient-model``
+(:data:`GATE_ROWS`, jobs/gate.py: τ the index's threshold, 3 attempts); the cheaper variants of AMG
+(:data:`VARIANT_ROWS`: the detector gradient, the cascade at the model's calibrated threshold, both,
+both without the neighbour branch, and the transition strategy as a comparator), alone and under the
+gate (:data:`VARIANT_GATE_ROWS`); with ``--ambient-model``
 (default: the bundled Ambient Diffusion variant when it exists) also that model alone and with full
 AMG, each without and with the gate. ``--rows`` runs some rows only. Each run is audited against the
 training index (``amg audit``; under the gate, the released clips), and the table lists per row:
@@ -363,6 +366,7 @@ def format_notes(table: list[dict], estimators: dict) -> str:
         lines.append(f"- full AMG keeps {_cell(share, 'pct')} of the baseline's attribute adherence on "
                      f"{block} prompts (goal {verdicts})")  # fmt: skip
     lines += gate_verdicts(table)
+    lines += variant_verdicts(table)
     return "\n".join(lines)
 
 
@@ -384,6 +388,40 @@ def gate_verdicts(table: list[dict]) -> list[str]:
             f"{_cell(amg['released'], 'pct')} vs {_cell(cfg['released'], 'pct')}, attribute adherence "
             f"{_cell(amg['attributes'], 'pct')} vs {_cell(cfg['attributes'], 'pct')}"
         )
+    return lines
+
+
+TARGET_COST = 1.5  # issue 29: a variant at ≤ 1.5x plain CFG's seconds per generation on captions
+
+
+def variant_verdicts(table: list[dict]) -> list[str]:
+    """Per block and gated variant, against plain CFG + gate and full AMG + gate: seconds per
+    row-generation over plain CFG's, released share and attribute adherence over full AMG's, and on
+    caption prompts whether it meets issue 29's target (≤ 1.5x plain CFG's cost per generation,
+    released ≥ full AMG's, adherence ≥ full AMG's). The ablation's times come from rows run one after
+    another; ``benchmarks/bench_gate.py --variants`` measures the cost alternating, in one process."""
+    lines = []
+    per_gen = lambda r: r["seconds_per_released"] / r["gens_per_released"]  # noqa: E731
+    for block in dict.fromkeys(r["prompts"] for r in table):
+        rows = {r["row"]: r for r in table if r["prompts"] == block}
+        cfg, amg = rows.get("baseline + gate"), rows.get("full AMG + gate")
+        if not cfg or not amg or not cfg["seconds_per_released"] or not amg["seconds_per_released"]:
+            continue
+        for v in VARIANT_GATE_ROWS:
+            r = rows.get(v.name)
+            if not r or not r["seconds_per_released"]:
+                continue
+            cost = per_gen(r) / per_gen(cfg)
+            met = (cost <= TARGET_COST and r["released"] >= amg["released"]
+                   and (r["attributes"] or 0) >= (amg["attributes"] or 0))  # fmt: skip
+            target = f"; target {'met' if met else 'missed'}" if block == "captions" else ""
+            lines.append(
+                f"- {block} prompts, {v.name}: {cost:.2f}x plain CFG's seconds per generation (full AMG "
+                f"{per_gen(amg) / per_gen(cfg):.2f}x), released {_cell(r['released'], 'pct')} (full AMG "
+                f"{_cell(amg['released'], 'pct')}), replicas released {_cell(r['share_replica'], 'pct')}, "
+                f"attribute adherence {_cell(r['attributes'], 'pct')} (full AMG "
+                f"{_cell(amg['attributes'], 'pct')}){target}"
+            )
     return lines
 
 
@@ -448,7 +486,8 @@ def add_ablate_arguments(p) -> None:
         default=None,
         metavar="ROW",
         help="run only these rows, by folder name (e.g. baseline full-amg baseline-gate full-amg-gate "
-        "ambient-model-gate ambient-amg-gate); default: all",
+        "ambient-model-gate ambient-amg-gate detector-gradient-gate cascade-gate transition-gate); "
+        "default: all",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -474,6 +513,7 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 __all__ = [
-    "ROWS", "GATE_ROWS", "AMBIENT_ROWS", "PROMPT_SETS", "PromptSet", "Row", "model_rows", "run_ablation",
+    "ROWS", "GATE_ROWS", "VARIANT_ROWS", "VARIANT_GATE_ROWS",
+    "AMBIENT_ROWS", "PROMPT_SETS", "PromptSet", "Row", "model_rows", "run_ablation",
     "format_table", "register_ablate",
 ]  # fmt: skip

@@ -101,3 +101,31 @@ def test_cli_cascade_flags(tmp_path, tmp_path_factory, capsys):
     # another variant is another resume key: the rows are generated again, not kept
     assert main([*base, "--out", str(out), "--cascade", "0.3"]) == 0
     assert "kept from earlier runs" not in capsys.readouterr().out
+
+
+def test_variant_verdicts_state_the_target():
+    from amg_engine.jobs.ablate import variant_verdicts
+
+    def row(name, block, seconds, gens, released, attributes):
+        return {"prompts": block, "row": name, "seconds_per_released": seconds, "gens_per_released": gens,
+                "released": released, "attributes": attributes, "share_replica": 0.0}  # fmt: skip
+
+    table = [
+        row("baseline + gate", "captions", 4.0, 4.0, 0.5, 1.0),  # 1 s per generation
+        row("full AMG + gate", "captions", 3.0, 1.0, 1.0, 0.65),
+        row("detector gradient + gate", "captions", 1.4, 1.0, 1.0, 0.7),  # 1.4x, all released: met
+        row("cascade + gate", "captions", 1.4, 1.0, 1.0, 0.6),  # cheap, but adherence under full AMG's
+        row("transition + gate", "captions", 2.0, 2.0, 0.6, 0.9),  # releases less
+        row("baseline + gate", "novel", 1.0, 1.0, 1.0, 0.4),
+        row("full AMG + gate", "novel", 3.0, 1.0, 1.0, 0.4),
+        row("detector gradient + gate", "novel", 1.0, 1.0, 1.0, 0.4),
+    ]
+    lines = variant_verdicts(table)
+    assert len(lines) == 4
+    assert (
+        lines[0].startswith("- captions prompts, detector gradient + gate: 1.40x")
+        and "full AMG 3.00x" in lines[0]
+    )
+    assert lines[0].endswith("target met")
+    assert lines[1].endswith("target missed") and lines[2].endswith("target missed")
+    assert lines[3].startswith("- novel prompts") and "target" not in lines[3]
