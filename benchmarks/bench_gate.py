@@ -3,6 +3,7 @@ full AMG + gate, on the default model's caption prompts; with ``--variants`` als
 AMG (issue 29: the ablation's variant rows, jobs/ablate.VARIANT_ROWS), each under the gate.
 
     python benchmarks/bench_gate.py [--prompts 32] [--reps 3] [--variants] [--block captions|novel]
+                                    [--no-gate]
 
 The two runs alternate, ``--reps`` times each, every run into a fresh folder with its engine already
 loaded and warmed up, so a change of load on a shared machine hits both alike; the figures are the
@@ -11,7 +12,9 @@ wall seconds per released clip, and the ratio of full AMG's seconds per released
 generate-and-filter baseline's measured in the same run (below 1: AMG is cheaper). The gate is
 ``amg generate --max-similarity`` with its defaults (τ the index's threshold, 3 attempts). With
 ``--variants`` each configuration's seconds per row-generation is also given over plain CFG's (the
-issue's cost per generation: full AMG 3.0x, the target 1.5x).
+issue's cost per generation: full AMG 3.0x, the target 1.5x). ``--no-gate`` runs the same
+configurations without the gate: one generation per row, each in the same full batches, so the seconds
+per generation compare the guidance alone (under the gate plain CFG's retries run in smaller batches).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def configs(variants: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
+    import torch
 
     from amg_engine.engine.engine import Engine
     from amg_engine.jobs.gate import ReleaseGate
@@ -59,12 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         "--block", choices=("captions", "novel"), default="captions",
         help="the distinct training captions (default) or the novel prompts",
     )  # fmt: skip
+    p.add_argument("--no-gate", action="store_true", help="the same configurations without the gate")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.jsonl", help="JSON-lines log")
     args = p.parse_args(argv)
     if args.prompts < 1 or args.reps < 1:
         p.error("--prompts and --reps need to be ≥ 1")
 
     cfgs = configs(args.variants)
+    if args.no_gate:
+        cfgs = {name.removesuffix(" + gate"): cfg for name, cfg in cfgs.items()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.block == "captions":
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, (name, cfg) in enumerate(cfgs.items()):
             engines[name] = Engine(cfg)
             run_generate(warm, tmp / f"warm-{k}", engines[name], JobConfig(progress=False))
-        job = JobConfig(progress=False, gate=ReleaseGate())
+        job = JobConfig(progress=False, gate=None if args.no_gate else ReleaseGate())
         runs: dict[str, list[dict]] = {name: [] for name in cfgs}
         for rep in range(args.reps):
             for name in cfgs:
@@ -89,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 s = run_generate(manifest, tmp / f"{slug(name)}-{rep}", engines[name], job)  # a fresh folder
                 wall = time.perf_counter() - start
                 runs[name].append(dict(seconds=wall, released=s.released, rejected=s.rejected,
-                                       generations=s.row_generations))  # fmt: skip
+                                       generations=s.row_generations or s.ok))  # fmt: skip
                 print(f"{name}, run {rep + 1}: {s.released} released, {s.rejected} rejected, "
-                      f"{s.row_generations} row-generations, {wall:.1f} s", file=sys.stderr)  # fmt: skip
+                      f"{runs[name][-1]['generations']} row-generations, {wall:.1f} s",
+                      file=sys.stderr)  # fmt: skip
     figures = {}
     for name, rs in runs.items():
         released = rs[0]["released"]  # seeds are fixed: every run releases the same rows
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds_per_released=per(median), seconds_per_generation=median / rs[0]["generations"],
             seconds=[r["seconds"] for r in rs],
         )  # fmt: skip
-    cfg, amg = (figures[name] for name, _ in CONFIGS)
+    cfg, amg = list(figures.values())[:2]  # plain CFG, full AMG
     ratio = amg["seconds_per_released"] / cfg["seconds_per_released"]
     for f in figures.values():  # the issue's cost per generation, over plain CFG's in the same runs
         f["cost_per_generation_over_cfg"] = f["seconds_per_generation"] / cfg["seconds_per_generation"]
@@ -116,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{f['cost_per_generation_over_cfg']:12.2f}x")  # fmt: skip
     verdict = ("generate-and-filter released nothing" if not cfg["released"] else
                "AMG cheaper" if ratio < 1 else "generate-and-filter cheaper")  # fmt: skip
-    print(f"full AMG + gate / plain CFG + gate, seconds per released clip: {ratio:.2f}x ({verdict}; "
+    gate = "" if args.no_gate else " + gate"
+    verdict = "no gate" if args.no_gate else verdict
+    print(f"full AMG{gate} / plain CFG{gate}, seconds per released clip: {ratio:.2f}x ({verdict}; "
           f"medians of {args.reps} alternating runs, {n} prompts)")  # fmt: skip
     record = dict(bench="gate", when=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                  **environment("cpu"), prompts=n, block=args.block, reps=args.reps, figures=figures,
+                  **environment("cpu"), prompts=n, block=args.block, gate=not args.no_gate, reps=args.reps,
+                  threads=torch.get_num_threads(), figures=figures,
                   amg_over_filter_seconds_per_released=ratio)  # fmt: skip
     append_record(args.out, record)
     return 0
