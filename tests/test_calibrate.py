@@ -121,7 +121,7 @@ def test_variant_verdicts_state_the_target():
         row("detector gradient + gate", "novel", 1.0, 1.0, 1.0, 0.4),
     ]
     lines = variant_verdicts(table)
-    assert len(lines) == 4
+    assert len(lines) == 5 and "bench_gate.py --variants" in lines[-1]
     assert (
         lines[0].startswith("- captions prompts, detector gradient + gate: 1.40x")
         and "full AMG 3.00x" in lines[0]
