@@ -423,9 +423,9 @@ def variant_verdicts(table: list[dict]) -> list[str]:
                 f"{_cell(amg['attributes'], 'pct')}){target}"
             )
     if lines:
-        lines.append("- the cost ratios of these lines come from rows run one after another (a change of load "
-                     "between rows moves them); `python benchmarks/bench_gate.py --variants` measures them "
-                     "alternating, in one process")  # fmt: skip
+        lines.append("- the cost ratios of these lines come from rows run one after another (a change of "
+                     "load between rows moves them); `python benchmarks/bench_gate.py --variants` measures "
+                     "them alternating, in one process")  # fmt: skip
     return lines
 
 
