@@ -129,3 +129,35 @@ def test_variant_verdicts_state_the_target():
     assert lines[0].endswith("target met")
     assert lines[1].endswith("target missed") and lines[2].endswith("target missed")
     assert lines[3].startswith("- novel prompts") and "target" not in lines[3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [2, 4], ids=["cascade-detector-gradient", "transition"])
+def test_a_variant_gate_row_runs_end_to_end(tmp_path, index):
+    """A variant row of the ablation on the bundled model, under the gate: generated with its variant
+    (the cascade at the bundled calibration; the transition strategy without a detector), audited, and
+    nothing at or above τ released."""
+    import pyarrow.parquet as pq
+
+    from amg_engine.jobs.ablate import run_row
+    from amg_engine.jobs.replication import caption_manifest
+
+    manifest = caption_manifest(tmp_path / "captions.parquet")
+    pq.write_table(pq.read_table(manifest).slice(0, 3), manifest)
+    row = VARIANT_GATE_ROWS[index]
+    r = run_row(row, "captions", manifest, tmp_path, {"default": DEFAULT_MODEL_DIR}, 4, False, ["tempo"])
+    assert r["row"] == row.name and r["released"] + r["rejected"] == 1.0
+    if r["n"]:
+        assert r["share_replica"] == 0.0
+    res = pq.read_table(tmp_path / "captions" / _slug(row.name) / "results.parquet").to_pylist()
+    sims = [s for x in res for s in x["trace_similarity"] or []]  # released or rejected rows alike
+    if row.strategy == "transition":
+        assert sims and all(s != s for s in sims)  # no detector ran
+    else:
+        assert any(s == s for s in sims)
+
+
+def _slug(name: str) -> str:
+    from amg_engine.jobs.ablate import slug
+
+    return slug(name)
