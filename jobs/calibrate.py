@@ -62,10 +62,14 @@ def calibrate_cascade(
     margin: float = 0.05,
     out: Path | None = None,
     workdir: Path | None = None,
+    embedder_checkpoint: Path | None = None,
+    trust_checkpoint: bool = False,
+    device: str | None = None,
 ) -> dict:
     """Measure the free signal's AUC per step and θ; write it to ``out`` (default: beside the model).
     ``captions``/``heldout``: manifests of training captions and held-out prompts (default: the default
-    model's caption manifest and novel prompts)."""
+    model's caption manifest and novel prompts); ``embedder_checkpoint``, ``trust_checkpoint``: as for
+    :class:`engine.engine.Engine` (a CLAP index)."""
     import tempfile
 
     import pyarrow.parquet as pq
@@ -79,7 +83,8 @@ def calibrate_cascade(
     base = PRESETS[preset]
     # gate never open (σ_t ≤ 1 < λ): the plain-CFG trajectory, with the detector and the signal traced
     cfg = with_overrides(base, lambda_min=1.0, lambda_max=1.0, cascade_threshold=0.0)
-    engine = Engine(cfg, model_dir, index_dir)
+    cfg = cfg if device is None else replace(cfg, device=device)
+    engine = Engine(cfg, model_dir, index_dir, embedder_checkpoint, trust_checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         blocks = _manifests(captions, heldout, Path(workdir or tmp))
         rows, labels, signals, sims, names = [], [], [], [], []
@@ -203,7 +208,8 @@ def format_calibration(record: dict) -> str:
 def cmd_calibrate(args) -> int:
     record = calibrate_cascade(
         args.model, args.index, args.captions, args.heldout, args.preset, args.seed_offset, args.margin,
-        args.save,
+        args.save, embedder_checkpoint=args.embedder_checkpoint, trust_checkpoint=args.trust_checkpoint,
+        device=args.device,
     )  # fmt: skip
     print(format_calibration(record))
     print(f"calibration: {args.save or Path(args.model or _default_model()) / CASCADE_FILE}")
@@ -217,10 +223,12 @@ def _default_model() -> Path:
 
 
 def register_calibrate(sub) -> None:
+    import argparse
+
     from amg_engine.engine.config import PRESETS
 
     p = sub.add_parser("calibrate", help="calibrate the cascade's free-signal threshold for a model",
-                       description=__doc__)  # fmt: skip
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--model", type=Path, help="model directory (default: the bundled model)")
     p.add_argument("--index", type=Path, help="training-set index folder (default: the bundled index)")
     p.add_argument("--captions", type=Path, help="manifest of training captions (default: the bundled set's)")
@@ -229,4 +237,10 @@ def register_calibrate(sub) -> None:
     p.add_argument("--seed-offset", type=int, default=1000, help="added to each manifest seed (default 1000)")
     p.add_argument("--margin", type=float, default=0.05, help="θ under the lowest replicating peak (5%%)")
     p.add_argument("--save", type=Path, help="where to write the calibration (default: MODEL/cascade.json)")
+    p.add_argument("--embedder-checkpoint", type=Path, help="the CLAP checkpoint of a CLAP index")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: the preset's, cpu)")
+    p.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="allow checkpoints that need full unpickling (they can run code); refused otherwise",
+    )  # fmt: skip
     p.set_defaults(func=cmd_calibrate)
