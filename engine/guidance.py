@@ -22,6 +22,12 @@ own sub-batch, and if their gate is open again (4) is only the backward pass; th
 without autograd, and a row whose gate opens without being warm runs the forward again with autograd
 on the gated subset. Which rows are warm depends only on each row's own past gates, so a row's
 result still does not depend on its batch-mates.
+
+Cheaper variants (issue 29; GuidanceConfig.gradient, .cascade_*): with the detector gradient
+(:meth:`AMGDenoiser.detector_grad`) the model never runs with autograd and (4)'s gradient is a
+backward through the decoder and embedder only; with the cascade (:class:`Cascade`) (2) runs only for
+the rows whose free signal ‖x0_c − x0_u‖ has flagged them, the others' gates stay closed, and the
+flags come back in the step's one host read.
 """
 
 from __future__ import annotations
@@ -230,7 +236,7 @@ class AMGDenoiser:
             s1, s2 = (torch.where(probed.mask, v, torch.zeros_like(v)) for v in (s1, s2))
         return d, StepTrace(sim, lam, gate, s1, s2, nn, signal)
 
-    def _predict(self, branches, x, sigma, cond, uncond, rows, probed: Rows | None = None):
+    def _predict(self, branches, x, sigma, cond, uncond, rows, probed: Rows | Probed | None = None):
         """x0_c, x0_u and the detector's embedding of the probe for the batch rows ``rows`` (``x``,
         ``sigma``, ``cond``, ``uncond`` already those rows'); autograd as the caller's mode says.
         ``probed``: positions (among ``rows``) whose detector runs, the others' embeddings are zeros;
