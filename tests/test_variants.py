@@ -3,7 +3,8 @@
 - the cascade at θ = 0 is full AMG, bit for bit (the same code path);
 - the cascade's decisions: suspect from the step after the free signal reaches θ, latched; every
   row at step 0 and every k-th step; elsewhere the gate is closed and the step is plain CFG;
-- a row alone equals the row in a batch under the cascade (its decisions are its own);
+- a row alone equals the row in a batch under the cascade (its decisions are its own) and under the
+  detector gradient; the cascade at θ = 0 with the detector gradient is the detector gradient;
 - the detector gradient runs no model forward with autograd, and equals the full gradient where the
   model's Jacobian is exactly the skip path ᾱ·I (a model whose v-output is zero);
 - the variants change the resume key, the method's key does not move; bad values are refused.
@@ -228,3 +229,23 @@ def test_method_key_ignores_the_new_fields():
 def test_bad_variant_values_are_refused(changes, match):
     with pytest.raises(ValueError, match=match):
         GuidanceConfig(**changes)
+
+
+def test_cascade_at_zero_with_the_detector_gradient_is_the_detector_gradient(assets):
+    reqs = _requests(5)
+    alone, traces = _engine(assets, gradient="detector").sample(reqs)
+    assert _stack(traces, "gate").any()
+    both, _ = _engine(assets, gradient="detector", cascade_threshold=0.0).sample(reqs)
+    assert torch.equal(both, alone)  # the same code path on the same inputs
+
+
+def test_row_alone_equals_row_in_batch_with_the_detector_gradient(assets):
+    engine = _engine(assets, gradient="detector", lambda_min=0.68, lambda_max=0.68)
+    reqs = _requests(6)
+    batch, traces = engine.sample(reqs)
+    gates = _stack(traces, "gate")
+    assert gates.any() and not gates.all(), "the batch must mix open and closed gates"
+    assert_gates_are_clear(_stack(traces, "sim"), _stack(traces, "lam"))
+    for i in (0, 3, 5):
+        alone, _ = engine.sample([reqs[i]])
+        torch.testing.assert_close(batch[i : i + 1], alone, rtol=1e-4, atol=1e-4 * alone.abs().max().item())
