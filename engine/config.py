@@ -10,6 +10,7 @@ from typing import Literal
 
 MODES = ("reference", "corrected")
 STRATEGIES = ("amg", "transition")
+GRADIENTS = ("full", "detector")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -56,9 +57,22 @@ class GuidanceConfig:
     # prediction, which few-step flow models sampled without CFG need (engine/flow_guidance.py). Only
     # the flow models' combine reads it: on a v model it must stay 1.
     min_scale: float = 1.0
+    # Cheaper variants of AMG (issue 29; README, "Cheaper AMG"). gradient "full": ∇_x σ_t by a backward
+    # pass through the model, decoder and embedder (the method). "detector": through the decoder and
+    # embedder only, with ∂x0/∂x_t taken as ᾱ·I (the denoiser's skip path c_skip = 1/(1+σ²)): no
+    # backward through the model and no model forward with autograd.
+    gradient: Literal["full", "detector"] = "full"
+    # The cascade: None runs the detector for every row at every step (the method). θ ≥ 0 runs it for a
+    # row from the step after its free signal ‖x0_c − x0_u‖ (RMS per latent value, computed by CFG
+    # anyway) first reaches θ, at step 0, and at every ``cascade_every``-th step (0: never on that
+    # account); elsewhere the row's gate stays closed (engine/guidance.Cascade). θ = 0 is full AMG.
+    # ``amg calibrate`` measures θ for a model and stores it beside it (cascade.json).
+    cascade_threshold: float | None = None
+    cascade_every: int = 0
 
     def __post_init__(self) -> None:
         _check(self.mode in MODES, f"mode={self.mode!r}: choose one of {MODES}")
+        self._check_variants()
         _check(self.strategy in STRATEGIES, f"strategy={self.strategy!r}: choose one of {STRATEGIES}")
         for name in ("cfg_scale", "c1", "c2", "c3", "lambda_min", "lambda_max", "scale_before"):
             _finite(name, getattr(self, name))
@@ -81,6 +95,32 @@ class GuidanceConfig:
             f"lambda_min={self.lambda_min}, lambda_max={self.lambda_max}: "
             "need -1 ≤ lambda_min ≤ lambda_max ≤ 1",
         )
+
+    def _check_variants(self) -> None:
+        _check(self.gradient in GRADIENTS, f"gradient={self.gradient!r}: choose one of {GRADIENTS}")
+        t, k = self.cascade_threshold, self.cascade_every
+        if t is not None:
+            _finite("cascade_threshold", t)
+            _check(t >= 0, f"cascade_threshold={t}: must be ≥ 0 (0 runs the detector at every step)")
+        _check(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 0,
+            f"cascade_every={k!r}: need an integer ≥ 0 (0: the detector runs on the free signal alone)",
+        )
+        _check(
+            t is not None or k == 0,
+            f"cascade_every={k}: only with a cascade; set cascade_threshold too (e.g. 0.0)",
+        )
+        if self.is_variant:
+            _check(
+                self.amg and self.strategy == "amg",
+                f"gradient={self.gradient!r}, cascade_threshold={t!r}: variants of AMG need amg=True and "
+                "strategy='amg' (the transition strategy and plain CFG run no detector)",
+            )
+
+    @property
+    def is_variant(self) -> bool:
+        """A cheaper variant of AMG (detector gradient or cascade) rather than the method itself."""
+        return self.gradient != "full" or self.cascade_threshold is not None
 
 
 @dataclass(frozen=True)
@@ -192,6 +232,10 @@ class EngineConfig:
         d.pop("index_devices")  # placement only: the shards' merged answer is the single search's
         if self.guidance.min_scale == 1.0:  # the published caps: the hash of every config before the field
             d["guidance"].pop("min_scale")
+        g = d["guidance"]  # the variants' fields only where set, so the method's keys stay as they were
+        for name, default in (("gradient", "full"), ("cascade_threshold", None), ("cascade_every", 0)):
+            if g[name] == default:
+                g.pop(name)
         if self.resolved_precision != "fp32":
             d["precision"] = self.resolved_precision
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,7 +22,14 @@ from amg_engine.engine.compile import compiled_branches, compiled_denoise, maybe
 from amg_engine.engine.cond_cache import ConditioningCache
 from amg_engine.engine.config import EngineConfig
 from amg_engine.engine.flow_guidance import FlowAMGDenoiser
-from amg_engine.engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser, search_fn
+from amg_engine.engine.guidance import (
+    AMGDenoiser,
+    Cascade,
+    RowParams,
+    StepTrace,
+    TransitionDenoiser,
+    search_fn,
+)
 from amg_engine.engine.models import (
     DEFAULT_MODEL_DIR,
     OBJECTIVE_SPACE,
@@ -277,7 +284,8 @@ class Engine:
             self._neighbour_cond,
             amg=g.amg, reference=reference, lambda_min=g.lambda_min, lambda_max=g.lambda_max,
             branches=self._branches, gated_branches=self._gated_branches, denoise=self._denoise,
-            reuse_forward=self.config.reuse_forward,
+            reuse_forward=self.config.reuse_forward, gradient=g.gradient,
+            cascade=None if g.cascade_threshold is None else Cascade(g.cascade_threshold, g.cascade_every),
         )  # fmt: skip
         return self._sample(denoiser, requests)
 
@@ -406,6 +414,18 @@ def check_objective(config: EngineConfig, objective: str) -> None:
             f"(diffusion_objective {objective!r}) is guided in mode 'corrected' (engine/flow_guidance.py): "
             "use --mode corrected, or --preset default-flow / sao-small-amg"
         )
+    if (
+        space == "t"
+        and g.amg
+        and g.strategy == "amg"
+        and (g.gradient != "full" or g.cascade_threshold is not None)
+    ):
+        raise ValueError(
+            f"the cheaper variants of AMG (gradient={g.gradient!r}, cascade_threshold="
+            f"{g.cascade_threshold!r}) are defined for v-objective models; a rectified-flow model "
+            f"(diffusion_objective {objective!r}) runs the method itself (engine/flow_guidance.py): "
+            "drop --gradient and --cascade"
+        )
     if space == "sigma" and g.min_scale != 1:
         raise ValueError(
             f"min_scale={g.min_scale}: only the flow models' combine lowers the caps below the published "
@@ -443,4 +463,6 @@ def _stack_traces(traces: list[StepTrace]) -> list[dict[str, list]]:
             "s2": t.s2.float().cpu().tolist(),
             "neighbour": t.neighbour.cpu().tolist(),
         })  # fmt: skip
+        if t.signal is not None:
+            out[-1]["signal"] = t.signal.float().cpu().tolist()
     return out

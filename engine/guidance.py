@@ -22,6 +22,12 @@ own sub-batch, and if their gate is open again (4) is only the backward pass; th
 without autograd, and a row whose gate opens without being warm runs the forward again with autograd
 on the gated subset. Which rows are warm depends only on each row's own past gates, so a row's
 result still does not depend on its batch-mates.
+
+Cheaper variants (issue 29; GuidanceConfig.gradient, .cascade_*): with the detector gradient
+(:meth:`AMGDenoiser.detector_grad`) the model never runs with autograd and (4)'s gradient is a
+backward through the decoder and embedder only; with the cascade (:class:`Cascade`) (2) runs only for
+the rows whose free signal ‖x0_c − x0_u‖ has flagged them, the others' gates stay closed, and the
+flags come back in the step's one host read.
 """
 
 from __future__ import annotations
@@ -78,6 +84,15 @@ class StepTrace:
     s1: torch.Tensor
     s2: torch.Tensor
     neighbour: torch.Tensor
+    # the free signal ‖x0_c − x0_u‖ (RMS per latent value) of each row, where the denoiser computes it
+    signal: torch.Tensor | None = None
+
+
+def free_signal(x0_c: torch.Tensor, x0_u: torch.Tensor) -> torch.Tensor:
+    """‖x0_c − x0_u‖ per row as an RMS over its latent values, [B] float32: the text-conditional part of
+    the CFG prediction, which Wen et al. (ICLR 2024) use to detect memorization; CFG computes both
+    branches anyway, so it costs one reduction."""
+    return (x0_c.float() - x0_u.float()).flatten(1).pow(2).mean(dim=1).sqrt()
 
 
 def lambda_t(alpha_bar: torch.Tensor, lambda_min: float, lambda_max: float) -> torch.Tensor:
@@ -150,7 +165,11 @@ class AMGDenoiser:
     denoise: Callable | None = None  # (x, sigma, cond) -> x0, one branch
     # keep autograd on the forward of rows whose gate was open at the previous step (see _forward_split)
     reuse_forward: bool = True
+    # the variants (GuidanceConfig.gradient, .cascade_threshold, .cascade_every; see Cascade)
+    gradient: str = "full"
+    cascade: Cascade | None = None
     _warm: Rows | None = field(default=None, init=False, repr=False)  # [W] rows gated at the last step
+    _step_probe: torch.Tensor | None = field(default=None, init=False, repr=False)  # detector gradient
 
     def __post_init__(self) -> None:
         # which rows have the neighbour branch (c2 > 0) and the gradient (c3 > 0) on, on the host:
@@ -175,24 +194,37 @@ class AMGDenoiser:
             with torch.no_grad(), record_function("amg/model"):
                 x0_c, x0_u = (self.branches or self._branches)(x, sigma, self.cond, self.uncond)
             return x0_u + s0[:, None, None] * (x0_c - x0_u), None
-        warm = self._warm if self.reuse_forward else None
+        probed = None if self.cascade is None else self.cascade.rows(x.device)  # None: every row
+        warm = self._warm if self.reuse_forward and self.gradient == "full" else None
         if warm is None or not len(warm):
             tape = None
             with torch.no_grad():
                 rows = torch.arange(x.shape[0], device=x.device)
                 x0_c, x0_u, emb = self._predict(
-                    self.branches or self._branches, x, sigma, self.cond, self.uncond, rows
+                    self.branches or self._branches, x, sigma, self.cond, self.uncond, rows, probed
                 )
         else:
-            x0_c, x0_u, emb, tape = self._forward_split(x, sigma, warm)
+            x0_c, x0_u, emb, tape = self._forward_split(x, sigma, warm, probed)
         with torch.no_grad(), record_function("amg/search"):
             sim, nn = nearest(emb, self.index_vectors, search_fn(x.device))  # [B], [B]; no host sync
+            signal = free_signal(x0_c, x0_u)  # [B]
+            if probed is not None:  # rows whose detector did not run: no similarity, gate closed
+                sim = torch.where(probed.mask, sim, torch.full_like(sim, float("nan")))
+                nn = torch.where(probed.mask, nn, torch.full_like(nn, -1))
+        if self.gradient == "detector":
+            self._step_probe = self._probe(x0_c, x0_u, s0)
         alpha_bar = 1 / (1 + sigma.float() ** 2)
         lam = lambda_t(alpha_bar, self.lambda_min, self.lambda_max)
         # The step's one host sync: which gates are open (and the neighbours of those rows, whose
-        # conditioning is looked up by training id) decides the work that follows.
-        gate_host, nn_host = host_read(torch.stack([(sim > lam).long(), nn])).unbind(0)
+        # conditioning is looked up by training id) decides the work that follows; under the cascade
+        # the same read brings which rows' free signal reached θ (their detector runs at the next step).
+        read = [(sim > lam).long(), nn]
+        if self.cascade is not None:
+            read.append((signal >= self.cascade.threshold).long())
+        gate_host, nn_host, *flag = host_read(torch.stack(read)).unbind(0)
         gated = gate_host.nonzero().squeeze(1)  # [G] on the host
+        if self.cascade is not None:
+            self.cascade.update(flag[0].bool())
         x0_n = torch.zeros_like(x0_c)
         grad = torch.zeros_like(x0_c)
         # the rows whose gradient is needed now are the warm rows of the next step
@@ -201,23 +233,33 @@ class AMGDenoiser:
         p = self.params
         with record_function("amg/combine"):
             d, s1, s2, gate = combine(x0_u, x0_c, x0_n, grad, sim, lam, alpha_bar, s0, p.c1, p.c2, p.c3)
-        return d, StepTrace(sim, lam, gate, s1, s2, nn)
+        if probed is not None:
+            s1, s2 = (torch.where(probed.mask, v, torch.zeros_like(v)) for v in (s1, s2))
+        return d, StepTrace(sim, lam, gate, s1, s2, nn, signal)
 
-    def _predict(self, branches, x, sigma, cond, uncond, rows):
+    def _predict(self, branches, x, sigma, cond, uncond, rows, probed: Rows | Probed | None = None):
         """x0_c, x0_u and the detector's embedding of the probe for the batch rows ``rows`` (``x``,
-        ``sigma``, ``cond``, ``uncond`` already those rows'); autograd as the caller's mode says."""
+        ``sigma``, ``cond``, ``uncond`` already those rows'); autograd as the caller's mode says.
+        ``probed``: positions (among ``rows``) whose detector runs, the others' embeddings are zeros;
+        None: every row's."""
         with record_function("amg/model"):
             x0_c, x0_u = branches(x, sigma, cond, uncond)
         with record_function("amg/decode+embed"):
-            emb = self.detector(self._probe(x0_c, x0_u, self.params.cfg_scale[rows]), rows)
+            probe = self._probe(x0_c, x0_u, self.params.cfg_scale[rows])
+            if probed is None:
+                return x0_c, x0_u, self.detector(probe, rows)
+            emb = probe.new_zeros((x.shape[0], self.index_vectors.shape[1]), dtype=torch.float32)
+            if len(probed):
+                emb[probed.dev] = self.detector(probe[probed.dev], rows[probed.dev]).float()
         return x0_c, x0_u, emb
 
-    def _forward_split(self, x, sigma, warm):
+    def _forward_split(self, x, sigma, warm, probed: Probed | None = None):
         """The model call and detector with the batch split in two: the ``warm`` rows (gate open with
         c3 > 0 at the previous step, so likely to need the gradient now) run with autograd and keep
         their graph, the others without. A warm row whose gate is open again then needs only the
         backward pass instead of a second forward. Returns x0_c, x0_u, emb (detached, all rows) and
-        the tape (warm rows, their input with grad, their embeddings with grad)."""
+        the tape (warm rows, their input with grad, their embeddings with grad). Under the cascade
+        (``probed``) the warm rows are probed rows (their gate was open), the cold ones may not be."""
         branches = self.gated_branches or self._branches
         cold_mask = torch.ones(x.shape[0], dtype=torch.bool)  # host
         cold_mask[warm.host] = False
@@ -230,9 +272,10 @@ class AMGDenoiser:
         x0_c[w], x0_u[w], emb[w] = cw.detach(), uw.detach(), emb_w.detach()
         if len(cold):
             c = cold.dev
+            sub = None if probed is None else probed.among(cold.host, x.device)
             with torch.no_grad():
                 x0_c[c], x0_u[c], emb[c] = self._predict(
-                    branches, x[c], sigma[c], self.cond[c], self.uncond[c], c
+                    branches, x[c], sigma[c], self.cond[c], self.uncond[c], c, sub
                 )
         return x0_c, x0_u, emb, (warm, xw, emb_w)
 
@@ -268,7 +311,10 @@ class AMGDenoiser:
 
     def similarity_grad(self, x, sigma, rows, nn) -> torch.Tensor:
         """∇_x σ_t for the given rows, with the neighbour held fixed (rows are independent). Its forward
-        is timed as part of the gradient, so it does not go through the labelled ``_predict``."""
+        is timed as part of the gradient, so it does not go through the labelled ``_predict``.
+        With ``gradient="detector"``: :meth:`detector_grad` of this step's probe, no model call."""
+        if self.gradient == "detector":
+            return self.detector_grad(self._step_probe[rows], sigma, rows, nn)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             cond, uncond = self.cond[rows], self.uncond[rows]
@@ -281,6 +327,74 @@ class AMGDenoiser:
             sim = (emb.float() * index_rows(self.index_vectors, nn)).sum(dim=1)
             (g,) = torch.autograd.grad(sim.sum(), x)
         return g
+
+    def detector_grad(self, probe, sigma, rows, nn) -> torch.Tensor:
+        """∇_x σ_t through the decoder and embedder only: ᾱ·∇_{x0} σ_t at the probe x0 [b, C, L].
+
+        ∂x0/∂x_t is taken as ᾱ·I, ᾱ = 1/(1+σ²) (VE, x = x0 + σε, σ_data = 1): the skip path c_skip(σ)
+        of the v-parameterised denoiser (x0 = c_skip·x + c_out·v), and the exact Jacobian of the optimal
+        denoiser E[x0 | x] for unit-variance Gaussian data (Cov[x0 | x]/σ²). What is dropped is the
+        network's own ∂(c_out·v)/∂x: no backward through the model, and its forward runs without
+        autograd. Rows are independent, so one backward of the sum gives each row its own gradient."""
+        with torch.enable_grad():
+            p = probe.detach().requires_grad_(True)
+            sim = (self.detector(p, rows).float() * index_rows(self.index_vectors, nn)).sum(dim=1)
+            (g,) = torch.autograd.grad(sim.sum(), p)
+        return g.float() / (1 + sigma.float() ** 2)[:, None, None]
+
+
+@dataclass(frozen=True)
+class Probed:
+    """The rows whose detector runs at a step under the cascade: a mask [B] on the device, and their
+    positions on the host and the device (:class:`Rows`)."""
+
+    mask: torch.Tensor  # [B] bool on the device
+    rows: Rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def dev(self) -> torch.Tensor:
+        return self.rows.dev
+
+    def among(self, subset: torch.Tensor, device: torch.device) -> Rows:
+        """Positions, within the batch rows ``subset`` (host), of those probed."""
+        hit = torch.isin(subset, self.rows.host)
+        return Rows.on(hit.nonzero().squeeze(1), device)
+
+
+@dataclass
+class Cascade:
+    """Which rows run the detector (decode, embed, search) at each step (GuidanceConfig.cascade_*).
+
+    A row is *suspect* from the step after its free signal ‖x0_c − x0_u‖ (:func:`free_signal`) first
+    reaches ``threshold``, and stays so (the signal is most telling at the first steps and falls with
+    σ: on the default model its AUC for "this row would replicate" is 0.92 at σ = 80 and under 0.6 by
+    σ = 1). A suspect row's detector runs at every step; every row's runs at step 0 (no signal is known
+    yet) and at every ``every``-th step (0: never on that account). A row whose detector does not run
+    has its gate closed: its step is the plain-CFG step. The decisions are taken on the host from the
+    step's one host read (:meth:`update`), so they lag the signal by one step: reading it before the
+    detector would be a second sync per step. Each row's decisions depend only on its own past, so
+    batch invariance holds. θ = 0 makes every row suspect after step 0: full AMG.
+    """
+
+    threshold: float
+    every: int = 0
+    _step: int = field(default=0, init=False)
+    _suspect: torch.Tensor | None = field(default=None, init=False)  # [B] bool, host
+
+    def rows(self, device: torch.device) -> Probed | None:
+        """This step's probed rows, or None when every row is probed (the method's own path)."""
+        step, self._step = self._step, self._step + 1
+        sus = self._suspect
+        if step == 0 or (self.every and step % self.every == 0) or sus is None or bool(sus.all()):
+            return None
+        return Probed(to_device(sus, device), Rows.on(sus.nonzero().squeeze(1), device))
+
+    def update(self, flagged: torch.Tensor) -> None:
+        """After the step's host read: ``flagged`` [B] host bools, the rows whose signal reached θ."""
+        self._suspect = flagged if self._suspect is None else self._suspect | flagged
 
 
 @dataclass

@@ -7,7 +7,10 @@ Generates two blocks of prompts under the same rows: every distinct training cap
 training set lacks, seeds 200, 201, ...). The rows (:data:`ROWS`, a table: add a :class:`Row` to add
 one) are the plain-CFG baseline, each guidance term alone (despecification c1, caption deduplication
 c2, dissimilarity c3), each pair and full AMG; then plain CFG and full AMG under the release gate
-(:data:`GATE_ROWS`, jobs/gate.py: τ the index's threshold, 3 attempts); with ``--ambient-model``
+(:data:`GATE_ROWS`, jobs/gate.py: τ the index's threshold, 3 attempts); the cheaper variants of AMG
+(:data:`VARIANT_ROWS`: the detector gradient, the cascade at the model's calibrated threshold, both,
+both without the neighbour branch, and the transition strategy as a comparator), alone and under the
+gate (:data:`VARIANT_GATE_ROWS`); with ``--ambient-model``
 (default: the bundled Ambient Diffusion variant when it exists) also that model alone and with full
 AMG, each without and with the gate; with ``--flow-model`` (default: the bundled few-step flow variant,
 ``engine/default/assets/model-flow``, when it exists) the flow rows (:data:`FLOW_ROWS`: 8 ping-pong
@@ -44,7 +47,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,11 @@ class Row:
     model: str = "default"  # "default", "ambient", "flow" or a --compare-model name
     gate: bool = False  # under the release gate (jobs/gate.py, its defaults)
     preset: str = "default-model"  # the engine preset whose scales the row switches (engine/config.py)
+    # the cheaper variants (issue 29; GuidanceConfig): the similarity gradient, the cascade at the model's
+    # calibrated threshold (cascade.json beside the model, `amg calibrate`), the strategy
+    gradient: str = "full"
+    cascade: bool = False
+    strategy: str = "amg"
 
 
 ROWS = (
@@ -77,6 +85,19 @@ ROWS = (
 
 
 GATE_ROWS = (Row("baseline + gate", amg=False, gate=True), Row("full AMG + gate", gate=True))
+
+# The variants that pay only where memorization is (issue 29), each alone and under the release gate:
+# the detector gradient, the cascade, both, both without the neighbour branch (c2 off: on caption
+# prompts the neighbour's caption is the prompt itself, so c2 duplicates c1; the "c1 + c3" row above
+# matches full AMG), and the transition strategy of Jain et al. (no detector at all) as a comparator.
+VARIANT_ROWS = (
+    Row("detector gradient", gradient="detector"),
+    Row("cascade", cascade=True),
+    Row("cascade + detector gradient", gradient="detector", cascade=True),
+    Row("cascade + detector gradient, c1 + c3", c2=False, gradient="detector", cascade=True),
+    Row("transition", strategy="transition"),
+)
+VARIANT_GATE_ROWS = tuple(replace(r, name=f"{r.name} + gate", gate=True) for r in VARIANT_ROWS)
 
 
 def model_rows(name: str, gate: bool = False) -> tuple[Row, ...]:
@@ -156,17 +177,21 @@ def flow_model_dir() -> Path:
     return DEFAULT_MODEL_DIR.parent / "model-flow"
 
 
-def row_config(row: Row, preset: str | None = None, steps: int | None = None):
-    """The engine configuration of a row: the preset with the row's terms switched off."""
-    from dataclasses import replace
-
+def row_config(row: Row, preset: str | None = None, steps: int | None = None, model_dir: Path | None = None):
+    """The engine configuration of a row: its preset (``preset`` overrides it) with the row's terms
+    switched off, and its variant (the cascade at the calibrated threshold of ``model_dir``, default the
+    bundled model's)."""
     from amg_engine.engine.config import PRESETS, with_overrides
+    from amg_engine.jobs.calibrate import calibrated_config
 
     base = PRESETS[preset or row.preset]
     g = base.guidance
     cfg = with_overrides(
-        base, amg=row.amg, c1=g.c1 if row.c1 else 0.0, c2=g.c2 if row.c2 else 0.0, c3=g.c3 if row.c3 else 0.0
-    )
+        base, amg=row.amg, c1=g.c1 if row.c1 else 0.0, c2=g.c2 if row.c2 else 0.0, c3=g.c3 if row.c3 else 0.0,
+        gradient=row.gradient, strategy=row.strategy,
+    )  # fmt: skip
+    if row.cascade:
+        cfg = calibrated_config(cfg, model_dir)
     return cfg if steps is None else replace(cfg, sampler=replace(cfg.sampler, steps=steps))
 
 
@@ -196,7 +221,8 @@ def run_row(
     from amg_engine.jobs.generate import JobConfig, run_generate
 
     run_dir = out / block / slug(row.name)
-    engine = Engine(row_config(row, steps=steps), model_dirs[row.model], DEFAULT_INDEX_DIR)
+    cfg = row_config(row, steps=steps, model_dir=model_dirs[row.model])
+    engine = Engine(cfg, model_dirs[row.model], DEFAULT_INDEX_DIR)
     run_generate(
         manifest, run_dir, engine, JobConfig(progress=progress, gate=ReleaseGate() if row.gate else None)
     )
@@ -300,7 +326,7 @@ def add_retained(table: list[dict]) -> list[dict]:
 
 def run_ablation(
     out: str | Path,
-    rows=ROWS + GATE_ROWS,
+    rows=ROWS + GATE_ROWS + VARIANT_ROWS + VARIANT_GATE_ROWS,
     ambient: Path | None = None,
     flow: Path | None = None,
     limit: int | None = None,
@@ -411,6 +437,7 @@ def format_notes(table: list[dict], estimators: dict) -> str:
         lines.append(f"- full AMG keeps {_cell(share, 'pct')} of the baseline's attribute adherence on "
                      f"{block} prompts (goal {verdicts})")  # fmt: skip
     lines += gate_verdicts(table)
+    lines += variant_verdicts(table)
     return "\n".join(lines)
 
 
@@ -433,6 +460,44 @@ def gate_verdicts(table: list[dict]) -> list[str]:
             f"{_cell(amg['released'], 'pct')} vs {_cell(cfg['released'], 'pct')}, attribute adherence "
             f"{_cell(amg['attributes'], 'pct')} vs {_cell(cfg['attributes'], 'pct')}"
         )
+    return lines
+
+
+TARGET_COST = 1.5  # issue 29: a variant at ≤ 1.5x plain CFG's seconds per generation on captions
+
+
+def variant_verdicts(table: list[dict]) -> list[str]:
+    """Per block and gated variant, against plain CFG + gate and full AMG + gate: seconds per
+    row-generation over plain CFG's, released share and attribute adherence over full AMG's, and on
+    caption prompts whether it meets issue 29's target (≤ 1.5x plain CFG's cost per generation,
+    released ≥ full AMG's, adherence ≥ full AMG's). The ablation's times come from rows run one after
+    another; ``benchmarks/bench_gate.py --variants`` measures the cost alternating, in one process."""
+    lines = []
+    per_gen = lambda r: r["seconds_per_released"] / r["gens_per_released"]  # noqa: E731
+    for block in dict.fromkeys(r["prompts"] for r in table):
+        rows = {r["row"]: r for r in table if r["prompts"] == block}
+        cfg, amg = rows.get("baseline + gate"), rows.get("full AMG + gate")
+        if not cfg or not amg or not cfg["seconds_per_released"] or not amg["seconds_per_released"]:
+            continue
+        for v in VARIANT_GATE_ROWS:
+            r = rows.get(v.name)
+            if not r or not r["seconds_per_released"]:
+                continue
+            cost = per_gen(r) / per_gen(cfg)
+            met = (cost <= TARGET_COST and r["released"] >= amg["released"]
+                   and (r["attributes"] or 0) >= (amg["attributes"] or 0))  # fmt: skip
+            target = f"; target {'met' if met else 'missed'}" if block == "captions" else ""
+            lines.append(
+                f"- {block} prompts, {v.name}: {cost:.2f}x plain CFG's seconds per generation (full AMG "
+                f"{per_gen(amg) / per_gen(cfg):.2f}x), released {_cell(r['released'], 'pct')} (full AMG "
+                f"{_cell(amg['released'], 'pct')}), replicas released {_cell(r['share_replica'], 'pct')}, "
+                f"attribute adherence {_cell(r['attributes'], 'pct')} (full AMG "
+                f"{_cell(amg['attributes'], 'pct')}){target}"
+            )
+    if lines:
+        lines.append("- the cost ratios of these lines come from rows run one after another (a change of "
+                     "load between rows moves them); `python benchmarks/bench_gate.py --variants` measures "
+                     "them alternating, in one process")  # fmt: skip
     return lines
 
 
@@ -509,7 +574,8 @@ def add_ablate_arguments(p) -> None:
         default=None,
         metavar="ROW",
         help="run only these rows, by folder name (e.g. baseline full-amg baseline-gate full-amg-gate "
-        "ambient-model-gate ambient-amg-gate flow-baseline flow-full-amg-gate); default: all",
+        "ambient-model-gate ambient-amg-gate flow-baseline flow-full-amg-gate detector-gradient-gate "
+        "cascade-gate transition-gate); default: all",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -535,6 +601,6 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 __all__ = [
-    "ROWS", "GATE_ROWS", "AMBIENT_ROWS", "FLOW_ROWS", "PROMPT_SETS", "PromptSet", "Row", "model_rows",
-    "run_ablation", "format_table", "register_ablate",
+    "ROWS", "GATE_ROWS", "VARIANT_ROWS", "VARIANT_GATE_ROWS", "AMBIENT_ROWS", "FLOW_ROWS", "PROMPT_SETS",
+    "PromptSet", "Row", "model_rows", "run_ablation", "format_table", "register_ablate",
 ]  # fmt: skip

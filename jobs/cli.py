@@ -7,6 +7,8 @@ amg index info DIR                           show an index's embedder, size and 
 amg audit SOURCE --out DIR                   how close a folder of audio (or results.parquet) is to the
                                              training set: audit.parquet, summary.json, report.html
 amg ablate --out DIR                         the AMG ablation table on the embedded default model
+amg calibrate                                the cascade's free-signal threshold for a model
+                                             (MODEL/cascade.json; --cascade uses it)
 
 Rerunning the same command resumes: rows already done under the same configuration are skipped
 (--retry-failed also regenerates error rows). --shard i/n runs rows k with k mod n = i only;
@@ -34,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run tim
 
 EXAMPLE_MANIFEST = Path(__file__).parent / "examples" / "manifest.parquet"
 INDEX_THRESHOLD = object()  # `--max-similarity` without a value: the index embedder's threshold
+CALIBRATED = object()  # `--cascade` without a value: the model's calibrated threshold (cascade.json)
 
 
 def _add_generate_flags(p: argparse.ArgumentParser) -> None:
@@ -60,6 +63,28 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         help="with --strategy transition: guidance scale before the transition point "
         "(1 = none, < 0 = opposite guidance)",
+    )
+    p.add_argument(
+        "--gradient",
+        choices=("full", "detector"),
+        help="AMG's similarity gradient: full (default; backward through the model, decoder and "
+        "embedder) or detector (decoder and embedder only, dx0/dx_t taken as 1/(1+sigma^2): no "
+        "backward through the model)",
+    )
+    p.add_argument(
+        "--cascade",
+        nargs="?",
+        type=float,
+        const=CALIBRATED,
+        metavar="THETA",
+        help="run the detector for a row only from the step after its free signal ||x0_c - x0_u|| "
+        "(RMS) first reaches THETA (and at step 0); elsewhere plain CFG. 0 is full AMG. Without a "
+        "value: the model's calibrated threshold (MODEL/cascade.json, written by `amg calibrate`)",
+    )
+    p.add_argument(
+        "--cascade-every",
+        type=int,
+        help="with --cascade: also run every row's detector at every K-th step (default 0: never)",
     )
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale s0")
     p.add_argument("--c1", type=float, help="despecification scale (0 turns it off)")
@@ -168,6 +193,7 @@ def _engine_config(args):
         strategy=args.strategy, scale_before=args.scale_before,
         c1=args.c1, c2=args.c2, c3=args.c3, lambda_min=args.lambda_min, lambda_max=args.lambda_max,
         min_scale=args.min_scale,
+        gradient=args.gradient, cascade_threshold=_cascade_threshold(args), cascade_every=args.cascade_every,
     )  # fmt: skip
     sampler = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
     top = {k: v for k, v in (("batch_size", args.batch_size), ("device", args.device)) if v is not None}
@@ -178,6 +204,19 @@ def _engine_config(args):
     if args.compile:
         top["compile"] = True
     return replace(cfg, sampler=replace(cfg.sampler, **sampler), **top)
+
+
+def _cascade_threshold(args) -> float | None:
+    """``--cascade THETA``, or the model's calibrated θ for ``--cascade`` alone, or None."""
+    if args.cascade is None:
+        if args.cascade_every is not None:
+            raise ValueError("--cascade-every configures the cascade: give --cascade [THETA] too")
+        return None
+    if args.cascade is CALIBRATED:
+        from amg_engine.jobs.calibrate import read_cascade
+
+        return float(read_cascade(args.model)["threshold"])
+    return args.cascade
 
 
 def _gate(args):
@@ -359,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     from amg_engine.jobs.ablate import register_ablate
 
     register_ablate(sub)
+    from amg_engine.jobs.calibrate import register_calibrate
+
+    register_calibrate(sub)
     return parser
 
 

@@ -231,9 +231,10 @@ def test_min_scale_is_refused_on_a_v_model_and_keeps_old_hashes():
     from dataclasses import asdict
 
     d = asdict(cfg)
-    for k in ("device", "compile", "reuse_forward", "batch_size", "precision"):
-        d.pop(k)
-    d["guidance"].pop("min_scale")
+    for k in ("device", "compile", "reuse_forward", "batch_size", "precision", "index_devices"):
+        d.pop(k)  # index_devices: placement (tests/test_shards.py)
+    for k in ("min_scale", "gradient", "cascade_threshold", "cascade_every"):  # all fields added since
+        d["guidance"].pop(k)
     assert cfg.config_hash() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert EngineConfig(GuidanceConfig(min_scale=0.0)).config_hash() != cfg.config_hash()
 
@@ -448,3 +449,17 @@ def test_train_step_rf_is_the_rectified_flow_loss(tmp_path):
             model, x, encode_conditioning(model, meta[:2], "cpu"), 8, torch.Generator().manual_seed(2)
         )
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("variant", [dict(gradient="detector"), dict(cascade_threshold=0.0)])
+def test_the_cheaper_variants_are_refused_on_a_flow_model(variant):
+    """The flow denoiser runs the method itself: a variant asked of it is an error, never ignored."""
+    from amg_engine.engine.engine import check_objective
+
+    flow = PRESETS["default-flow"]
+    check_objective(flow, "rf_denoiser")  # the method is accepted
+    with pytest.raises(ValueError, match="cheaper variants.*v-objective"):
+        check_objective(replace(flow, guidance=replace(flow.guidance, **variant)), "rf_denoiser")
+    check_objective(
+        replace(PRESETS["default-model"], guidance=replace(PRESETS["default-model"].guidance, **variant)), "v"
+    )

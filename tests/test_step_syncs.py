@@ -171,3 +171,26 @@ def test_amg_step_over_a_chunked_float16_memory_map_reads_the_device_once(assets
     per_call, implicit, traces = _count(engine, reqs, monkeypatch)
     assert torch.stack([t.gate for t in traces]).any()
     assert per_call == [1] * engine.config.sampler.steps and implicit == []
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"gradient": "detector"},
+        {"cascade_threshold": 0.5},
+        {"cascade_threshold": 0.5, "gradient": "detector"},
+    ],
+)
+def test_variant_steps_read_the_device_once(assets, monkeypatch, variant):
+    """The cheaper variants (issue 29) keep the one host read per step: the cascade's free signal comes
+    back in the gate's read and decides the next step's detector rows."""
+    engine = _engine(assets, **variant)
+    reqs = _requests(6)
+    engine.sample(reqs)
+    per_call, implicit, traces = _count(engine, reqs, monkeypatch)
+    assert torch.stack([t.gate for t in traces]).any(), "the test needs open gates"
+    if "cascade_threshold" in variant:
+        ran = ~torch.isnan(torch.stack([t.sim for t in traces]))
+        assert not ran.all(), "the test needs rows whose detector the cascade skips"
+    assert per_call == [1] * engine.config.sampler.steps
+    assert implicit == [], f"host reads of device values inside the step: {implicit}"
