@@ -21,7 +21,14 @@ from torch.profiler import record_function
 from amg_engine.engine.compile import compiled_branches, compiled_denoise, maybe_compile
 from amg_engine.engine.cond_cache import ConditioningCache
 from amg_engine.engine.config import EngineConfig
-from amg_engine.engine.guidance import AMGDenoiser, RowParams, StepTrace, TransitionDenoiser, search_fn
+from amg_engine.engine.guidance import (
+    AMGDenoiser,
+    GraphBudget,
+    RowParams,
+    StepTrace,
+    TransitionDenoiser,
+    search_fn,
+)
 from amg_engine.engine.models import (
     DEFAULT_MODEL_DIR,
     OBJECTIVE_SPACE,
@@ -267,7 +274,7 @@ class Engine:
             self._neighbour_cond,
             amg=g.amg, reference=reference, lambda_min=g.lambda_min, lambda_max=g.lambda_max,
             branches=self._branches, gated_branches=self._gated_branches, denoise=self._denoise,
-            reuse_forward=self.config.reuse_forward,
+            reuse_forward=self.config.reuse_forward, graph_budget=graph_budget(self.config),
         )  # fmt: skip
         return self._sample(denoiser, requests)
 
@@ -383,6 +390,14 @@ def check_objective(config: EngineConfig, objective: str) -> None:
             f"AMG on a rectified-flow model (diffusion_objective {objective!r}) is not implemented yet: "
             "run it without AMG, with --no-amg (GuidanceConfig(amg=False))"
         )
+
+
+def graph_budget(config: EngineConfig) -> GraphBudget | None:
+    """The gated path's memory budget of ``config`` (``grad_memory_gib``, ``grad_row_gib``), or None."""
+    if config.grad_memory_gib is None:
+        return None
+    row = None if config.grad_row_gib is None else config.grad_row_gib * 2**30
+    return GraphBudget(config.grad_memory_gib * 2**30, row)
 
 
 _SPACE = {"sigma": "the VE noise level sigma", "t": "the flow time t"}
