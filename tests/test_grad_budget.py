@@ -38,11 +38,12 @@ class Spy:
     """Row counts of every gradient micro-batch and of every warm sub-batch, and the budget used."""
 
     def __init__(self, monkeypatch) -> None:
-        self.grad_rows, self.warm_rows, self.budgets = [], [], []
+        self.grad_rows, self.warm_rows, self.budgets, self.tape_held = [], [], [], []
         grad, split, init = AMGDenoiser.similarity_grad, AMGDenoiser._forward_split, AMGDenoiser.__post_init__
 
         def similarity_grad(den, x, *a):
             self.grad_rows.append(x.shape[0])
+            self.tape_held.append(den._tape is not None)  # the warm rows' graph, still alive?
             return grad(den, x, *a)
 
         def forward_split(den, x, sigma, warm):
@@ -79,6 +80,7 @@ def test_micro_batches_equal_one_call_and_warm_rows_still_reuse(engine, monkeypa
     # a declared row of 1 GiB and a budget of `rows` GiB: micro-batches of `rows` rows
     split, gates_split, _, spy = _sample(engine, monkeypatch, grad_memory_gib=float(rows), grad_row_gib=1.0)
     assert max(spy.grad_rows) == rows and max(spy.warm_rows) <= rows
+    assert not any(spy.tape_held)  # the warm graph is freed before the cold micro-batches run
     assert torch.equal(gates, gates_split)
     # warm rows reuse their forward: fewer rows run the gradient's forward than open gates with c3 > 0
     assert spy.warm_rows and sum(spy.grad_rows) < int(gates.sum())
