@@ -232,14 +232,19 @@ def peak_rss_growth(fn) -> float | None:
     return (_status_kib("VmHWM") - before) * 1024.0
 
 
-def graph_bytes(step: Step) -> dict[str, float]:
-    """Bytes autograd saves for backward: the gradient's whole forward, and its detector part alone."""
+def graph_bytes(step: Step, autocast: torch.dtype | None = None) -> dict[str, float]:
+    """Bytes autograd saves for backward: the gradient's whole forward, and its detector part alone;
+    ``autocast``: under torch.autocast to that type (the engine's bf16 precision: float32 weights, and
+    float32 wherever an op promotes, e.g. a bf16 activation times a float32 parameter)."""
+    from contextlib import nullcontext
+
     from amg_engine.engine.guidance import SavedBytes
 
-    with SavedBytes() as whole:
+    ctx = nullcontext() if autocast is None else torch.autocast(step.engine.device.type, dtype=autocast)
+    with ctx, SavedBytes() as whole:
         tape = step.grad_fwd()
     del tape
-    with torch.enable_grad(), SavedBytes() as det:
+    with ctx, torch.enable_grad(), SavedBytes() as det:
         p = step.probe.detach().requires_grad_(True)
         emb = step.detect(p, step.rows)
     del emb
@@ -382,7 +387,8 @@ def measure(engine, captions, frames: int, batches: list[int], reps: int) -> lis
     steps = {b: Step(engine, captions, b, frames) for b in batches}
     for s in steps.values():
         s.check()
-        time_parts(s)  # warm-up (allocator, neighbour-caption cache)
+        if reps:
+            time_parts(s)  # warm-up (allocator, neighbour-caption cache)
     times = {b: {k: [] for k in PARTS} for b in batches}
     for _ in range(reps):  # interleaved: every batch size and part in each repetition
         for b, s in steps.items():
@@ -390,11 +396,17 @@ def measure(engine, captions, frames: int, batches: list[int], reps: int) -> lis
                 times[b][k].append(v)
     rows = []
     for b, s in steps.items():
-        med = {k: statistics.median(v) for k, v in times[b].items()}
+        t = times[b]
+        med = {k: statistics.median(v) for k, v in t.items()} if reps else None
+        # each repetition's part ÷ the same repetition's cfg call: the load of a shared machine moves
+        # between repetitions more than within one
+        per_rep = {k: [v / c for v, c in zip(t[k], t["cfg"], strict=True)] for k in PARTS}
+        ratio = {k: statistics.median(v) for k, v in per_rep.items()} if reps else None
         mem = graph_bytes(s)
+        mem["bf16_autocast"] = graph_bytes(s, torch.bfloat16)
         mem["peak_rss_growth"] = peak_rss_growth(s.grad)
-        rows.append({"batch": b, "s": med, "all_s": times[b], "bytes": mem})
-        print_row(b, med, mem)
+        rows.append({"batch": b, "s": med, "ratio": ratio, "all_s": t, "all_ratio": per_rep, "bytes": mem})
+        print_row(b, med, per_rep, mem)
     return rows
 
 
@@ -402,14 +414,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=32, help="latent frames of the shortened window (SAO: 1024)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="batch sizes (rows)")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions per batch size (median)")
+    p.add_argument(
+        "--reps", type=int, default=3, help="timed repetitions per batch size (median); 0: memory only"
+    )
     p.add_argument("--index-size", type=int, default=100_000, help="random index vectors (512-d)")
     p.add_argument("--tiny", action="store_true", help="tiny widths (a smoke run: the figures mean nothing)")
     p.add_argument("--no-project", action="store_true", help="skip the meta-device full-window projection")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.jsonl", help="JSON-lines log")
     args = p.parse_args(argv)
-    if args.frames < 1 or args.reps < 1 or min(args.batches) < 1:
-        p.error("--frames, --reps and --batches need positive integers")
+    if args.frames < 1 or args.reps < 0 or min(args.batches) < 1:
+        p.error("--frames and --batches need positive integers, --reps one ≥ 0")
     logging.basicConfig(level=logging.WARNING)
     load = os.getloadavg()
     t0 = time.perf_counter()
@@ -423,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         projection = None if args.no_project else project(engine, captions, args.frames)
     if projection:
         print_projection(rows, projection, args.frames)
+        projection["bf16_autocast_full"] = autocast_estimate(rows, projection, args.frames)
     record = {
         "bench": "amg_cost", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": "cpu",
         **bench_common.environment("cpu"), "load": list(load), "load_end": list(os.getloadavg()),
@@ -434,12 +449,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_row(b: int, med: dict, mem: dict) -> None:
-    cfg = med["cfg"]
-    print(f"\nbatch {b}: part | s | ÷ cfg call")
-    for k in PARTS:
-        print(f"  {k:10s} {med[k]:8.3f} {med[k] / cfg:7.2f}x")
+def print_row(b: int, med: dict | None, per_rep: dict, mem: dict) -> None:
+    print(f"\nbatch {b}: part | median s | ÷ cfg call of the same repetition: median [min, max]")
+    for k in PARTS if med else ():
+        r = per_rep[k]
+        print(f"  {k:10s} {med[k]:8.3f} {statistics.median(r):7.2f}x [{min(r):.2f}, {max(r):.2f}]")
     gib = 2**30
+    ac = mem["bf16_autocast"]
+    print(
+        f"  graph per row under bf16 autocast: {ac['graph'] / b / gib:.3f} GiB "
+        f"(denoiser {ac['graph_denoiser'] / b / gib:.3f}, detector {ac['graph_detector'] / b / gib:.3f})"
+    )
     rss = mem["peak_rss_growth"]
     per = {k: mem[k] / b / gib for k in ("graph", "graph_denoiser", "graph_detector")}
     print(f"  graph per row: {per['graph']:.3f} GiB (denoiser {per['graph_denoiser']:.3f}, "
@@ -447,20 +467,35 @@ def print_row(b: int, med: dict, mem: dict) -> None:
           f"{'n/a' if rss is None else f'{rss / b / gib:.3f} GiB'}", flush=True)  # fmt: skip
 
 
+def autocast_estimate(rows: list[dict], proj: dict, frames: int) -> dict[str, float]:
+    """One row's graph at the full window under bf16 autocast (bytes): the meta count of the modules
+    cast to bf16, part by part (denoiser, detector) times the ratio autocast ÷ cast measured on the real
+    tensors at the bench's window (autocast keeps float32 weights and promotes where they meet bf16)."""
+    b = rows[0]["batch"]
+    measured = rows[0]["bytes"]["bf16_autocast"]
+    short, full = proj["bfloat16"][frames]["graph"], proj["bfloat16"][FULL_FRAMES]["graph"]
+    out = {}
+    for part in ("denoiser", "detector"):
+        out[part] = full[part] * (measured[f"graph_{part}"] / b) / max(1, short[part])
+    out["bytes"] = out["denoiser"] + out["detector"]
+    return out
+
+
 def print_projection(rows: list[dict], proj: dict, frames: int) -> None:
-    """Per row (the first batch size's times): FLOPs at the full window ÷ the CFG call's, each part's
-    CPU time scaled by its FLOP ratio ÷ the CFG call's, and the graph per row (meta count)."""
+    """Per row (the first batch size's ratios): FLOPs at the full window ÷ the CFG call's, each part's
+    CPU time ÷ the CFG call's scaled by their FLOP ratios, and the graph per row (meta count)."""
     fp32, gib = proj["float32"], 2**30
     short, full = fp32[frames], fp32[FULL_FRAMES]
     first = rows[0]
-    b = first["batch"]
+    b, ratio = first["batch"], first["ratio"]
     print(f"\nprojection to the full window ({FULL_FRAMES} frames), one row, fp32:")
     print("  part       | FLOPs ÷ cfg | FLOP ratio full/bench | CPU time scaled ÷ cfg")
+    cfg_scale = full["cfg"]["flops"] / short["cfg"]["flops"]
     for k in ("cfg", "decode", "embed", "search", "neighbour", "grad", "det_grad"):
         f = full[k]["flops"] if k in full else 0.0
         scale = full[k]["flops"] / short[k]["flops"] if k in full else 1.0
-        t = first["s"][k] * scale / (first["s"]["cfg"] * full["cfg"]["flops"] / short["cfg"]["flops"])
-        print(f"  {k:10s} | {f / full['cfg']['flops']:11.3f} | {scale:21.1f} | {t:8.2f}")
+        t = f"{ratio[k] * scale / cfg_scale:8.2f}" if ratio else "     n/a"
+        print(f"  {k:10s} | {f / full['cfg']['flops']:11.3f} | {scale:21.1f} | {t}")
     m = first["bytes"]
     g = short["graph"]
     print(
@@ -471,9 +506,14 @@ def print_projection(rows: list[dict], proj: dict, frames: int) -> None:
     for name in ("float32", "bfloat16"):
         g = proj[name][FULL_FRAMES]["graph"]
         print(
-            f"  graph per row at the full window, {name}: {g['bytes'] / gib:.2f} GiB "
+            f"  graph per row at the full window, {name} (modules cast): {g['bytes'] / gib:.2f} GiB "
             f"(denoiser {g['denoiser'] / gib:.2f}, detector {g['detector'] / gib:.2f})"
         )
+    e = autocast_estimate(rows, proj, frames)
+    print(
+        f"  graph per row at the full window, bf16 autocast (the engine's bf16): {e['bytes'] / gib:.2f} GiB "
+        f"(denoiser {e['denoiser'] / gib:.2f}, detector {e['detector'] / gib:.2f})"
+    )
 
 
 if __name__ == "__main__":
