@@ -421,7 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny widths (a smoke run: the figures mean nothing)")
     p.add_argument("--no-project", action="store_true", help="skip the meta-device full-window projection")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.jsonl", help="JSON-lines log")
+    p.add_argument(
+        "--report", action="store_true", help="print the tables of the last record in --out and exit"
+    )
     args = p.parse_args(argv)
+    if args.report:
+        print(report(args.out))
+        return 0
     if args.frames < 1 or args.reps < 0 or min(args.batches) < 1:
         p.error("--frames and --batches need positive integers, --reps one ≥ 0")
     logging.basicConfig(level=logging.WARNING)
@@ -514,6 +520,68 @@ def print_projection(rows: list[dict], proj: dict, frames: int) -> None:
         f"  graph per row at the full window, bf16 autocast (the engine's bf16): {e['bytes'] / gib:.2f} GiB "
         f"(denoiser {e['denoiser'] / gib:.2f}, detector {e['detector'] / gib:.2f})"
     )
+
+
+def report(log: Path) -> str:
+    """Markdown tables (benchmarks/RESULTS.md) of the last amg_cost record in ``log``."""
+    import json
+
+    recs = [json.loads(line) for line in Path(log).read_text().splitlines() if '"amg_cost"' in line]
+    if not recs:
+        raise SystemExit(f"no amg_cost record in {log}")
+    r, gib = recs[-1], 2**30
+    out = [
+        f"record {r['time']}, commit {r['git_sha'][:7]}{' (dirty)' if r['git_dirty'] else ''}, "
+        f"{r['frames']}-frame window, {r['reps']} repetitions, load {r['load'][0]:.1f} at the start, "
+        f"{r['load_end'][0]:.1f} at the end",
+        "",
+        "| part | "
+        + " | ".join(f"b={row['batch']}: s (median) | ÷ cfg [min, max]" for row in r["rows"])
+        + " |",
+        "|---|" + "---|---|" * len(r["rows"]),
+    ]
+    for k in PARTS:
+        cells = []
+        for row in r["rows"]:
+            a = row["all_ratio"][k]
+            cells.append(f"{row['s'][k]:.2f} | {statistics.median(a):.2f} [{min(a):.2f}, {max(a):.2f}]")
+        out.append(f"| {k} | " + " | ".join(cells) + " |")
+    out += ["", "| per row | " + " | ".join(f"b={row['batch']}" for row in r["rows"]) + " |"]
+    out.append("|---|" + "---|" * len(r["rows"]))
+    for label, get in (
+        ("graph, fp32 (GiB)", lambda m: m["graph"]),
+        ("of which detector", lambda m: m["graph_detector"]),
+        ("graph, bf16 autocast", lambda m: m["bf16_autocast"]["graph"]),
+        ("peak RSS growth of similarity_grad", lambda m: m["peak_rss_growth"] or float("nan")),
+    ):
+        cells = [f"{get(row['bytes']) / row['batch'] / gib:.3f}" for row in r["rows"]]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    proj = r.get("projection")
+    if proj:
+        f32 = proj["float32"]
+        short, full = f32[str(r["frames"])], f32[str(FULL_FRAMES)]
+        out += ["", "| part (one row) | FLOPs ÷ cfg at 1024 frames | FLOPs at 1024 ÷ at the bench's window |"]
+        out.append("|---|---|---|")
+        for k in ("cfg", "decode", "embed", "neighbour", "grad", "det_grad"):
+            ratio = full[k]["flops"] / full["cfg"]["flops"]
+            out.append(f"| {k} | {ratio:.3f} | {full[k]['flops'] / short[k]['flops']:.1f} |")
+        out.append("")
+        out.append(
+            f"cfg call at 1024 frames: {full['cfg']['flops'] / 1e12:.2f} TFLOP (one row, both branches)"
+        )
+        for name in ("float32", "bfloat16"):
+            g = proj[name][str(FULL_FRAMES)]["graph"]
+            out.append(f"graph per row at 1024 frames, {name} (modules cast): "
+                       f"{g['bytes'] / gib:.2f} GiB "
+                       f"(denoiser {g['denoiser'] / gib:.2f}, "
+                       f"detector {g['detector'] / gib:.2f})")  # fmt: skip
+        e = proj.get("bf16_autocast_full")
+        if e:
+            out.append(f"graph per row at 1024 frames, bf16 autocast (estimate): "
+                       f"{e['bytes'] / gib:.2f} GiB "
+                       f"(denoiser {e['denoiser'] / gib:.2f}, "
+                       f"detector {e['detector'] / gib:.2f})")  # fmt: skip
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

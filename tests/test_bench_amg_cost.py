@@ -38,3 +38,5 @@ def test_tiny_run_times_every_part_and_the_meta_count_matches(tmp_path, one_thre
     bf16 = rec["projection"]["bfloat16"][str(bench_amg_cost.FULL_FRAMES)]["graph"]["bytes"]
     assert 0.4 * full["graph"]["bytes"] <= bf16 <= 0.6 * full["graph"]["bytes"]  # half the bytes a value
     assert rec["projection"]["bf16_autocast_full"]["bytes"] > 0
+    table = bench_amg_cost.report(out)  # the RESULTS.md tables of that record
+    assert all(f"| {k} |" in table for k in bench_amg_cost.PARTS) and "bf16 autocast (estimate)" in table
