@@ -21,7 +21,8 @@ at each batch size with the parts interleaved, ``--reps`` times (median), after 
 - det_grad: the gradient through the detector alone: decode + embed with autograd on the probe x0
   and the backward to it, no backward through the denoiser.
 
-Each is printed with its ratio to the cfg call of the same batch size and run. Memory per row of the
+Each is printed with its ratio to a cfg call of the same batch size timed just before it (the load
+of a shared machine moves by minutes). Memory per row of the
 gated path: the bytes autograd saves for backward in the gradient's forward (engine.guidance.SavedBytes,
 what a warm row holds across the step and what ``EngineConfig.grad_memory_gib`` budgets), split into
 denoiser and detector, and the peak RSS growth over one similarity_grad call (``/proc/self`` VmHWM
@@ -187,25 +188,35 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def time_parts(step: Step) -> dict[str, float]:
-    """Seconds of each part, once (the caller interleaves batch sizes and repeats)."""
-    out = {
-        "cfg": timed(step.cfg),
-        "decode": timed(lambda: torch.no_grad()(step.decode)(step.probe)),
-        "embed": timed(lambda: torch.no_grad()(step.embed)(step.audio)),
-        "search": timed(step.search),
-        "neighbour": timed(step.neighbour),
-        "grad": timed(step.grad),
+def time_parts(step: Step) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds of each part, once (the caller interleaves batch sizes and repeats), and of the cfg call
+    run just before each part: on a shared machine whose load moves by minutes, a part's ratio to the
+    cfg call next to it is steadier than to one timed minutes away."""
+    parts = {
+        "decode": lambda: torch.no_grad()(step.decode)(step.probe),
+        "embed": lambda: torch.no_grad()(step.embed)(step.audio),
+        "search": step.search,
+        "neighbour": step.neighbour,
+        "grad": step.grad,
+        "grad_fwd": None,  # with grad_bwd below: the tape must live between the two
+        "det_grad": step.det_grad,
     }
-    t0 = time.perf_counter()
-    tape = step.grad_fwd()
-    out["grad_fwd"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    step.grad_bwd(tape)
-    out["grad_bwd"] = time.perf_counter() - t0
-    del tape
-    out["det_grad"] = timed(step.det_grad)
-    return out
+    out, cfg = {"cfg": timed(step.cfg)}, {}
+    cfg["cfg"] = out["cfg"]
+    for name, fn in parts.items():
+        cfg[name] = timed(step.cfg)
+        if fn is not None:
+            out[name] = timed(fn)
+            continue
+        t0 = time.perf_counter()
+        tape = step.grad_fwd()
+        out["grad_fwd"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        step.grad_bwd(tape)
+        out["grad_bwd"] = time.perf_counter() - t0
+        cfg["grad_bwd"] = cfg["grad_fwd"]
+        del tape
+    return out, cfg
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -390,22 +401,25 @@ def measure(engine, captions, frames: int, batches: list[int], reps: int) -> lis
         if reps:
             time_parts(s)  # warm-up (allocator, neighbour-caption cache)
     times = {b: {k: [] for k in PARTS} for b in batches}
+    cfgs = {b: {k: [] for k in PARTS} for b in batches}  # the cfg call next to each part
     for _ in range(reps):  # interleaved: every batch size and part in each repetition
         for b, s in steps.items():
-            for k, v in time_parts(s).items():
+            parts, next_cfg = time_parts(s)
+            for k, v in parts.items():
                 times[b][k].append(v)
+                cfgs[b][k].append(next_cfg[k])
     rows = []
     for b, s in steps.items():
         t = times[b]
         med = {k: statistics.median(v) for k, v in t.items()} if reps else None
-        # each repetition's part ÷ the same repetition's cfg call: the load of a shared machine moves
-        # between repetitions more than within one
-        per_rep = {k: [v / c for v, c in zip(t[k], t["cfg"], strict=True)] for k in PARTS}
+        # each part ÷ the cfg call timed just before it (time_parts)
+        per_rep = {k: [v / c for v, c in zip(t[k], cfgs[b][k], strict=True)] for k in PARTS}
         ratio = {k: statistics.median(v) for k, v in per_rep.items()} if reps else None
         mem = graph_bytes(s)
         mem["bf16_autocast"] = graph_bytes(s, torch.bfloat16)
         mem["peak_rss_growth"] = peak_rss_growth(s.grad)
-        rows.append({"batch": b, "s": med, "ratio": ratio, "all_s": t, "all_ratio": per_rep, "bytes": mem})
+        row = {"batch": b, "s": med, "ratio": ratio, "all_s": t, "all_cfg": cfgs[b], "all_ratio": per_rep}
+        rows.append({**row, "bytes": mem})
         print_row(b, med, per_rep, mem)
     return rows
 
@@ -456,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_row(b: int, med: dict | None, per_rep: dict, mem: dict) -> None:
-    print(f"\nbatch {b}: part | median s | ÷ cfg call of the same repetition: median [min, max]")
+    print(f"\nbatch {b}: part | median s | ÷ the cfg call just before it: median [min, max]")
     for k in PARTS if med else ():
         r = per_rep[k]
         print(f"  {k:10s} {med[k]:8.3f} {statistics.median(r):7.2f}x [{min(r):.2f}, {max(r):.2f}]")
