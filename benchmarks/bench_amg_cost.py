@@ -204,6 +204,7 @@ def time_parts(step: Step) -> tuple[dict[str, float], dict[str, float]]:
     out, cfg = {"cfg": timed(step.cfg)}, {}
     cfg["cfg"] = out["cfg"]
     for name, fn in parts.items():
+        trim_heap()
         cfg[name] = timed(step.cfg)
         if fn is not None:
             out[name] = timed(fn)
@@ -229,12 +230,22 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc): without it the resident set of this process ratchets
+    up over the parts' large, differently sized activations (a run was killed at 24 GB on a 24 GB
+    machine shared with other jobs)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def peak_rss_growth(fn) -> float | None:
     """Bytes the resident set grew to at its peak during ``fn()`` (Linux: VmHWM reset by clear_refs;
     freed heap returned to the OS first so that reused pages do not hide growth). None elsewhere."""
+    trim_heap()
     try:
-        gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
         before = _status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
@@ -415,7 +426,9 @@ def measure(engine, captions, frames: int, batches: list[int], reps: int) -> lis
         # each part ÷ the cfg call timed just before it (time_parts)
         per_rep = {k: [v / c for v, c in zip(t[k], cfgs[b][k], strict=True)] for k in PARTS}
         ratio = {k: statistics.median(v) for k, v in per_rep.items()} if reps else None
+        trim_heap()
         mem = graph_bytes(s)
+        trim_heap()
         mem["bf16_autocast"] = graph_bytes(s, torch.bfloat16)
         mem["peak_rss_growth"] = peak_rss_growth(s.grad)
         row = {"batch": b, "s": med, "ratio": ratio, "all_s": t, "all_cfg": cfgs[b], "all_ratio": per_rep}
