@@ -25,7 +25,8 @@ def test_tiny_run_times_every_part_and_the_meta_count_matches(tmp_path, one_thre
         assert set(row["s"]) == set(bench_amg_cost.PARTS) and all(v >= 0 for v in row["s"].values())
         mem = row["bytes"]
         assert 0 < mem["graph_detector"] <= mem["graph"]
-        assert 0 < mem["bf16_autocast"]["graph_detector"] <= mem["bf16_autocast"]["graph"]
+    ac = rec["rows"][0]["bytes"]["bf16_autocast"]  # measured at the first batch size only
+    assert 0 < ac["graph_detector"] <= ac["graph"]
     b1, b2 = (r["bytes"]["graph"] for r in rec["rows"])
     assert b1 < b2 <= 2 * b1  # a second row adds its own graph, nothing more than the first's
     short, full = (rec["projection"]["float32"][str(f)] for f in (4, bench_amg_cost.FULL_FRAMES))
