@@ -187,9 +187,28 @@ class EngineConfig:
     # "all" every visible CUDA device; or a list such as "cuda:0,cuda:1" (engine/shards.py). Same
     # neighbours wherever they live, so it is not part of the resume key.
     index_devices: str = ""
+    # memory (GiB) for the autograd graphs of the gated path: the similarity gradient runs in
+    # micro-batches, and rows are kept warm (reuse_forward), only as many rows at once as fit.
+    # None: no split (every gated row in one call). A budget below one row still computes one row.
+    grad_memory_gib: float | None = None
+    # one row's graph (GiB), e.g. from benchmarks/bench_amg_cost.py; None: measured on the first
+    # gradient forward of each batch (bytes autograd saves for one row), which then runs one row alone
+    grad_row_gib: float | None = None
 
     def __post_init__(self) -> None:
         from amg_engine.engine.precision import PRECISIONS
+
+        for name in ("grad_memory_gib", "grad_row_gib"):
+            v = getattr(self, name)
+            _check(
+                v is None or (isinstance(v, int | float) and math.isfinite(v) and v > 0),
+                f"{name}={v!r}: need a positive number of GiB, or None",
+            )
+        _check(
+            self.grad_row_gib is None or self.grad_memory_gib is not None,
+            f"grad_row_gib={self.grad_row_gib}: it sizes the gradient's micro-batches under a memory "
+            "budget; set grad_memory_gib too (or leave both unset: no split)",
+        )
 
         _check(
             isinstance(self.batch_size, int) and self.batch_size >= 1,
@@ -227,6 +246,8 @@ class EngineConfig:
         d.pop("device")
         d.pop("compile")
         d.pop("reuse_forward")  # same outputs either way
+        d.pop("grad_memory_gib")  # micro-batches: same outputs, as batch_size
+        d.pop("grad_row_gib")
         d.pop("batch_size")  # outputs are batch-invariant by design
         d.pop("precision")
         d.pop("index_devices")  # placement only: the shards' merged answer is the single search's

@@ -25,6 +25,7 @@ from amg_engine.engine.flow_guidance import FlowAMGDenoiser
 from amg_engine.engine.guidance import (
     AMGDenoiser,
     Cascade,
+    GraphBudget,
     RowParams,
     StepTrace,
     TransitionDenoiser,
@@ -286,6 +287,7 @@ class Engine:
             branches=self._branches, gated_branches=self._gated_branches, denoise=self._denoise,
             reuse_forward=self.config.reuse_forward, gradient=g.gradient,
             cascade=None if g.cascade_threshold is None else Cascade(g.cascade_threshold, g.cascade_every),
+            graph_budget=graph_budget(self.config),
         )  # fmt: skip
         return self._sample(denoiser, requests)
 
@@ -431,6 +433,14 @@ def check_objective(config: EngineConfig, objective: str) -> None:
             f"min_scale={g.min_scale}: only the flow models' combine lowers the caps below the published "
             "s0 − 1; on a v-objective model leave min_scale at 1"
         )
+
+
+def graph_budget(config: EngineConfig) -> GraphBudget | None:
+    """The gated path's memory budget of ``config`` (``grad_memory_gib``, ``grad_row_gib``), or None."""
+    if config.grad_memory_gib is None:
+        return None
+    row = None if config.grad_row_gib is None else config.grad_row_gib * 2**30
+    return GraphBudget(config.grad_memory_gib * 2**30, row)
 
 
 _SPACE = {"sigma": "the VE noise level sigma", "t": "the flow time t"}

@@ -28,11 +28,21 @@ Cheaper variants (issue 29; GuidanceConfig.gradient, .cascade_*): with the detec
 backward through the decoder and embedder only; with the cascade (:class:`Cascade`) (2) runs only for
 the rows whose free signal ‖x0_c − x0_u‖ has flagged them, the others' gates stay closed, and the
 flags come back in the step's one host read.
+
+Memory: the autograd graphs of the gated path (the warm rows' forward, kept across the search, and
+the forward + backward of the gradient) hold the activations of the model, the decoder and the
+embedder for every row in them (for SAO 1.0, benchmarks/RESULTS.md, "What AMG costs on SAO 1.0").
+With a :class:`GraphBudget` at most ``budget.rows()`` rows' graphs are held at once: the gradient
+runs in micro-batches of that many rows, and only that many rows (the first gated ones) are kept
+warm. Rows are independent, so this changes which rows share a model call and which reuse their
+forward, not what any row computes (up to the float rounding of batched products, as any change of
+batch composition).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -139,6 +149,59 @@ def scan_chunked(
     return best, arg
 
 
+class SavedBytes:
+    """Context: the bytes of the tensors autograd saves for backward inside the block (what a graph
+    holds until its backward runs), each storage counted once, parameters left out (resident anyway).
+
+    Conservative for a per-row figure: what does not scale with rows (an autocast copy of a weight,
+    a constant buffer) is counted too. The transient memory of the backward pass itself is not."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._seen: set[int] = set()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            storage = t.untyped_storage()
+            key = storage._cdata  # one storage, however many views of it are saved
+            if key not in self._seen:
+                self._seen.add(key)
+                self.bytes += storage.nbytes()
+        return t
+
+    def __enter__(self) -> SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+@dataclass
+class GraphBudget:
+    """How many gated rows' autograd graphs may be held at once (``EngineConfig.grad_memory_gib``).
+
+    ``budget_bytes``: memory for the graphs of the gated path. ``row_bytes``: one row's graph, as
+    declared (``EngineConfig.grad_row_gib``), or None: measured (:class:`SavedBytes`) on the first
+    gradient forward of the batch, which then runs one row alone. Never fewer than one row."""
+
+    budget_bytes: float
+    row_bytes: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("budget_bytes", "row_bytes"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name}={v!r}: must be > 0")
+
+    def rows(self) -> int:
+        """Rows per micro-batch: as many whole rows as fit the budget, at least one."""
+        if self.row_bytes is None:
+            return 1  # not measured yet: the first micro-batch measures one row
+        return max(1, int(self.budget_bytes // self.row_bytes))
+
+
 @dataclass
 class AMGDenoiser:
     """Callable ``(x [B,C,L], sigma [B]) -> (D [B,C,L], StepTrace | None)`` for one batch of rows.
@@ -168,8 +231,13 @@ class AMGDenoiser:
     # the variants (GuidanceConfig.gradient, .cascade_threshold, .cascade_every; see Cascade)
     gradient: str = "full"
     cascade: Cascade | None = None
+    # at most budget.rows() rows' autograd graphs at once (micro-batches); None: no split
+    graph_budget: GraphBudget | None = None
     _warm: Rows | None = field(default=None, init=False, repr=False)  # [W] rows gated at the last step
     _step_probe: torch.Tensor | None = field(default=None, init=False, repr=False)  # detector gradient
+    # this step's warm rows, their input with grad, their embeddings with grad (see _forward_split);
+    # held here, not in a caller's frame, so that _gated_terms can free the graph once it is used
+    _tape: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # which rows have the neighbour branch (c2 > 0) and the gradient (c3 > 0) on, on the host:
@@ -197,14 +265,14 @@ class AMGDenoiser:
         probed = None if self.cascade is None else self.cascade.rows(x.device)  # None: every row
         warm = self._warm if self.reuse_forward and self.gradient == "full" else None
         if warm is None or not len(warm):
-            tape = None
+            self._tape = None
             with torch.no_grad():
                 rows = torch.arange(x.shape[0], device=x.device)
                 x0_c, x0_u, emb = self._predict(
                     self.branches or self._branches, x, sigma, self.cond, self.uncond, rows, probed
                 )
         else:
-            x0_c, x0_u, emb, tape = self._forward_split(x, sigma, warm, probed)
+            x0_c, x0_u, emb, self._tape = self._forward_split(x, sigma, warm, probed)
         with torch.no_grad(), record_function("amg/search"):
             sim, nn = nearest(emb, self.index_vectors, search_fn(x.device))  # [B], [B]; no host sync
             signal = free_signal(x0_c, x0_u)  # [B]
@@ -228,7 +296,7 @@ class AMGDenoiser:
         x0_n = torch.zeros_like(x0_c)
         grad = torch.zeros_like(x0_c)
         # the rows whose gradient is needed now are the warm rows of the next step
-        self._warm = self._gated_terms(x, sigma, gated, nn, nn_host, x0_n, grad, tape)
+        self._warm = self._gated_terms(x, sigma, gated, nn, nn_host, x0_n, grad)
         combine = combine_fn(x.device)
         p = self.params
         with record_function("amg/combine"):
@@ -279,10 +347,10 @@ class AMGDenoiser:
                 )
         return x0_c, x0_u, emb, (warm, xw, emb_w)
 
-    def _gated_terms(self, x, sigma, gated, nn, nn_host, x0_n, grad, tape=None) -> Rows | None:
+    def _gated_terms(self, x, sigma, gated, nn, nn_host, x0_n, grad) -> Rows | None:
         """Fill the neighbour prediction and the similarity gradient for the gated rows only (``gated``
         and ``nn_host`` on the host; every decision here is taken there); return the rows that needed
-        the gradient."""
+        the gradient (at most ``graph_budget.rows()`` of them, the first, under a budget)."""
         c2_on, c3_on = self._terms_on[:, gated]
         need_n = gated[c2_on]
         if need_n.numel():
@@ -291,23 +359,41 @@ class AMGDenoiser:
                 x0_n[n] = self._denoise(x[n], sigma[n], self.neighbour_cond(nn_host[need_n]))
         need_g = gated[c3_on]
         if not need_g.numel():
+            self._tape = None
             return None
-        cold = need_g
         with record_function("amg/gradient"):
-            if tape is not None:
-                warm, xw, emb_w = tape
-                hit = torch.isin(warm.host, need_g)  # [W] warm rows whose gradient is needed
-                if hit.any():
-                    # rows are independent, so one backward of the masked sum gives each its own gradient
-                    sim_w = (emb_w.float() * index_rows(self.index_vectors, nn[warm.dev])).sum(dim=1)
-                    (g,) = torch.autograd.grad((sim_w * to_device(hit, x.device)).sum(), xw)
-                    pos = to_device(hit.nonzero().squeeze(1), x.device)
-                    grad[warm.dev[pos]] = g[pos]
-                cold = need_g[~torch.isin(need_g, warm.host)]  # the rest: forward again with autograd
-            if cold.numel():
-                c = to_device(cold, x.device)
+            cold = self._warm_grad(need_g, nn, grad)  # the warm rows' graph is freed here
+            for part in self._micro_batches(cold):
+                c = to_device(part, x.device)
                 grad[c] = self.similarity_grad(x[c], sigma[c], c, nn[c])
+        if self.graph_budget is not None:  # keep warm only as many rows as their graphs fit
+            need_g = need_g[: self.graph_budget.rows()]
         return Rows.on(need_g, x.device)
+
+    def _warm_grad(self, need_g, nn, grad) -> torch.Tensor:
+        """The gradient of the warm rows in ``need_g`` (host) by the backward of this step's tape, which
+        is then released; returns the rows of ``need_g`` left to compute (forward again with autograd)."""
+        tape, self._tape = self._tape, None
+        if tape is None:
+            return need_g
+        warm, xw, emb_w = tape
+        hit = torch.isin(warm.host, need_g)  # [W] warm rows whose gradient is needed
+        if hit.any():
+            # rows are independent, so one backward of the masked sum gives each its own gradient
+            sim_w = (emb_w.float() * index_rows(self.index_vectors, nn[warm.dev])).sum(dim=1)
+            (g,) = torch.autograd.grad((sim_w * to_device(hit, grad.device)).sum(), xw)
+            pos = to_device(hit.nonzero().squeeze(1), grad.device)
+            grad[warm.dev[pos]] = g[pos]
+        return need_g[~torch.isin(need_g, warm.host)]
+
+    def _micro_batches(self, rows: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``rows`` (host) in micro-batches of ``graph_budget.rows()`` (all at once without a budget),
+        the size read again before each one (the first may measure a row's graph)."""
+        start = 0
+        while start < rows.numel():
+            n = rows.numel() if self.graph_budget is None else self.graph_budget.rows()
+            yield rows[start : start + n]
+            start += n
 
     def similarity_grad(self, x, sigma, rows, nn) -> torch.Tensor:
         """∇_x σ_t for the given rows, with the neighbour held fixed (rows are independent). Its forward
@@ -315,15 +401,20 @@ class AMGDenoiser:
         With ``gradient="detector"``: :meth:`detector_grad` of this step's probe, no model call."""
         if self.gradient == "detector":
             return self.detector_grad(self._step_probe[rows], sigma, rows, nn)
+        budget = self.graph_budget
+        measure = budget is not None and budget.row_bytes is None
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             cond, uncond = self.cond[rows], self.uncond[rows]
-            if self.reference:
-                probe = self._denoise(x, sigma, cond)
-            else:
-                x0_c, x0_u = (self.gated_branches or self._branches)(x, sigma, cond, uncond)
-                probe = self._probe(x0_c, x0_u, self.params.cfg_scale[rows])
-            emb = self.detector(probe, rows)
+            with SavedBytes() if measure else nullcontext() as saved:
+                if self.reference:
+                    probe = self._denoise(x, sigma, cond)
+                else:
+                    x0_c, x0_u = (self.gated_branches or self._branches)(x, sigma, cond, uncond)
+                    probe = self._probe(x0_c, x0_u, self.params.cfg_scale[rows])
+                emb = self.detector(probe, rows)
+            if measure:
+                budget.row_bytes = max(1.0, saved.bytes / x.shape[0])
             sim = (emb.float() * index_rows(self.index_vectors, nn)).sum(dim=1)
             (g,) = torch.autograd.grad(sim.sum(), x)
         return g
@@ -336,9 +427,15 @@ class AMGDenoiser:
         denoiser E[x0 | x] for unit-variance Gaussian data (Cov[x0 | x]/σ²). What is dropped is the
         network's own ∂(c_out·v)/∂x: no backward through the model, and its forward runs without
         autograd. Rows are independent, so one backward of the sum gives each row its own gradient."""
+        budget = self.graph_budget
+        measure = budget is not None and budget.row_bytes is None  # its graph: decoder and embedder only
         with torch.enable_grad():
             p = probe.detach().requires_grad_(True)
-            sim = (self.detector(p, rows).float() * index_rows(self.index_vectors, nn)).sum(dim=1)
+            with SavedBytes() if measure else nullcontext() as saved:
+                emb = self.detector(p, rows)
+            if measure:
+                budget.row_bytes = max(1.0, saved.bytes / p.shape[0])
+            sim = (emb.float() * index_rows(self.index_vectors, nn)).sum(dim=1)
             (g,) = torch.autograd.grad(sim.sum(), p)
         return g.float() / (1 + sigma.float() ** 2)[:, None, None]
 

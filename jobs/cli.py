@@ -121,6 +121,18 @@ def _add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the batched model call and sampler step"
     )
+    p.add_argument(
+        "--grad-memory-gib",
+        type=float,
+        help="memory for the autograd graphs of AMG's gated rows: the dissimilarity gradient runs in "
+        "micro-batches of as many rows as fit (default: no split; see README, memory of the gated path)",
+    )
+    p.add_argument(
+        "--grad-row-gib",
+        type=float,
+        help="with --grad-memory-gib: one row's graph in GiB (benchmarks/bench_amg_cost.py); default: "
+        "measured on the first gradient of each batch",
+    )
     p.add_argument("--format", default="flac", choices=("flac", "wav"), help="audio file format")
     p.add_argument("--model", type=Path, help="model directory (model_config.json + model.safetensors)")
     p.add_argument("--index", type=Path, help="training-set index folder")
@@ -201,6 +213,9 @@ def _engine_config(args):
         top["precision"] = args.precision
     if args.index_devices is not None:
         top["index_devices"] = args.index_devices
+    for name in ("grad_memory_gib", "grad_row_gib"):
+        if getattr(args, name) is not None:
+            top[name] = getattr(args, name)
     if args.compile:
         top["compile"] = True
     return replace(cfg, sampler=replace(cfg.sampler, **sampler), **top)

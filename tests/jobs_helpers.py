@@ -295,3 +295,22 @@ def engine_calls(log_dir: Path) -> list[dict]:
         else:
             open_calls.pop(pid)["end"] = t
     return calls
+
+
+def hash_as_before_the_new_fields(cfg) -> str:
+    """``cfg.config_hash()`` as computed before this session's fields existed: the fields that key
+    results then (placement and batching left out as always), none of the ones added since (index
+    placement, the gradient's memory budget, the flow models' min_scale, the cheaper variants). A
+    config that leaves the new fields at their defaults must keep this hash, so old results resume."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    d = asdict(cfg)
+    for k in ("device", "compile", "reuse_forward", "batch_size", "precision"):  # never in the key
+        d.pop(k)
+    for k in ("index_devices", "grad_memory_gib", "grad_row_gib"):  # added since
+        d.pop(k)
+    for k in ("min_scale", "gradient", "cascade_threshold", "cascade_every"):  # added since
+        d["guidance"].pop(k)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

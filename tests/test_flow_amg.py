@@ -226,16 +226,9 @@ def test_min_scale_is_refused_on_a_v_model_and_keeps_old_hashes():
         GuidanceConfig(min_scale=1.5)
     cfg = EngineConfig()
     # the hash of a config at the published caps is the one computed before the field existed
-    import hashlib
-    import json
-    from dataclasses import asdict
+    from jobs_helpers import hash_as_before_the_new_fields
 
-    d = asdict(cfg)
-    for k in ("device", "compile", "reuse_forward", "batch_size", "precision", "index_devices"):
-        d.pop(k)  # index_devices: placement (tests/test_shards.py)
-    for k in ("min_scale", "gradient", "cascade_threshold", "cascade_every"):  # all fields added since
-        d["guidance"].pop(k)
-    assert cfg.config_hash() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.config_hash() == hash_as_before_the_new_fields(cfg)
     assert EngineConfig(GuidanceConfig(min_scale=0.0)).config_hash() != cfg.config_hash()
 
 

@@ -201,17 +201,10 @@ def test_variants_key_differently_and_leave_the_method_s_key():
 
 def test_method_key_ignores_the_new_fields():
     """The key of the method is a hash of the same fields as before the variants existed."""
-    import hashlib
-    import json
-    from dataclasses import asdict
+    from jobs_helpers import hash_as_before_the_new_fields
 
     cfg = EngineConfig()
-    d = asdict(cfg)
-    for k in ("device", "compile", "reuse_forward", "batch_size", "precision", "index_devices"):
-        d.pop(k)  # index_devices: placement (tests/test_shards.py)
-    for k in ("min_scale", "gradient", "cascade_threshold", "cascade_every"):  # all fields added since
-        d["guidance"].pop(k)
-    assert cfg.config_hash() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.config_hash() == hash_as_before_the_new_fields(cfg)
 
 
 @pytest.mark.parametrize(
