@@ -75,7 +75,7 @@ def test_split_copies_a_memory_map_a_chunk_at_a_time(tmp_path, monkeypatch):
     np.save(path, g.standard_normal((50, 8)).astype(np.float16))
     mapped = np.load(path, mmap_mode="r")
     monkeypatch.setattr(shards, "SPLIT_CHUNK", 7)
-    for source in (mapped, torch.from_numpy(np.asarray(mapped))):
+    for source in (mapped, torch.from_numpy(np.array(mapped))):
         sv = ShardedVectors.split(source, [CPU] * 3, CPU)
         assert sv.dtype == torch.float16
         assert torch.equal(torch.cat(sv.shards), torch.from_numpy(np.array(mapped)))
