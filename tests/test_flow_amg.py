@@ -346,42 +346,17 @@ def test_flow_amg_step_reads_the_device_once(tiny_flow, monkeypatch):
     """As tests/test_step_syncs.py checks for the v models' step: the flow AMG step's one host read is
     the gates and neighbours (the per-row term switches are read once per batch, at construction), and
     nothing else in the step reads a device value, with gates open on some rows and steps only."""
-    from dataclasses import fields
-
-    from test_step_syncs import DeviceReads
+    from test_step_syncs import _count
 
     from amg_engine.engine import flow_guidance
 
     engine = _engine(tiny_flow, lambda_min=0.14, lambda_max=0.14, c3=500.0)
-    mode, explicit, calls = DeviceReads(), [], []
-    real_read, real_call = flow_guidance.host_read, flow_guidance.FlowAMGDenoiser.__call__
-
-    def counted_read(t):
-        explicit.append(tuple(t.shape))
-        out = real_read(t).clone()
-        mode.tag(out, on_device=False)
-        return out
-
-    def to_device(t, device):  # on CPU .to() returns the same tensor: copy it so the tags can differ
-        out = t.clone()
-        mode.tag(out)
-        return out
-
-    def step(self, x, t):
-        mode.tag((x, t, [getattr(self, f.name) for f in fields(self) if f.init and f.name != "model"]))
-        mode.tag(self.params.__dict__)
-        calls.append(len(explicit))
-        with mode:
-            return real_call(self, x, t)
-
-    monkeypatch.setattr(flow_guidance, "host_read", counted_read)
-    monkeypatch.setattr(flow_guidance, "to_device", to_device)
-    monkeypatch.setattr(flow_guidance.FlowAMGDenoiser, "__call__", step)
-    _, traces = engine.sample(_requests())
+    per_call, implicit, traces = _count(
+        engine, _requests(), monkeypatch, flow_guidance, flow_guidance.FlowAMGDenoiser
+    )
     gates = torch.stack([tr.gate for tr in traces])
     assert gates.any() and not gates.all(), "the test needs open and closed gates"
-    per_call = [b - a for a, b in zip(calls, [*calls[1:], len(explicit)], strict=True)]
-    assert per_call == [1] * 8 and mode.reads == [], mode.reads
+    assert per_call == [1] * 8 and implicit == [], implicit
 
 
 # ------------------------------------------------------------------------------------------------

@@ -81,10 +81,13 @@ def _engine(assets, **guidance_changes) -> Engine:
     return Engine(EngineConfig(replace(g, **guidance_changes), s), assets / "model", assets / "index")
 
 
-def _count(engine: Engine, reqs, monkeypatch):
-    """(explicit host reads per call of the denoiser, implicit device reads) over one engine.sample."""
+def _count(engine: Engine, reqs, monkeypatch, module=guidance, denoiser=None):
+    """(explicit host reads per call of the denoiser, implicit device reads) over one engine.sample.
+    ``module``: where the step's denoiser and its ``host_read`` and ``to_device`` live, ``denoiser`` its
+    class (default ``module.AMGDenoiser``; engine/flow_guidance.py's ``FlowAMGDenoiser`` for flow models)."""
+    denoiser = denoiser or module.AMGDenoiser
     mode, explicit, calls = DeviceReads(), [], []
-    real_read, real_call = guidance.host_read, guidance.AMGDenoiser.__call__
+    real_read, real_call = module.host_read, denoiser.__call__
 
     def counted_read(t):
         explicit.append(tuple(t.shape))
@@ -104,9 +107,9 @@ def _count(engine: Engine, reqs, monkeypatch):
         with mode:
             return real_call(self, x, sigma)
 
-    monkeypatch.setattr(guidance, "host_read", counted_read)
-    monkeypatch.setattr(guidance, "to_device", to_device)
-    monkeypatch.setattr(guidance.AMGDenoiser, "__call__", step)
+    monkeypatch.setattr(module, "host_read", counted_read)
+    monkeypatch.setattr(module, "to_device", to_device)
+    monkeypatch.setattr(denoiser, "__call__", step)
     _, traces = engine.sample(reqs)
     per_call = [b - a for a, b in zip(calls, [*calls[1:], len(explicit)], strict=True)]
     return per_call, mode.reads, traces
