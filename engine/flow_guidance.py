@@ -94,20 +94,13 @@ def flow_combine(
     c2: torch.Tensor,
     min_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The AMG combine with the caps at ``min_scale`` and the gradient's coefficient given per row.
+    """The AMG combine with the caps at ``min_scale`` and the gradient's coefficient given per row
+    (``kernels.guidance.combine_terms_ref``, whose published case is ``amg_combine_ref``): the flow
+    models' gradient scale is c3·t(1 − t)/r, not c3·√(1 − ᾱ), and at cfg_scale 1 the caps go to 0.
+    -> (D [B, C, T], s1 [B], s2 [B], gate [B])."""
+    from amg_engine.kernels.guidance import combine_terms_ref  # as engine/guidance.combine_fn: lazily
 
-    gate = sim > lam, s1 = clamp(c1·sim, 0, s0 − min_scale), s2 = clamp(c2·sim, 0, s0 − s1 − min_scale);
-    D = x0_u + s0·(x0_c − x0_u) where the gate is closed (selected, not multiplied: x0_n and grad of those
-    rows are never read into D), else x0_u + (s0 − s1)(x0_c − x0_u) − s2·(x0_n − x0_u) − grad_coef·grad.
-    With ``min_scale`` 1 and ``grad_coef = c3·√(1 − ᾱ)`` it is ``kernels.amg_combine_ref``. fp32 arithmetic,
-    D in ``x0_c``'s dtype. -> (D [B, C, T], s1 [B], s2 [B], gate [B])."""
-    gate = sim > lam  # [B]
-    s1 = (c1 * sim).clamp(min=0).minimum(cfg_scale - min_scale)  # [B]
-    s2 = (c2 * sim).clamp(min=0).minimum(cfg_scale - s1 - min_scale)  # [B]
-    u, dc = x0_u.float(), x0_c.float() - x0_u.float()
-    plain = u + _col(cfg_scale) * dc
-    guided = u + _col(cfg_scale - s1) * dc - _col(s2) * (x0_n.float() - u) - _col(grad_coef) * grad.float()
-    return torch.where(_col(gate), guided, plain).to(x0_c.dtype), s1, s2, gate
+    return combine_terms_ref(x0_u, x0_c, x0_n, grad, sim, lam, grad_coef, cfg_scale, c1, c2, min_scale)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ._dispatch import launcher, register_op, use_triton
 
-__all__ = ["amg_combine", "amg_combine_ref"]
+__all__ = ["amg_combine", "amg_combine_ref", "combine_terms_ref"]
 
 
 @triton.jit
@@ -115,10 +115,33 @@ def amg_combine_ref(
     c3: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch twin of ``amg_combine`` (same maths and operation order, several fp32 temporaries)."""
-    gate = sim > lam  # [B]
-    s1 = (c1 * sim).clamp(min=0).minimum(cfg_scale - 1)  # [B]
-    s2 = (c2 * sim).clamp(min=0).minimum(cfg_scale - s1 - 1)  # [B]
     g_coef = c3 * torch.sqrt(1 - alpha_bar)  # [B]
+    return combine_terms_ref(x0_u, x0_c, x0_n, grad, sim, lam, g_coef, cfg_scale, c1, c2)
+
+
+def combine_terms_ref(
+    x0_u: torch.Tensor,
+    x0_c: torch.Tensor,
+    x0_n: torch.Tensor,
+    grad: torch.Tensor,
+    sim: torch.Tensor,
+    lam: torch.Tensor,
+    g_coef: torch.Tensor,
+    cfg_scale: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    min_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The combine's arithmetic with the gradient's coefficient ``g_coef`` [B] given and the caps at
+    ``min_scale`` (1: the published s1 ≤ s0 − 1, s2 ≤ s0 − s1 − 1): :func:`amg_combine_ref` with
+    g_coef = c3·√(1 − ᾱ), and the flow models' combine (engine/flow_guidance.py) with theirs.
+
+    gate = sim > lam; D = x0_u + s0·(x0_c − x0_u) where the gate is closed (selected, not multiplied:
+    x0_n and grad of those rows never enter D), else x0_u + (s0 − s1)(x0_c − x0_u) − s2·(x0_n − x0_u)
+    − g_coef·grad. fp32 arithmetic, D in x0_u's dtype. -> (D [B, C, T], s1 [B], s2 [B], gate [B])."""
+    gate = sim > lam  # [B]
+    s1 = (c1 * sim).clamp(min=0).minimum(cfg_scale - min_scale)  # [B]
+    s2 = (c2 * sim).clamp(min=0).minimum(cfg_scale - s1 - min_scale)  # [B]
     col = lambda v: v.view(-1, 1, 1)  # [B] -> [B, 1, 1]
     u = x0_u.float()  # [B, C, T]
     dc = x0_c.float() - u
