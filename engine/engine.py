@@ -428,6 +428,12 @@ def check_objective(config: EngineConfig, objective: str) -> None:
             f"(diffusion_objective {objective!r}) runs the method itself (engine/flow_guidance.py): "
             "drop --gradient and --cascade"
         )
+    if space == "t" and g.amg and g.strategy == "amg" and config.grad_memory_gib is not None:
+        raise ValueError(
+            f"grad_memory_gib={config.grad_memory_gib}: the gated path's micro-batches are the v-objective "
+            f"denoiser's; a rectified-flow model (diffusion_objective {objective!r}) computes its gated rows "
+            "in one call: drop --grad-memory-gib (and --grad-row-gib), or lower --batch-size"
+        )
     if space == "sigma" and g.min_scale != 1:
         raise ValueError(
             f"min_scale={g.min_scale}: only the flow models' combine lowers the caps below the published "

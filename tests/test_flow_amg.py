@@ -419,6 +419,15 @@ def test_train_step_rf_is_the_rectified_flow_loss(tmp_path):
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_a_memory_budget_is_refused_on_a_flow_model():
+    """The flow denoiser does not split its gated rows: a budget asked of it is an error, never ignored."""
+    from amg_engine.engine.engine import check_objective
+
+    with pytest.raises(ValueError, match="grad_memory_gib=8.0.*rectified-flow"):
+        check_objective(replace(PRESETS["default-flow"], grad_memory_gib=8.0), "rf_denoiser")
+    check_objective(replace(PRESETS["default-model"], grad_memory_gib=8.0), "v")
+
+
 @pytest.mark.parametrize("variant", [dict(gradient="detector"), dict(cascade_threshold=0.0)])
 def test_the_cheaper_variants_are_refused_on_a_flow_model(variant):
     """The flow denoiser runs the method itself: a variant asked of it is an error, never ignored."""
