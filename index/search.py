@@ -121,8 +121,9 @@ def check_config(config: SearchConfig, dim: int) -> None:
     if config.gpu and not gpu_cloneable(config.factory, dim):
         raise ValueError(
             f"faiss factory {config.factory!r} cannot go to the GPU (faiss's GPU cloner takes Flat, "
-            "IVF*,Flat, IVF*,PQ* and IVF*,SQ*, optionally after a transform, not HNSW or others): use "
-            "such a factory, e.g. 'IVF4096,PQ64', or search on the CPU"
+            "IVF*,Flat, IVF*,PQ* and IVF*,SQ*, optionally after a transform, not HNSW, fast-scan PQ "
+            "(…x4fs) or others): use such a factory, e.g. 'IVF4096,PQ64', or keep faiss on the CPU "
+            "(amg audit: --faiss-cpu)"
         )
 
 

@@ -278,9 +278,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def audit_search_config(args):
+    """The audit's SearchConfig from its flags: FAISS goes where ``--device`` says unless ``--faiss-cpu``."""
+    from amg_engine.index.search import SearchConfig
+
+    return SearchConfig(
+        kind=args.search, factory=args.faiss_factory,
+        gpu=args.device.startswith("cuda") and args.search == "faiss" and not args.faiss_cpu,
+        params={"nprobe": args.faiss_nprobe} if args.faiss_nprobe else {}, refine=args.faiss_refine,
+    )  # fmt: skip
+
+
 def cmd_audit(args) -> int:
     from amg_engine.engine.engine import DEFAULT_INDEX_DIR
-    from amg_engine.index.search import SearchConfig
     from amg_engine.jobs.audit import AuditConfig, format_summary, run_audit
 
     index = args.index or DEFAULT_INDEX_DIR
@@ -292,12 +302,7 @@ def cmd_audit(args) -> int:
         heldout = heldout or HELDOUT_INDEX_DIR
     config = AuditConfig(
         k=args.k, batch_size=args.batch_size, thresholds=tuple(args.thresholds), pairs=args.pairs,
-        search=SearchConfig(
-            kind=args.search, factory=args.faiss_factory,
-            gpu=args.device.startswith("cuda") and args.search == "faiss",
-            params={"nprobe": args.faiss_nprobe} if args.faiss_nprobe else {}, refine=args.faiss_refine,
-        ),
-        attributes=not args.no_attributes, device=args.device,
+        search=audit_search_config(args), attributes=not args.no_attributes, device=args.device,
     )  # fmt: skip
     text = _clap_text(args) if args.clap_text_encoder else None
     summary = run_audit(
@@ -372,7 +377,7 @@ def _add_audit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--faiss-factory", default="Flat", help="faiss index_factory string, with --search faiss")
     p.add_argument(
         "--faiss-nprobe", type=int, default=None,
-        help="IVF lists visited per query, with an IVF factory (faiss default 1; e.g. 64 at 10^7 clips)",
+        help="IVF lists visited per query, with an IVF factory (faiss default 1; e.g. 128 with IVF4096 at 10^7 clips)",
     )  # fmt: skip
     p.add_argument(
         "--faiss-refine", type=int, default=1,
@@ -381,8 +386,13 @@ def _add_audit_flags(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--device", default="cpu",
-        help="where the embedder and the search run: cpu, cuda (faiss too: a factory its GPU cloner "
-        "cannot take, such as HNSW, is refused before any work)",
+        help="where the embedder and the search run: cpu, cuda (faiss too, unless --faiss-cpu: a "
+        "factory its GPU cloner cannot take, such as HNSW or fast-scan PQ, is refused before any work)",
+    )  # fmt: skip
+    p.add_argument(
+        "--faiss-cpu", action="store_true",
+        help="keep faiss on the CPU when --device is cuda (the embedder and exact search stay on the "
+        "GPU): for factories the GPU cloner cannot take, e.g. IVF4096,PQ64x4fs",
     )  # fmt: skip
     p.add_argument("--restart", action="store_true", help="discard an unfinished audit of other inputs")
     _add_trust_flag(p)

@@ -215,7 +215,7 @@ def test_faiss_gpu_refuses_what_its_cloner_cannot_take():
     assert (
         gpu_cloneable("Flat", 32) and gpu_cloneable("IVF16,PQ8", 32) and gpu_cloneable("PCA16,IVF4,Flat", 32)
     )
-    assert not gpu_cloneable("HNSW32", 32)
+    assert not gpu_cloneable("HNSW32", 32) and not gpu_cloneable("IVF16,PQ8x4fs", 32)
     xb = unit(torch.randn(500, 32, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="cannot go to the GPU"):
         FaissSearcher(xb, "HNSW32", gpu=True)
@@ -234,12 +234,13 @@ def test_audit_refuses_an_uncloneable_gpu_factory_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_faiss_structure_is_kept_with_a_mapped_index_and_refined_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("factory", ["IVF8,PQ16", "IVF8,PQ16x4fs"])  # 8-bit codes, 4-bit fast-scan codes
+def test_faiss_structure_is_kept_with_a_mapped_index_and_refined_exactly(tmp_path, monkeypatch, factory):
     x = write_embeddings(tmp_path / "e.parquet", 2000, group=500)
     from amg_engine.index.build import build_from_embeddings
 
     index = build_from_embeddings(tmp_path / "e.parquet", tmp_path / "idx", progress=False)
-    config = SearchConfig(kind="faiss", factory="IVF8,PQ16", params={"nprobe": 8}, refine=20)
+    config = SearchConfig(kind="faiss", factory=factory, params={"nprobe": 8}, refine=20)
     xq = unit(
         torch.from_numpy(x[:50])
         + 0.01 * torch.randn(50, x.shape[1], generator=torch.Generator().manual_seed(1))
@@ -342,6 +343,23 @@ def test_cli_audit_on_cuda_refuses_hnsw_before_any_work(tmp_path, capsys):
     ]  # fmt: skip
     assert main(args) == 2
     assert "cannot go to the GPU" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_cli_audit_keeps_faiss_on_the_cpu_when_asked():
+    """--device cuda sends faiss to the GPU (where a fast-scan factory is refused); --faiss-cpu keeps it
+    on the CPU while the embedder and exact search go to the GPU."""
+    from amg_engine.index.search import check_config
+    from amg_engine.jobs.cli import audit_search_config, build_parser
+
+    base = ["audit", "x", "--out", "y", "--search", "faiss", "--faiss-factory", "IVF16,PQ8x4fs", "--device", "cuda"]
+    on_gpu = audit_search_config(build_parser().parse_args(base))
+    assert on_gpu.gpu
+    with pytest.raises(ValueError, match="--faiss-cpu"):
+        check_config(on_gpu, 32)
+    on_cpu = audit_search_config(build_parser().parse_args([*base, "--faiss-cpu"]))
+    assert on_cpu.gpu is False
+    check_config(on_cpu, 32)
+    assert not audit_search_config(build_parser().parse_args(base[:-2])).gpu  # --device cpu
 
 
 def test_exact_search_sharded_over_devices_equals_one_device():
