@@ -12,8 +12,10 @@ peak-normalised), on reader threads, and the windows are embedded in batches.
 A third source is a Parquet file of embeddings a lab already has (:func:`build_from_embeddings`:
 id, caption, vector, and the embedder's identity in the file's metadata), streamed in row batches.
 
-Either way the rows go into memory maps in ``OUT/.build`` (``vectors.npy``, ``seconds.npy``) next to
-a ``plan.json`` naming the inputs and a ``progress.json`` counting the rows written (after a flush);
+Either way the rows go into ``.npy`` files in ``OUT/.build`` (``vectors.npy``, ``seconds.npy``, written
+at each row's offset, not through a memory map, so the written pages stay page cache and out of the
+process's resident memory) next to a ``plan.json`` naming the inputs and a ``progress.json`` counting
+the rows written (after an fsync);
 a rerun after an interruption starts at the first uncounted row. At the end the items are streamed
 into ``items.arrow``, the vectors' file is renamed into ``OUT`` and the folder is sealed as a
 memory-mapped index (index/store.py); ``.build`` goes. Five files in the work folder and four in the
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -163,35 +166,55 @@ def _embed_part(clips: list[Clip], embedder, device: torch.device, pool: ThreadP
 
 
 class _Rows:
-    """The build's output rows in the work folder, as memory maps that survive a kill: ``vectors.npy``
+    """The build's output rows in the work folder, as ``.npy`` files that survive a kill: ``vectors.npy``
     [N, D] in the index's dtype, ``seconds.npy`` [N] float64, and ``progress.json`` counting the
-    rows written (advanced only after the maps are flushed). A bounded number of files whatever N."""
+    rows written (advanced only after the files are synced). A bounded number of files whatever N.
+
+    The files are created (and sized) as ``.npy`` memory maps but written with ``os.pwrite`` at each
+    row's offset, not through the map: the written pages are then page cache, not the build process's
+    resident memory (a 10^7 x 512 float16 build writes 10 GB)."""
 
     def __init__(self, work: Path, n: int, dim: int, dtype: str) -> None:
+        self._files: dict = {}
         self.work, self.progress = work, work / "progress.json"
         done = json.loads(self.progress.read_text())["rows"] if self.progress.exists() else 0
-        mode = "r+" if done else "w+"  # nothing counted yet: (re)create the maps
+        mode = "r+" if done else "w+"  # nothing counted yet: (re)create the files
         vectors = work / VECTORS_NPY
         if done == n and not vectors.exists():  # killed while sealing, after the vectors moved out
             vectors = work.parent / VECTORS_NPY
-        self.vectors = np.lib.format.open_memmap(vectors, mode, dtype, (n, dim))
-        self.seconds = np.lib.format.open_memmap(work / "seconds.npy", mode, np.float64, (n,))
+        for name, path, kind, shape in (("vectors", vectors, dtype, (n, dim)),
+                                        ("seconds", work / "seconds.npy", np.float64, (n,))):  # fmt: skip
+            array = np.lib.format.open_memmap(path, mode, kind, shape)  # header and size; then unmapped
+            self._files[name] = (os.open(path, os.O_RDWR), array.offset, array.dtype, array[0:1].nbytes)
+            del array
         self.done = done
 
+    def _pwrite(self, name: str, start: int, values: np.ndarray) -> None:
+        fd, offset, dtype, row_bytes = self._files[name]
+        data = memoryview(np.ascontiguousarray(values, dtype=dtype)).cast("B")  # cast to the stored dtype
+        at = offset + start * row_bytes
+        while data.nbytes:  # a regular file takes it all at once; a short write is continued
+            written = os.pwrite(fd, data, at)
+            data, at = data[written:], at + written
+
     def write(self, start: int, vectors: np.ndarray, seconds: np.ndarray | None = None) -> None:
-        self.vectors[start : start + len(vectors)] = vectors  # cast to the stored dtype here
+        self._pwrite("vectors", start, vectors)
         if seconds is not None:
-            self.seconds[start : start + len(seconds)] = seconds
+            self._pwrite("seconds", start, seconds)
 
     def commit(self, rows: int) -> None:
-        """Everything before row ``rows`` is written: flush the maps, then count it."""
-        self.vectors.flush()
-        self.seconds.flush()
+        """Everything before row ``rows`` is written: sync the files, then count it."""
+        for fd, *_ in self._files.values():
+            os.fsync(fd)
         atomic_write(self.progress, lambda p: Path(p).write_text(json.dumps({"rows": rows})))
         self.done = rows
 
     def close(self) -> None:
-        del self.vectors, self.seconds
+        for fd, *_ in self._files.values():
+            os.close(fd)
+        self._files = {}
+
+    __del__ = close  # a build that raised: its descriptors go with it
 
 
 def _seal(work: Path, out_dir: Path, rows: _Rows, items: Iterator[dict], info) -> EmbeddingIndex:
