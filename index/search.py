@@ -14,7 +14,9 @@ index's ids (a host synchronisation, so only outside the denoising step).
   is converted to float32 as it is scanned, so the scan holds one chunk, never the whole index.
 - :class:`FaissSearcher`: any ``faiss.index_factory`` string ("Flat", "IVF1024,PQ64", "HNSW32", …)
   with inner-product metric, trained on a random sample of ``xb`` when the index needs training,
-  filled chunk by chunk (one float32 chunk at a time, never a float32 copy of xb), split into
+  filled chunk by chunk (one float32 chunk at a time, never a float32 copy of xb; a memory-mapped
+  index's rows are read with positioned reads, :meth:`EmbeddingIndex.row_source`, so the pass over
+  10 GB does not become the process's resident memory), split into
   ``faiss.IndexShards``, on all GPUs when asked (``gpu=True``) or, by default, when the installed
   faiss has GPU support and the factory is one faiss's GPU cloner takes (:func:`gpu_cloneable`;
   HNSW is not: ``gpu=True`` with it is refused before any training). Runtime parameters
@@ -151,11 +153,12 @@ def make_searcher(index, config: SearchConfig, device: str | torch.device | None
             index.vectors, shards=config.shards, chunk=config.chunk, ids=index.ids, devices=_devices(device)
         )
     cached = _faiss_cache(index, config)
+    rows = index.row_source()  # a memory-mapped index: read with pread, not through the map
     if cached is not None and cached.exists():
         log.info("faiss index from %s", cached)
-        return FaissSearcher.load(cached, config, ids=index.ids, xb=index.vectors)
+        return FaissSearcher.load(cached, config, ids=index.ids, xb=rows)
     searcher = FaissSearcher(
-        index.vectors, factory=config.factory, shards=config.shards, params=config.params,
+        rows, factory=config.factory, shards=config.shards, params=config.params,
         train_size=config.train_size, seed=config.seed, gpu=config.gpu, ids=index.ids, refine=config.refine,
     )  # fmt: skip
     if cached is not None:
@@ -273,7 +276,7 @@ def train_sample(xb: np.ndarray, size: int | None, seed: int) -> np.ndarray:
     n = xb.shape[0]
     size = min(n, size or 100_000)
     if size == n:
-        return xb
+        return xb[0:n]  # a VectorFile reads its rows here; an array or tensor gives a view
     rows = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
     return xb[rows]
 
@@ -281,7 +284,8 @@ def train_sample(xb: np.ndarray, size: int | None, seed: int) -> np.ndarray:
 class FaissSearcher:
     """A faiss index from a factory string, inner-product metric, optionally sharded and on GPU.
 
-    xb [N, D] float32 (torch or numpy). Trained on ``train_sample(xb, train_size, seed)`` when the
+    xb [N, D] (torch, numpy, or an index.store.VectorFile reading a memory-mapped index's file with
+    positioned reads; any float dtype, converted a chunk at a time). Trained on ``train_sample(xb, train_size, seed)`` when the
     factory needs training (without polysemous PQ training, see ``_no_polysemous_training``); the
     trained, empty index is cloned into ``shards`` parts that each get a
     contiguous slice of xb (``IndexShards(successive_ids=True)``, so I are rows of xb).

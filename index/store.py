@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from amg_engine.index.clip import EmbedderInfo
 from amg_engine.index.embedders import EmbedderMismatch
 from amg_engine.index.files import atomic_write, file_digest
 
-__all__ = ["Column", "EmbedderMismatch", "EmbeddingIndex", "build_index", "index_id"]
+__all__ = ["Column", "EmbedderMismatch", "EmbeddingIndex", "VectorFile", "build_index", "index_id"]
 
 FORMAT = 2  # index.json's "format": the memory-mapped layout
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -86,6 +87,63 @@ class Column(Sequence):
         return self._values.to_numpy()
 
 
+class VectorFile:
+    """The rows of a ``vectors.npy`` read with positioned reads (``os.pread``), never through a mapping.
+
+    Indexing takes what a memory map takes for reading rows, ``f[lo:hi]`` or ``f[rows]`` (a 1-D integer
+    array, any order, repeats allowed), and returns a numpy array in the stored dtype. The bytes pass
+    through the page cache but never into the process's address space, so a pass over a 10 GB file
+    (filling a faiss structure) leaves the process's resident memory at the chunk it holds, where a
+    memory map would count every page it touched.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            self.offset = f.tell()
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{self.path}: expected a C-ordered [N, D] array, found shape {shape}")
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self._row_bytes = shape[1] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, fd: int, lo: int, hi: int) -> np.ndarray:
+        size, at, parts = (hi - lo) * self._row_bytes, self.offset + lo * self._row_bytes, []
+        while size:  # a regular file answers in one read up to ~2 GB; continue a short one
+            part = os.pread(fd, min(size, 1 << 30), at)
+            if not part:
+                raise OSError(f"{self.path} ends before row {hi}: the file was truncated")
+            parts.append(part)
+            size, at = size - len(part), at + len(part)
+        return np.frombuffer(b"".join(parts) if len(parts) != 1 else parts[0], self.dtype).reshape(
+            hi - lo, self.shape[1]
+        )
+
+    def __getitem__(self, key) -> np.ndarray:
+        with open(self.path, "rb") as f:
+            if isinstance(key, slice):
+                lo, hi, step = key.indices(self.shape[0])
+                if step != 1:
+                    raise IndexError("VectorFile reads contiguous slices (step 1) or integer arrays")
+                return self._read(f.fileno(), lo, max(lo, hi)).copy()
+            rows = np.asarray(key, dtype=np.int64)
+            if rows.ndim != 1:
+                raise IndexError(f"VectorFile takes a slice or a 1-D integer array, not shape {rows.shape}")
+            if rows.size and (rows.min() < -self.shape[0] or rows.max() >= self.shape[0]):
+                raise IndexError(f"row out of range for {self.shape[0]} rows")
+            rows = rows % max(self.shape[0], 1)
+            unique, inverse = np.unique(rows, return_inverse=True)  # sorted: the file is read forward
+            breaks = np.flatnonzero(np.diff(unique) != 1) + 1  # runs of consecutive rows: one read each
+            runs = [self._read(f.fileno(), int(r[0]), int(r[-1]) + 1) for r in np.split(unique, breaks) if r.size]
+            out = np.concatenate(runs) if runs else np.empty((0, self.shape[1]), self.dtype)
+            return out[inverse]
+
+
 @dataclass
 class EmbeddingIndex:
     vectors: torch.Tensor  # [N, D] unit-norm, float32 or float16 (memory-mapped when loaded so)
@@ -127,6 +185,14 @@ class EmbeddingIndex:
             latents,
             self.folder,
         )  # a memory-mapped index stays mapped on the CPU (to("cpu") returns the same tensor)
+
+    def row_source(self):
+        """What reads this index's rows for a pass over them on the CPU (filling and re-scoring a faiss
+        structure): a :class:`VectorFile` for a memory-mapped index whose vectors are on the CPU, the
+        vectors themselves otherwise. Same rows, same dtype."""
+        if self.folder is not None and (self.folder / INDEX_JSON).exists() and self.vectors.device.type == "cpu":
+            return VectorFile(self.folder / VECTORS_NPY)
+        return self.vectors
 
     def check_embedder(self, info: EmbedderInfo) -> None:
         if info != self.embedder:

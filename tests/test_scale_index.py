@@ -24,7 +24,7 @@ from amg_engine.engine.default.heldout import HELDOUT_INDEX_DIR
 from amg_engine.engine.engine import DEFAULT_INDEX_DIR
 from amg_engine.index.embedders import EmbedderMismatch, MelEmbedder
 from amg_engine.index.search import FaissSearcher, SearchConfig, gpu_cloneable, make_searcher
-from amg_engine.index.store import Column, EmbeddingIndex, index_id, save_mapped
+from amg_engine.index.store import Column, EmbeddingIndex, VectorFile, index_id, save_mapped
 
 FP16_COS = 2.0**-11  # the largest change of a unit-vector cosine when one side is stored in float16
 
@@ -196,6 +196,50 @@ def test_chunked_scan_is_the_twin_with_its_tie_rule():
             got = scan_chunked(xq, xb.to(dtype), chunk)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dtype, chunk)
         assert want[1][:2].tolist() == [3, 11]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_vector_file_reads_the_rows_a_memory_map_reads(tmp_path, dtype):
+    """Positioned reads give the map's rows: slices (open, empty, negative, past the end) and integer
+    arrays in any order with repeats, in the stored dtype; out-of-range rows are refused."""
+    x = np.random.default_rng(0).standard_normal((1000, 24)).astype(dtype)
+    np.save(tmp_path / "v.npy", x)
+    f, m = VectorFile(tmp_path / "v.npy"), np.load(tmp_path / "v.npy", mmap_mode="r")
+    assert f.shape == m.shape and f.dtype == m.dtype and len(f) == 1000
+    for key in (slice(0, 1000), slice(17, 530), slice(990, 2000), slice(5, 5), slice(-10, None), slice(None)):
+        got = f[key]
+        assert got.dtype == m.dtype and np.array_equal(got, m[key]), key
+    for rows in ([3, 1, 2, 2, 999, 0], [500], [], np.arange(100, 300), [-1, 7, 8, 9, 400]):
+        assert np.array_equal(f[np.asarray(rows, dtype=np.int64)], m[np.asarray(rows, dtype=np.int64)]), rows
+    with pytest.raises(IndexError):
+        f[np.array([1000])]
+    with pytest.raises(IndexError):
+        f[0:10:2]
+
+
+def test_faiss_over_a_mapped_index_reads_rows_not_the_map(tmp_path, monkeypatch):
+    """make_searcher fills and re-scores faiss from the file (VectorFile), never by slicing the mapped
+    tensor, and answers as a searcher given the vectors themselves does."""
+    x = write_embeddings(tmp_path / "e.parquet", 3000, group=1000)
+    from amg_engine.index.build import build_from_embeddings
+
+    index = build_from_embeddings(tmp_path / "e.parquet", tmp_path / "idx", progress=False)
+    assert isinstance(index.row_source(), VectorFile)
+    assert EmbeddingIndex.load(DEFAULT_INDEX_DIR).row_source() is not None  # the in-memory layout: vectors
+    config = SearchConfig(kind="faiss", factory="IVF8,PQ16", params={"nprobe": 4}, refine=10, cache=False)
+    xq = unit(torch.from_numpy(x[:40]) + 0.02 * torch.randn(40, x.shape[1], generator=torch.Generator().manual_seed(2)))
+    want = FaissSearcher(index.vectors, "IVF8,PQ16", params={"nprobe": 4}, gpu=False, refine=10).search(xq, 3)
+    touched = []
+    real = FaissSearcher.__init__
+
+    def spy(self, xb, *a, **k):
+        touched.append(type(xb))
+        real(self, xb, *a, **k)
+
+    monkeypatch.setattr(FaissSearcher, "__init__", spy)
+    got = make_searcher(index, config).search(xq, 3)
+    assert touched == [VectorFile]
+    assert torch.equal(got.I, want.I) and torch.equal(got.D, want.D)
 
 
 def test_faiss_never_copies_the_index_to_float32(tmp_path):
