@@ -10,7 +10,10 @@ about sqrt(2 ln N / D) ≈ 0.25 at most), and recall@1 is the share of queries w
 
 Each stage runs in its own process (a child of this one), which reports its wall time and its peak
 memory two ways: ``maxrss`` (getrusage: resident pages, memory-mapped file pages included) and
-``peak_anon`` (RssAnon sampled every 10 ms: the process's own memory, page cache excluded). Stages:
+``peak_anon`` (RssAnon sampled every 10 ms: the process's own memory, page cache excluded). The
+two differ by the file pages a process maps: the exact stage scans the memory map, so its maxrss
+counts the whole file; the build, the faiss stages and the queries read rows with positioned reads
+(index/store.py ``VectorFile``), so theirs do not. Stages:
 embeddings (the input file), build (``build_from_embeddings``: the memory-mapped fp16 index),
 ivfpq (train and fill the FAISS structure, kept in the index folder; by default IVF with 4-bit
 fast-scan PQ codes, re-scored exactly against the memory map), load (the index and the FAISS
@@ -118,12 +121,15 @@ def _search_config(a):
 
 
 def stage_ivfpq(a) -> dict:
-    from amg_engine.index.search import make_searcher
+    from amg_engine.index.search import _faiss_cache, make_searcher
     from amg_engine.index.store import EmbeddingIndex
 
-    make_searcher(EmbeddingIndex.load(a.work / "index"), _search_config(a))
-    files = list((a.work / "index" / "faiss").glob("*.faissindex"))
-    return {"bytes": sum(p.stat().st_size for p in files)}
+    index, config = EmbeddingIndex.load(a.work / "index"), _search_config(a)
+    kept = _faiss_cache(index, config)
+    if kept.exists():  # a structure of this configuration from an earlier run: train and fill anew
+        kept.unlink()
+    make_searcher(index, config)
+    return {"bytes": kept.stat().st_size}
 
 
 def stage_load(a) -> dict:
@@ -144,7 +150,7 @@ def planted_queries(xb, n_per: int, seed: int):
 
     rng = np.random.default_rng([seed, 1])
     rows = rng.choice(xb.shape[0], size=len(COSINES) * n_per, replace=False)
-    x = xb[np.sort(rows)].astype(np.float32)
+    x = xb[np.sort(rows)].astype(np.float32)  # xb: an array or an index.store.VectorFile
     order = np.argsort(rows)
     x = x[np.argsort(order)]  # back to the order of ``rows``
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -163,7 +169,7 @@ def _search(a, kind: str) -> dict:
     from amg_engine.index.store import EmbeddingIndex
 
     index = EmbeddingIndex.load(a.work / "index")
-    xq, rows, cos = planted_queries(index.vectors.numpy(), a.queries, a.seed)
+    xq, rows, cos = planted_queries(index.row_source(), a.queries, a.seed)  # read, not through the map
     config = SearchConfig(kind="exact", chunk=a.chunk) if kind == "exact" else _search_config(a)
     searcher = make_searcher(index, config)
     searcher.search(torch.from_numpy(xq[:8]), 1)  # warm-up (and, for exact, nothing cached: pages)
