@@ -112,25 +112,23 @@ class VectorFile:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _read(self, fd: int, lo: int, hi: int) -> np.ndarray:
-        size, at, parts = (hi - lo) * self._row_bytes, self.offset + lo * self._row_bytes, []
-        while size:  # a regular file answers in one read up to ~2 GB; continue a short one
-            part = os.pread(fd, min(size, 1 << 30), at)
-            if not part:
-                raise OSError(f"{self.path} ends before row {hi}: the file was truncated")
-            parts.append(part)
-            size, at = size - len(part), at + len(part)
-        return np.frombuffer(b"".join(parts) if len(parts) != 1 else parts[0], self.dtype).reshape(
-            hi - lo, self.shape[1]
-        )
+    def _read_into(self, fd: int, out: memoryview, row: int) -> None:
+        """Fill ``out`` (bytes of whole rows) from the file, starting at ``row``."""
+        at = self.offset + row * self._row_bytes
+        while out.nbytes:  # a regular file fills it in one call; continue a short read
+            got = os.preadv(fd, [out[: 1 << 30]], at)
+            if got == 0:
+                raise OSError(f"{self.path} ends before the rows asked for: the file was truncated")
+            out, at = out[got:], at + got
 
     def __getitem__(self, key) -> np.ndarray:
-        with open(self.path, "rb") as f:
-            if isinstance(key, slice):
-                lo, hi, step = key.indices(self.shape[0])
-                if step != 1:
-                    raise IndexError("VectorFile reads contiguous slices (step 1) or integer arrays")
-                return self._read(f.fileno(), lo, max(lo, hi)).copy()
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(self.shape[0])
+            if step != 1:
+                raise IndexError("VectorFile reads contiguous slices (step 1) or integer arrays")
+            starts, lengths = np.array([lo]), np.array([max(0, hi - lo)])
+            inverse = None
+        else:
             rows = np.asarray(key, dtype=np.int64)
             if rows.ndim != 1:
                 raise IndexError(f"VectorFile takes a slice or a 1-D integer array, not shape {rows.shape}")
@@ -138,10 +136,18 @@ class VectorFile:
                 raise IndexError(f"row out of range for {self.shape[0]} rows")
             rows = rows % max(self.shape[0], 1)
             unique, inverse = np.unique(rows, return_inverse=True)  # sorted: the file is read forward
-            breaks = np.flatnonzero(np.diff(unique) != 1) + 1  # runs of consecutive rows: one read each
-            runs = [self._read(f.fileno(), int(r[0]), int(r[-1]) + 1) for r in np.split(unique, breaks) if r.size]
-            out = np.concatenate(runs) if runs else np.empty((0, self.shape[1]), self.dtype)
-            return out[inverse]
+            first = np.flatnonzero(np.diff(unique, prepend=-2) != 1)  # runs of consecutive rows
+            starts, lengths = unique[first], np.diff(first, append=len(unique))
+        out = np.empty((int(lengths.sum()), self.shape[1]), self.dtype)
+        if out.size == 0:
+            return out if inverse is None else out[inverse]
+        view, pos = memoryview(out).cast("B"), 0
+        with open(self.path, "rb") as f:
+            for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):  # one read per run
+                size = length * self._row_bytes
+                self._read_into(f.fileno(), view[pos : pos + size], start)
+                pos += size
+        return out if inverse is None else out[inverse]
 
 
 @dataclass
