@@ -285,10 +285,11 @@ class FaissSearcher:
     """A faiss index from a factory string, inner-product metric, optionally sharded and on GPU.
 
     xb [N, D] (torch, numpy, or an index.store.VectorFile reading a memory-mapped index's file with
-    positioned reads; any float dtype, converted a chunk at a time). Trained on ``train_sample(xb, train_size, seed)`` when the
-    factory needs training (without polysemous PQ training, see ``_no_polysemous_training``); the
-    trained, empty index is cloned into ``shards`` parts that each get a
-    contiguous slice of xb (``IndexShards(successive_ids=True)``, so I are rows of xb).
+    positioned reads; any float dtype, converted a chunk at a time). Trained on
+    ``train_sample(xb, train_size, seed)`` when the factory needs training (without polysemous PQ
+    training, see ``_no_polysemous_training``); the trained, empty index is cloned into ``shards``
+    parts that each get a contiguous slice of xb (``IndexShards(successive_ids=True)``, so I are rows
+    of xb).
     """
 
     def __init__(

@@ -101,7 +101,8 @@ class VectorFile:
         self.path = Path(path)
         with open(self.path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            fmt = np.lib.format
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
             shape, fortran, dtype = read(f)
             self.offset = f.tell()
         if fortran or len(shape) != 2:
@@ -196,7 +197,8 @@ class EmbeddingIndex:
         """What reads this index's rows for a pass over them on the CPU (filling and re-scoring a faiss
         structure): a :class:`VectorFile` for a memory-mapped index whose vectors are on the CPU, the
         vectors themselves otherwise. Same rows, same dtype."""
-        if self.folder is not None and (self.folder / INDEX_JSON).exists() and self.vectors.device.type == "cpu":
+        mapped = self.folder is not None and (self.folder / INDEX_JSON).exists()
+        if mapped and self.vectors.device.type == "cpu":
             return VectorFile(self.folder / VECTORS_NPY)
         return self.vectors
 

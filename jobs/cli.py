@@ -377,7 +377,8 @@ def _add_audit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--faiss-factory", default="Flat", help="faiss index_factory string, with --search faiss")
     p.add_argument(
         "--faiss-nprobe", type=int, default=None,
-        help="IVF lists visited per query, with an IVF factory (faiss default 1; e.g. 128 with IVF4096 at 10^7 clips)",
+        help="IVF lists visited per query, with an IVF factory (faiss default 1; e.g. 128 with IVF4096 "
+        "at 10^7 clips)",
     )  # fmt: skip
     p.add_argument(
         "--faiss-refine", type=int, default=1,

@@ -227,7 +227,8 @@ def test_faiss_over_a_mapped_index_reads_rows_not_the_map(tmp_path, monkeypatch)
     assert isinstance(index.row_source(), VectorFile)
     assert EmbeddingIndex.load(DEFAULT_INDEX_DIR).row_source() is not None  # the in-memory layout: vectors
     config = SearchConfig(kind="faiss", factory="IVF8,PQ16", params={"nprobe": 4}, refine=10, cache=False)
-    xq = unit(torch.from_numpy(x[:40]) + 0.02 * torch.randn(40, x.shape[1], generator=torch.Generator().manual_seed(2)))
+    noise = torch.randn(40, x.shape[1], generator=torch.Generator().manual_seed(2))
+    xq = unit(torch.from_numpy(x[:40]) + 0.02 * noise)
     want = FaissSearcher(index.vectors, "IVF8,PQ16", params={"nprobe": 4}, gpu=False, refine=10).search(xq, 3)
     touched = []
     real = FaissSearcher.__init__
@@ -395,7 +396,8 @@ def test_cli_audit_keeps_faiss_on_the_cpu_when_asked():
     from amg_engine.index.search import check_config
     from amg_engine.jobs.cli import audit_search_config, build_parser
 
-    base = ["audit", "x", "--out", "y", "--search", "faiss", "--faiss-factory", "IVF16,PQ8x4fs", "--device", "cuda"]
+    base = ["audit", "x", "--out", "y", "--search", "faiss", "--faiss-factory", "IVF16,PQ8x4fs",
+            "--device", "cuda"]  # fmt: skip
     on_gpu = audit_search_config(build_parser().parse_args(base))
     assert on_gpu.gpu
     with pytest.raises(ValueError, match="--faiss-cpu"):
