@@ -165,6 +165,23 @@ def test_build_from_embeddings_refuses_what_the_engine_would(tmp_path):
         assert not (tmp_path / name / "embedder.json").exists()
 
 
+def test_duplicate_or_missing_ids_are_refused_and_hash_collisions_are_not(monkeypatch):
+    import amg_engine.index.build as build
+
+    ids = [f"c{i}" for i in range(1000)]
+    column = pa.chunked_array([ids[:300], ids[300:]])  # two chunks, as a file of two batches reads
+    build.check_unique_ids(column, batch_rows=64)
+    with pytest.raises(ValueError, match=r"duplicate ids: 'c17' at rows 17 and 999"):
+        build.check_unique_ids(pa.chunked_array([ids[:999] + ["c17"]]), batch_rows=64)
+    with pytest.raises(ValueError, match="row 500 of the source has no id"):
+        build.check_unique_ids(pa.chunked_array([ids[:500] + [None] + ids[501:]]), batch_rows=64)
+    # every id hashing alike: distinct ids still pass (compared as strings), a repeat is still found
+    monkeypatch.setattr(build, "hash", lambda text: 7, raising=False)
+    build.check_unique_ids(column, batch_rows=64)
+    with pytest.raises(ValueError, match=r"'c5' at rows 5 and 400"):
+        build.check_unique_ids(pa.chunked_array([ids[:400] + ["c5"] + ids[401:]]), batch_rows=64)
+
+
 def test_cli_builds_from_embeddings(tmp_path, capsys):
     from amg_engine.index.cli import main
 
