@@ -59,7 +59,9 @@ from amg_engine.engine.models import denoise as model_denoise
 from amg_engine.engine.shards import index_rows, nearest
 from amg_engine.engine.transfer import host_read, to_device
 
-__all__ = ["FlowAMGDenoiser", "flow_alpha_bar", "flow_combine", "flow_grad_scale", "flow_sigma"]
+__all__ = [
+    "FlowAMGDenoiser", "flow_alpha_bar", "flow_combine", "flow_combine_fn", "flow_grad_scale", "flow_sigma",
+]  # fmt: skip
 
 
 def flow_sigma(t: torch.Tensor) -> torch.Tensor:
@@ -95,12 +97,19 @@ def flow_combine(
     min_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The AMG combine with the caps at ``min_scale`` and the gradient's coefficient given per row
-    (``kernels.guidance.combine_terms_ref``, whose published case is ``amg_combine_ref``): the flow
-    models' gradient scale is c3·t(1 − t)/r, not c3·√(1 − ᾱ), and at cfg_scale 1 the caps go to 0.
-    -> (D [B, C, T], s1 [B], s2 [B], gate [B])."""
-    from amg_engine.kernels.guidance import combine_terms_ref  # as engine/guidance.combine_fn: lazily
+    (``kernels.guidance.combine_terms``, whose published case is ``amg_combine``): the flow models'
+    gradient scale is c3·t(1 − t)/r, not c3·√(1 − ᾱ), and at cfg_scale 1 the caps go to 0. Runs
+    :func:`flow_combine_fn` of the latents' device. -> (D [B, C, T], s1 [B], s2 [B], gate [B])."""
+    fn = flow_combine_fn(x0_u.device)
+    return fn(x0_u, x0_c, x0_n, grad, sim, lam, grad_coef, cfg_scale, c1, c2, min_scale)
 
-    return combine_terms_ref(x0_u, x0_c, x0_n, grad, sim, lam, grad_coef, cfg_scale, c1, c2, min_scale)
+
+def flow_combine_fn(device: torch.device) -> Callable:
+    """The fused Triton combine on CUDA (``kernels.guidance.combine_terms``), else its torch twin
+    ``combine_terms_ref``: the rule engine/guidance.py ``combine_fn`` applies to the v step."""
+    from amg_engine.kernels.guidance import combine_terms, combine_terms_ref  # lazily, as combine_fn
+
+    return combine_terms if device.type == "cuda" else combine_terms_ref
 
 
 @dataclass

@@ -13,6 +13,11 @@ with the m = 0 case **selected**, not multiplied by zero: the engine does not co
 ``grad`` for ungated rows and may leave garbage (NaN, inf) there, which must not leak into D. The kernel
 does not even read those rows. Arithmetic is fp32; D comes back contiguous in the input dtype.
 One pass over memory: each input element is read at most once and each D element written once.
+
+The kernel itself takes the gradient's coefficient per row and the caps' ``min_scale`` (s1 ≤ s0 − m,
+s2 ≤ s0 − s1 − m): ``amg_combine`` passes c3·√(1 − ᾱ) and 1 (the published step above), and
+``combine_terms`` (custom op ``amg::combine_terms``) passes what the flow models' step computes
+(engine/flow_guidance.py: c3·t(1 − t)/r, and 0 at cfg_scale 1).
 Contiguous latents (what the engine passes) are addressed by flat offset; other layouts pay a
 per-element divide to split the offset into channel and time.
 """
@@ -25,7 +30,7 @@ import triton.language as tl
 
 from ._dispatch import launcher, register_op, use_triton
 
-__all__ = ["amg_combine", "amg_combine_ref", "combine_terms_ref"]
+__all__ = ["amg_combine", "amg_combine_ref", "combine_terms", "combine_terms_ref"]
 
 
 @triton.jit
@@ -35,16 +40,16 @@ def _amg_combine_kernel(
     n_ptr,  # [B, C, T] x0_n
     g_ptr,  # [B, C, T] grad
     out_ptr,  # [B, C, T] D, contiguous
-    sim_ptr,  # [B] float32, as are the six below
+    sim_ptr,  # [B] float32, as are the five below
     lam_ptr,
-    ab_ptr,
+    gc_ptr,  # the gradient's coefficient per row: c3·√(1 − ᾱ) for the published step
     s0_ptr,
     c1_ptr,
     c2_ptr,
-    c3_ptr,
     s1_ptr,  # [B] float32 out
     s2_ptr,  # [B] float32 out
     gate_ptr,  # [B] bool out
+    min_scale,  # float: the caps s1 ≤ s0 − min_scale, s2 ≤ s0 − s1 − min_scale (published: 1)
     T,
     CT,
     su_b,  # strides (batch, channel, time) of x0_u, x0_c, x0_n and grad, in that order
@@ -69,9 +74,9 @@ def _amg_combine_kernel(
     # where(...) != 0 rather than a bare float compare: the interpreter keeps a compare's operand
     # dtype (float32 here), which it then cannot AND with the int mask below. Free on a GPU.
     gate = tl.where(sim > tl.load(lam_ptr + row), 1, 0) != 0
-    s1 = tl.minimum(tl.maximum(tl.load(c1_ptr + row) * sim, 0.0), s0 - 1.0)
-    s2 = tl.minimum(tl.maximum(tl.load(c2_ptr + row) * sim, 0.0), s0 - s1 - 1.0)
-    g_coef = tl.load(c3_ptr + row) * tl.sqrt_rn(1.0 - tl.load(ab_ptr + row))
+    s1 = tl.minimum(tl.maximum(tl.load(c1_ptr + row) * sim, 0.0), s0 - min_scale)
+    s2 = tl.minimum(tl.maximum(tl.load(c2_ptr + row) * sim, 0.0), s0 - s1 - min_scale)
+    g_coef = tl.load(gc_ptr + row)
     if tile == 0:
         tl.store(s1_ptr + row, s1)
         tl.store(s2_ptr + row, s2)
@@ -152,6 +157,40 @@ def combine_terms_ref(
     return D, s1, s2, gate
 
 
+def _launch(
+    x0_u: torch.Tensor,
+    x0_c: torch.Tensor,
+    x0_n: torch.Tensor,
+    grad: torch.Tensor,
+    sim: torch.Tensor,
+    lam: torch.Tensor,
+    g_coef: torch.Tensor,
+    cfg_scale: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    min_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch of the kernel over (row, tile of C*T); the body of both custom ops."""
+    B, C, T = x0_u.shape
+    CT = C * T
+    block = min(1024, max(128, triton.next_power_of_2(CT)))  # 1024: 8 fp32 / 16 B per thread at 4 warps
+    D = torch.empty((B, C, T), dtype=x0_u.dtype, device=x0_u.device)
+    s1 = torch.empty((B,), dtype=torch.float32, device=x0_u.device)
+    s2 = torch.empty((B,), dtype=torch.float32, device=x0_u.device)
+    gate = torch.empty((B,), dtype=torch.bool, device=x0_u.device)
+    latents = (x0_u, x0_c, x0_n, grad)
+    strides = [s for x in latents for s in x.stride()]
+    sim, lam, g_coef, cfg_scale, c1, c2 = (
+        r.contiguous() for r in (sim, lam, g_coef, cfg_scale, c1, c2)
+    )  # the kernel indexes rows with stride 1 (an expanded scalar has stride 0)
+    grid = (B, triton.cdiv(CT, block))
+    launcher(_amg_combine_kernel)[grid](
+        x0_u, x0_c, x0_n, grad, D, sim, lam, g_coef, cfg_scale, c1, c2, s1, s2, gate, float(min_scale),
+        T, CT, *strides, BLOCK=block, CONTIGUOUS=all(x.is_contiguous() for x in latents), num_warps=4,
+    )  # fmt: skip
+    return D, s1, s2, gate
+
+
 def _amg_combine_triton(
     x0_u: torch.Tensor,
     x0_c: torch.Tensor,
@@ -165,49 +204,51 @@ def _amg_combine_triton(
     c2: torch.Tensor,
     c3: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Body of the custom op ``amg::amg_combine``: one kernel launch over (row, tile of C*T)."""
-    B, C, T = x0_u.shape
-    CT = C * T
-    block = min(1024, max(128, triton.next_power_of_2(CT)))  # 1024: 8 fp32 / 16 B per thread at 4 warps
-    D = torch.empty((B, C, T), dtype=x0_u.dtype, device=x0_u.device)
-    s1 = torch.empty((B,), dtype=torch.float32, device=x0_u.device)
-    s2 = torch.empty((B,), dtype=torch.float32, device=x0_u.device)
-    gate = torch.empty((B,), dtype=torch.bool, device=x0_u.device)
-    latents = (x0_u, x0_c, x0_n, grad)
-    strides = [s for x in latents for s in x.stride()]
-    sim, lam, alpha_bar, cfg_scale, c1, c2, c3 = (
-        r.contiguous() for r in (sim, lam, alpha_bar, cfg_scale, c1, c2, c3)
-    )  # the kernel indexes rows with stride 1 (an expanded scalar has stride 0)
-    grid = (B, triton.cdiv(CT, block))
-    launcher(_amg_combine_kernel)[grid](
-        x0_u, x0_c, x0_n, grad, D, sim, lam, alpha_bar, cfg_scale, c1, c2, c3, s1, s2, gate,
-        T, CT, *strides, BLOCK=block, CONTIGUOUS=all(x.is_contiguous() for x in latents), num_warps=4,
-    )  # fmt: skip
-    return D, s1, s2, gate
+    """Body of the custom op ``amg::amg_combine``: the published coefficient c3·√(1 − ᾱ) per row (the
+    twin's operations, so the same fp32 bits), then the kernel with the caps at 1."""
+    g_coef = c3 * torch.sqrt(1 - alpha_bar)  # [B]
+    return _launch(x0_u, x0_c, x0_n, grad, sim, lam, g_coef, cfg_scale, c1, c2, 1.0)
+
+
+def _combine_terms_triton(
+    x0_u: torch.Tensor,
+    x0_c: torch.Tensor,
+    x0_n: torch.Tensor,
+    grad: torch.Tensor,
+    sim: torch.Tensor,
+    lam: torch.Tensor,
+    g_coef: torch.Tensor,
+    cfg_scale: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    min_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Body of the custom op ``amg::combine_terms``: the kernel with the coefficient and caps given."""
+    return _launch(x0_u, x0_c, x0_n, grad, sim, lam, g_coef, cfg_scale, c1, c2, min_scale)
 
 
 _OP = register_op("amg::amg_combine", _amg_combine_triton, amg_combine_ref, _amg_combine_kernel)
+_TERMS_OP = register_op("amg::combine_terms", _combine_terms_triton, combine_terms_ref, _amg_combine_kernel)
 
 
-def _check(latents: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, ...]) -> None:
+def _check(
+    latents: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, ...], names: tuple[str, ...], fn: str
+) -> None:
     ref = latents[0]
     if ref.dim() != 3 or ref.shape[0] < 1 or ref.numel() == 0:
-        raise ValueError(
-            f"amg_combine needs non-empty [B, C, T] latents, got x0_u of shape {tuple(ref.shape)}"
-        )
+        raise ValueError(f"{fn} needs non-empty [B, C, T] latents, got x0_u of shape {tuple(ref.shape)}")
     if ref.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"amg_combine: latents have dtype {ref.dtype}; use float32, float16 or bfloat16")
+        raise ValueError(f"{fn}: latents have dtype {ref.dtype}; use float32, float16 or bfloat16")
     for name, x in zip(("x0_c", "x0_n", "grad"), latents[1:], strict=True):
         if x.shape != ref.shape or x.dtype != ref.dtype or x.device != ref.device:
             raise ValueError(
-                f"amg_combine: {name} is {tuple(x.shape)} {x.dtype} on {x.device} but x0_u is "
+                f"{fn}: {name} is {tuple(x.shape)} {x.dtype} on {x.device} but x0_u is "
                 f"{tuple(ref.shape)} {ref.dtype} on {ref.device}; pass all four latents alike"
             )
-    names = ("sim", "lam", "alpha_bar", "cfg_scale", "c1", "c2", "c3")
     for name, r in zip(names, rows, strict=True):
         if r.shape != (ref.shape[0],) or r.dtype != torch.float32 or r.device != ref.device:
             raise ValueError(
-                f"amg_combine: {name} is {tuple(r.shape)} {r.dtype} on {r.device}; it must be a [B] = "
+                f"{fn}: {name} is {tuple(r.shape)} {r.dtype} on {r.device}; it must be a [B] = "
                 f"[{ref.shape[0]}] float32 tensor on {ref.device} (expand scalars with torch.full)"
             )
 
@@ -233,7 +274,31 @@ def amg_combine(
     """
     latents = (x0_u, x0_c, x0_n, grad)
     rows = (sim, lam, alpha_bar, cfg_scale, c1, c2, c3)
-    _check(latents, rows)
+    _check(latents, rows, ("sim", "lam", "alpha_bar", "cfg_scale", "c1", "c2", "c3"), "amg_combine")
     if use_triton(_OP, _amg_combine_kernel, *latents, *rows):
         return _OP(*latents, *rows)
     return amg_combine_ref(*latents, *rows)
+
+
+def combine_terms(
+    x0_u: torch.Tensor,
+    x0_c: torch.Tensor,
+    x0_n: torch.Tensor,
+    grad: torch.Tensor,
+    sim: torch.Tensor,
+    lam: torch.Tensor,
+    g_coef: torch.Tensor,
+    cfg_scale: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    min_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`amg_combine` with the gradient's coefficient ``g_coef`` [B] given and the caps at
+    ``min_scale`` (the flow models' combine, engine/flow_guidance.py): the same kernel, dispatched as
+    :func:`amg_combine` is; the twin is :func:`combine_terms_ref`."""
+    latents = (x0_u, x0_c, x0_n, grad)
+    rows = (sim, lam, g_coef, cfg_scale, c1, c2)
+    _check(latents, rows, ("sim", "lam", "g_coef", "cfg_scale", "c1", "c2"), "combine_terms")
+    if use_triton(_TERMS_OP, _amg_combine_kernel, *latents, *rows):
+        return _TERMS_OP(*latents, *rows, float(min_scale))
+    return combine_terms_ref(*latents, *rows, float(min_scale))

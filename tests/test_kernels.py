@@ -24,7 +24,7 @@ import torch
 from triton.runtime.jit import JITFunction
 
 from amg_engine.kernels._dispatch import is_interpreted, use_triton
-from amg_engine.kernels.guidance import amg_combine, amg_combine_ref
+from amg_engine.kernels.guidance import amg_combine, amg_combine_ref, combine_terms, combine_terms_ref
 from amg_engine.kernels.nn_search import nn_search, nn_search_ref
 
 _INTERPRETED = is_interpreted(importlib.import_module("amg_engine.kernels.guidance")._amg_combine_kernel)
@@ -187,20 +187,21 @@ def _rows(B: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     return {k: v.to(DEVICE) for k, v in rows.items()}
 
 
-def _combine64(lat, r):
-    """Float64 reference straight from the reference equation (§1.3 step 12), m as a 0/1 mask."""
+def _combine64(lat, r, min_scale: float = 1.0):
+    """Float64 reference straight from the reference equation (§1.3 step 12), m as a 0/1 mask. ``r``
+    holds alpha_bar and c3 (the published coefficient) or g_coef (given, as combine_terms takes it)."""
     u, c, n, gr = (x.double() for x in lat)
     r = {k: v.double() for k, v in r.items()}
     s0 = r["cfg_scale"]
-    s1 = torch.minimum((r["c1"] * r["sim"]).clamp(min=0), s0 - 1)
-    s2 = torch.minimum((r["c2"] * r["sim"]).clamp(min=0), s0 - s1 - 1)
+    s1 = torch.minimum((r["c1"] * r["sim"]).clamp(min=0), s0 - min_scale)
+    s2 = torch.minimum((r["c2"] * r["sim"]).clamp(min=0), s0 - s1 - min_scale)
     gate = r["sim"] > r["lam"]
     m = gate.double()  # [B]
     col = lambda v: v[:, None, None]  # [B] -> [B, 1, 1]
-    g_coef = r["c3"] * torch.sqrt(1 - r["alpha_bar"])
+    g_coef = r["g_coef"] if "g_coef" in r else r["c3"] * torch.sqrt(1 - r["alpha_bar"])
     n = torch.where(col(gate), n, 0.0)  # closed rows of x0_n / grad may be garbage: select them away
     gr = torch.where(col(gate), gr, 0.0)
-    a, b, e = col(s0 - m * s1), col(m * s2), col(m * g_coef)
+    a, b, e = col(s0 - m * s1), col(m * s2), col(m * g_coef)  # s1, s2 >= 0 whenever min_scale <= s0
     D = u + a * (c - u) - b * (n - u) - e * gr
     # Sum of |terms|; s0 - s1 is rounded relative to |s0| + |s1|, not to its (cancelled) value.
     mag = u.abs() + col(s0.abs() + m * s1) * (c.abs() + u.abs()) + b * (n.abs() + u.abs()) + (e * gr).abs()
@@ -284,6 +285,70 @@ def test_amg_combine_clamps_hold(fn):
     assert ((s2 == s0 - s1 - 1) & (s2 > 0)).any() and (s2 < s0 - s1 - 1).any()
 
 
+def _terms_rows(B: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """combine_terms' per-row arguments: _rows with a given coefficient (a flow model's c3·t(1−t)/r,
+    0 for some rows) in place of alpha_bar and c3, and cfg_scale down to 1 (where the caps meet 0)."""
+    r = _rows(B, g)
+    alpha_bar, c3 = r.pop("alpha_bar"), r.pop("c3")
+    r["g_coef"] = torch.where(torch.arange(B, device=DEVICE) % 4 == 3, 0.0, c3 * (1 - alpha_bar))
+    r["cfg_scale"] = torch.where(torch.arange(B, device=DEVICE) % 2 == 1, 1.0, r["cfg_scale"])
+    return r
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("min_scale", [1.0, 0.0, 0.5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("shape", [(4, 3, 77), (5, 4, 300)], ids=str)
+def test_combine_terms_matches_twin_and_float64(shape, layout, dtype, min_scale):
+    """The kernel with the coefficient and caps given (the flow models' combine) against its twin and
+    the float64 equation, with garbage in the closed rows' x0_n and grad."""
+    g = _gen("terms", shape, layout, dtype, min_scale)
+    lat = [_latent(*shape, layout, k, g, dtype) for k in range(4)]
+    lat[3].mul_(1e-3)
+    r = _terms_rows(shape[0], g)
+    closed = (r["sim"] <= r["lam"]).nonzero().flatten()
+    lat[2][closed] = torch.nan  # in place: the layout stays
+    lat[3][closed] = torch.inf
+    ref = _combine64(lat, r, min_scale)  # selects the closed rows' x0_n and grad away
+    for fn in (torch.ops.amg.combine_terms, combine_terms_ref):
+        _assert_combine_matches(fn(*lat, **r, min_scale=min_scale), ref, dtype)
+    _, s1, s2, _ = torch.ops.amg.combine_terms(*lat, **r, min_scale=min_scale)
+    s0 = r["cfg_scale"]
+    assert (s1 <= s0 - min_scale).all() and (s2 <= s0 - s1 - min_scale + 1e-6).all()
+
+
+def test_amg_combine_is_combine_terms_with_the_published_coefficient():
+    """The published step through either op gives the same bits: amg_combine's op computes
+    c3·√(1 − ᾱ) with the twin's operations and launches the same kernel with the caps at 1."""
+    g = _gen("published")
+    lat = [torch.randn(3, 4, 50, generator=g).to(DEVICE) for _ in range(4)]
+    r = _rows(3, g)
+    g_coef = r["c3"] * torch.sqrt(1 - r["alpha_bar"])
+    a = torch.ops.amg.amg_combine(*lat, **r)
+    b = torch.ops.amg.combine_terms(*lat, r["sim"], r["lam"], g_coef, r["cfg_scale"], r["c1"], r["c2"], 1.0)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_flow_combine_runs_the_kernel_on_cuda_and_the_twin_elsewhere():
+    """engine/flow_guidance picks combine_terms (the kernel's dispatch) for CUDA latents and the twin
+    elsewhere, as engine/guidance.combine_fn does for the v step."""
+    from amg_engine.engine.flow_guidance import flow_combine_fn
+    from amg_engine.engine.guidance import combine_fn
+
+    assert flow_combine_fn(torch.device("cuda")) is combine_terms
+    assert flow_combine_fn(torch.device("cpu")) is combine_terms_ref
+    assert combine_fn(torch.device("cuda")) is amg_combine  # the v step's rule, for comparison
+
+
+def test_combine_terms_refuses_bad_rows():
+    lat = [torch.randn(2, 2, 3, device=DEVICE) for _ in range(4)]
+    r = _terms_rows(2, _gen("bad-terms"))
+    with pytest.raises(ValueError, match="combine_terms: g_coef is"):
+        combine_terms(*lat, **{**r, "g_coef": r["g_coef"].double()})
+
+
 # ------------------------------------------------------------------------------- dispatch and compile
 
 
@@ -293,9 +358,11 @@ def test_public_functions_run_the_kernel_on_cpu_under_the_interpreter(monkeypatc
 
     monkeypatch.setattr(importlib.import_module("amg_engine.kernels.nn_search"), "nn_search_ref", boom)
     monkeypatch.setattr(importlib.import_module("amg_engine.kernels.guidance"), "amg_combine_ref", boom)
+    monkeypatch.setattr(importlib.import_module("amg_engine.kernels.guidance"), "combine_terms_ref", boom)
     nn_search(torch.randn(2, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE))
     lat = [torch.randn(2, 2, 3, device=DEVICE) for _ in range(4)]
     amg_combine(*lat, **_rows(2, _gen("dispatch")))
+    combine_terms(*lat, **_terms_rows(2, _gen("dispatch")), min_scale=0.0)
 
 
 def test_dispatch_rule():
@@ -438,7 +505,9 @@ nn_mod._sm_count = lambda index: 132  # fake CUDA tensors: no device to ask
 
 def step(xq, xb, u, r):
     sim, idx = torch.ops.amg.nn_search(xq, xb)
-    return torch.ops.amg.amg_combine(u, u, u, u, sim, r, r, r, r, r, r)
+    published = torch.ops.amg.amg_combine(u, u, u, u, sim, r, r, r, r, r, r)
+    flow = torch.ops.amg.combine_terms(u, u, u, u, sim, r, r, r, r, r, 0.0)  # the flow models' combine
+    return published, flow
 
 with FakeTensorMode():
     half = dict(device="cuda", dtype=torch.float16)
@@ -452,8 +521,9 @@ print(make_fx(dispatch_functionalize(step), tracing_mode="fake")(*args).code)
 def test_without_the_interpreter_the_ops_are_traceable_triton_ops():
     """The production set-up, in a fresh process: compiled JITFunctions, triton_op registration.
 
-    CPU inputs must go to the twin; with (fake) CUDA inputs both ops must decompose into their Triton
-    kernels, which is what torch.compile traces on a GPU. Nothing here needs a GPU.
+    CPU inputs must go to the twin; with (fake) CUDA inputs the three ops (nn_search, amg_combine and
+    combine_terms) must decompose into their Triton kernels, which is what torch.compile traces on a
+    GPU. Nothing here needs a GPU.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
@@ -465,4 +535,4 @@ def test_without_the_interpreter_the_ops_are_traceable_triton_ops():
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    assert run.stdout.count("triton_kernel_wrapper_functional(") == 2, run.stdout
+    assert run.stdout.count("triton_kernel_wrapper_functional(") == 3, run.stdout
