@@ -157,7 +157,7 @@ def combine_terms_ref(
     return D, s1, s2, gate
 
 
-def _launch(
+def _combine_terms_triton(
     x0_u: torch.Tensor,
     x0_c: torch.Tensor,
     x0_n: torch.Tensor,
@@ -170,7 +170,8 @@ def _launch(
     c2: torch.Tensor,
     min_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One launch of the kernel over (row, tile of C*T); the body of both custom ops."""
+    """Body of the custom op ``amg::combine_terms`` (and, through :func:`_amg_combine_triton`, of
+    ``amg::amg_combine``): one kernel launch over (row, tile of C*T)."""
     B, C, T = x0_u.shape
     CT = C * T
     block = min(1024, max(128, triton.next_power_of_2(CT)))  # 1024: 8 fp32 / 16 B per thread at 4 warps
@@ -207,24 +208,7 @@ def _amg_combine_triton(
     """Body of the custom op ``amg::amg_combine``: the published coefficient c3·√(1 − ᾱ) per row (the
     twin's operations, so the same fp32 bits), then the kernel with the caps at 1."""
     g_coef = c3 * torch.sqrt(1 - alpha_bar)  # [B]
-    return _launch(x0_u, x0_c, x0_n, grad, sim, lam, g_coef, cfg_scale, c1, c2, 1.0)
-
-
-def _combine_terms_triton(
-    x0_u: torch.Tensor,
-    x0_c: torch.Tensor,
-    x0_n: torch.Tensor,
-    grad: torch.Tensor,
-    sim: torch.Tensor,
-    lam: torch.Tensor,
-    g_coef: torch.Tensor,
-    cfg_scale: torch.Tensor,
-    c1: torch.Tensor,
-    c2: torch.Tensor,
-    min_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Body of the custom op ``amg::combine_terms``: the kernel with the coefficient and caps given."""
-    return _launch(x0_u, x0_c, x0_n, grad, sim, lam, g_coef, cfg_scale, c1, c2, min_scale)
+    return _combine_terms_triton(x0_u, x0_c, x0_n, grad, sim, lam, g_coef, cfg_scale, c1, c2, 1.0)
 
 
 _OP = register_op("amg::amg_combine", _amg_combine_triton, amg_combine_ref, _amg_combine_kernel)
