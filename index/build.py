@@ -324,36 +324,67 @@ EMBEDDER_KEY = b"amg.embedder"  # the Parquet file's key-value metadata: Embedde
 NORM_TOLERANCE = 1e-3  # |‖v‖ - 1| above this is not a unit vector (float16 storage alone errs ~1e-4)
 
 
-def embeddings_info(path: str | Path) -> tuple[EmbedderInfo, int, int]:
+EMBEDDER_ALIASES = {"mel": "mel-pattern-v2", "clap": "laion-clap-htsat-tiny"}  # the CLI's short names
+
+
+def embeddings_info(
+    path: str | Path, embedder: str | None = None, checkpoint: str | Path | None = None
+) -> tuple[EmbedderInfo, int, int]:
     """(embedder, rows, dim) of a Parquet file of precomputed embeddings, checked without reading rows.
 
-    Layout: columns ``id`` (string), ``caption`` (string), ``vector`` (fixed-size list of float32 or
-    float16, unit-norm), optional ``seconds`` (float); the file's key-value metadata ``amg.embedder``
+    Layout: columns ``id`` (string, or anything that casts to one), ``caption`` (string), ``vector``
+    (a list of float16, float32 or float64 per row, unit-norm: Arrow's fixed-size list, or the plain
+    list that pandas, Spark and Hugging Face datasets write, each row then checked to hold ``dim``
+    values), optional ``seconds`` (float); the file's key-value metadata ``amg.embedder``
     holds the :class:`EmbedderInfo` JSON (name, sample_rate, dim, checkpoint_hash) of the embedder
-    that computed the vectors.
+    that computed the vectors. A file another tool wrote has no such metadata: ``embedder`` (a
+    registered name, or the CLI's "mel" / "clap") with ``checkpoint`` for CLAP then says which
+    embedder computed it, and its identity is what that embedder declares; where the file has the
+    metadata too, the two must name the same embedder.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from amg_engine.index.embedders import EMBEDDERS
+
     path = Path(path)
     schema = pq.read_schema(path)
     raw = (schema.metadata or {}).get(EMBEDDER_KEY)
+    named = EMBEDDER_ALIASES.get(embedder, embedder) if embedder is not None else None
+    if named is not None and named not in EMBEDDERS:
+        raise ValueError(f"unknown embedder {embedder!r}; use mel, clap or one of {sorted(EMBEDDERS)}")
     if raw is None:
-        raise ValueError(
-            f"{path} has no {EMBEDDER_KEY.decode()!r} metadata: store the embedder's identity as JSON "
-            '({"name", "sample_rate", "dim", "checkpoint_hash"}) in the file\'s key-value metadata'
-        )
-    try:
-        info = EmbedderInfo(**json.loads(raw))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {EMBEDDER_KEY.decode()} is not an embedder identity ({e})") from None
+        if named is None:
+            raise ValueError(
+                f"{path} has no {EMBEDDER_KEY.decode()!r} metadata: say which embedder computed the "
+                "vectors (amg index build --embedder mel|clap [--checkpoint PATH]), or store its identity "
+                'as JSON ({"name", "sample_rate", "dim", "checkpoint_hash"}) in the file\'s key-value '
+                "metadata"
+            )
+        kind = EMBEDDERS[named]
+        if kind.needs_checkpoint and checkpoint is None:
+            raise ValueError(
+                f"--embedder {embedder} needs --checkpoint PATH, the weights the vectors came from"
+            )
+        info = kind.info(Path(checkpoint) if checkpoint is not None else None)
+    else:
+        try:
+            info = EmbedderInfo(**json.loads(raw))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {EMBEDDER_KEY.decode()} is not an embedder identity ({e})") from None
+        if named is not None and named != info.name:
+            raise ValueError(f"{path} records embedder {info.name!r}, not {named!r} as --embedder says")
     missing = [c for c in ("id", "caption", "vector") if c not in schema.names]
     if missing:
         raise ValueError(f"{path} lacks column(s) {missing}; an embeddings file needs id, caption, vector")
     vtype = schema.field("vector").type
-    if not pa.types.is_fixed_size_list(vtype) or vtype.value_type not in (pa.float32(), pa.float16()):
-        raise ValueError(f"{path}: vector is {vtype}; store it as a fixed-size list of float32 or float16")
-    if vtype.list_size != info.dim:
+    lists = (pa.types.is_fixed_size_list, pa.types.is_list, pa.types.is_large_list)
+    if not any(is_(vtype) for is_ in lists) or not pa.types.is_floating(vtype.value_type):
+        raise ValueError(
+            f"{path}: vector is {vtype}; store it as a list (fixed-size or not) of float16, float32 or "
+            "float64, one list of the embedder's dimension per row"
+        )
+    if pa.types.is_fixed_size_list(vtype) and vtype.list_size != info.dim:
         raise ValueError(
             f"{path}: vectors have {vtype.list_size} values but the embedder says dim {info.dim}"
         )
@@ -362,9 +393,18 @@ def embeddings_info(path: str | Path) -> tuple[EmbedderInfo, int, int]:
 
 def _vectors_of(batch, dim: int, first_row: int) -> np.ndarray:
     """A record batch's ``vector`` column as [b, dim] float32, refused where a row is not unit-norm."""
+    import pyarrow.compute as pc
+
     col = batch.column("vector")
     if col.null_count:
         raise ValueError(f"a null vector in rows {first_row}..{first_row + len(col)}: every row needs one")
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)  # fixed-size lists: all dim
+    wrong = np.flatnonzero(lengths != dim)
+    if len(wrong):
+        raise ValueError(
+            f"row {first_row + int(wrong[0])} has a vector of {lengths[wrong[0]]} values; the embedder's "
+            f"dimension is {dim}"
+        )
     x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
     norms = np.linalg.norm(x, axis=1)
     bad = np.flatnonzero(~(np.abs(norms - 1) <= NORM_TOLERANCE))
@@ -384,11 +424,13 @@ def build_from_embeddings(
     batch_rows: int = 1 << 16,
     restart: bool = False,
     progress: bool = True,
+    embedder: str | None = None,
 ) -> EmbeddingIndex:
     """A memory-mapped index from a Parquet file of precomputed embeddings (:func:`embeddings_info`).
 
-    The file's embedder is checked as the engine checks an index's (index/embedders.py
-    ``check_embedder``: a checkpoint-bound embedder needs ``checkpoint``). Rows stream in batches of
+    The file's embedder (from its metadata, or ``embedder`` for a file without it) is checked as the
+    engine checks an index's (index/embedders.py ``check_embedder``: a checkpoint-bound embedder
+    needs ``checkpoint``). Rows stream in batches of
     ``batch_rows`` within each row group, so memory stays about one batch (plus what the Parquet
     reader buffers of a row group); progress is counted per row group, so a killed build resumes at
     the first unfinished row group. Files written: the work folder's plan, progress and two memory
@@ -403,7 +445,7 @@ def build_from_embeddings(
     if batch_rows < 1:
         raise ValueError(f"batch_rows={batch_rows}: use a positive number of rows, e.g. {1 << 16}")
     path, out_dir = Path(path).resolve(), Path(out_dir)
-    info, n, dim = embeddings_info(path)
+    info, n, dim = embeddings_info(path, embedder, checkpoint)
     check_embedder(info, checkpoint)
     if n == 0:
         raise ValueError(f"{path} has no rows to index")

@@ -1,14 +1,15 @@
 """amg index: build and inspect training-set embedding indexes.
 
 amg index build SOURCE --out DIR [--embedder mel|clap --checkpoint PATH]   embed a folder or manifest
-amg index build EMBEDDINGS.parquet --out DIR [--checkpoint PATH]           index precomputed embeddings
+amg index build EMBEDDINGS.parquet --out DIR [--embedder mel|clap] [--checkpoint PATH]   precomputed
 amg index info DIR                                                         embedder, size, a few items
 
 SOURCE is a folder of audio files (searched recursively; ids are relative paths, captions come from
 sidecar <name>.txt files), a Parquet manifest with id, caption, path[, seconds], or a Parquet file of
-precomputed embeddings: id, caption, vector (fixed-size list of float32/float16, unit-norm)[, seconds],
+precomputed embeddings: id, caption, vector (a list of float16/32/64, unit-norm)[, seconds],
 with the embedder's identity as JSON under the file metadata key "amg.embedder" (name, sample_rate,
-dim, checkpoint_hash; checked as the engine checks an index, so a CLAP file needs --checkpoint).
+dim, checkpoint_hash; checked as the engine checks an index, so a CLAP file needs --checkpoint), or,
+for a file another tool wrote, --embedder naming the embedder that computed the vectors.
 The index is written memory-mapped (vectors.npy, items.arrow); an interrupted build resumes where it
 stopped when rerun with the same arguments.
 """
@@ -31,7 +32,11 @@ def register(subparsers) -> None:
     )  # fmt: skip
     build.add_argument("source", type=Path, help="folder of audio files, or a Parquet manifest")
     build.add_argument("--out", type=Path, required=True, help="index folder to write")
-    build.add_argument("--embedder", choices=("mel", "clap"), default="mel", help="embedder (default mel)")
+    build.add_argument(
+        "--embedder", choices=("mel", "clap"), default=None,
+        help="embedder (default mel); for precomputed embeddings, the one that computed a file without "
+        "the amg.embedder metadata (other tools' files)",
+    )  # fmt: skip
     build.add_argument(
         "--checkpoint", "--embedder-checkpoint", dest="checkpoint", type=Path,
         help="LAION-CLAP checkpoint (630k-audioset-best.pt layout)",
@@ -80,12 +85,12 @@ def cmd_build(args) -> int:
     if is_embeddings(args.source):
         index = build_from_embeddings(
             args.source, args.out, args.checkpoint, args.dtype or "float16", restart=args.restart,
-            progress=not args.quiet,
+            progress=not args.quiet, embedder=args.embedder,
         )  # fmt: skip
         print(f"indexed {len(index)} precomputed {index.embedder.name} embeddings into {args.out}")
         return 0
     clips = clips_from_source(args.source)
-    embedder = make_embedder(args.embedder, args.checkpoint, args.trust_checkpoint).to(args.device)
+    embedder = make_embedder(args.embedder or "mel", args.checkpoint, args.trust_checkpoint).to(args.device)
     index = build_index_resumable(
         clips, embedder, args.out, args.batch_size, device=args.device, progress=not args.quiet,
         restart=args.restart, workers=args.workers, dtype=args.dtype or "float32",

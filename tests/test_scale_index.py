@@ -191,6 +191,74 @@ def test_cli_builds_from_embeddings(tmp_path, capsys):
     assert "20 x 1024 (float16)" in capsys.readouterr().out
 
 
+def _as_other_tools_write(path: Path, x: np.ndarray, vtype, meta: bool = True) -> None:
+    """The embeddings as pandas, Spark or Hugging Face datasets write them: ``vector`` a plain list
+    (of ``vtype``), ids as integers, and (meta=False) no amg.embedder metadata."""
+    n = len(x)
+    table = pa.table({
+        "id": pa.array(range(n), pa.int64()), "caption": [f"clip {i}" for i in range(n)],
+        "vector": pa.array(list(x), vtype),
+    })  # fmt: skip
+    if meta:
+        table = table.replace_schema_metadata({"amg.embedder": MelEmbedder().info.to_json()})
+    pq.write_table(table, path, row_group_size=7)
+
+
+@pytest.mark.parametrize(
+    "vtype",
+    [pa.list_(pa.float32()), pa.large_list(pa.float64()), pa.list_(pa.float16())],
+    ids=["list-float32", "large_list-float64", "list-float16"],
+)
+def test_build_from_embeddings_other_tools_wrote(tmp_path, vtype):
+    """Plain lists of any float width give the index the fixed-size file gives (float64 values that are
+    float32 values cast exactly, so the stored float16 is the same cast); integer ids become strings."""
+    from amg_engine.index.build import build_from_embeddings
+
+    x = write_embeddings(tmp_path / "fixed.parquet", 30)
+    want = build_from_embeddings(tmp_path / "fixed.parquet", tmp_path / "fixed", progress=False)
+    source = x.astype(np.float16) if vtype.value_type == pa.float16() else x
+    _as_other_tools_write(tmp_path / "plain.parquet", source, vtype)
+    got = build_from_embeddings(tmp_path / "plain.parquet", tmp_path / "plain", progress=False)
+    assert torch.equal(got.vectors, want.vectors)
+    assert got.ids[29] == "29" and got.captions[3] == "clip 3" and got.embedder == want.embedder
+
+
+def test_build_from_embeddings_refuses_a_row_of_the_wrong_length(tmp_path):
+    from amg_engine.index.build import build_from_embeddings
+
+    x = list(write_embeddings(tmp_path / "e.parquet", 12))
+    x[9] = x[9][:-1] / np.linalg.norm(x[9][:-1])  # unit-norm, one value short
+    table = pa.table({"id": [f"c{i}" for i in range(12)], "caption": ["c"] * 12,
+                      "vector": pa.array(x, pa.list_(pa.float32()))})  # fmt: skip
+    pq.write_table(table.replace_schema_metadata({"amg.embedder": MelEmbedder().info.to_json()}),
+                   tmp_path / "short.parquet", row_group_size=5)  # fmt: skip
+    with pytest.raises(ValueError, match="row 9 has a vector of 1023 values; the embedder's dimension is"):
+        build_from_embeddings(tmp_path / "short.parquet", tmp_path / "idx", progress=False)
+    assert not (tmp_path / "idx" / "embedder.json").exists()
+
+
+def test_a_file_without_the_identity_is_built_with_the_named_embedder(tmp_path, capsys):
+    """No amg.embedder metadata: refused unless --embedder names the embedder (its declared identity
+    is then the index's); CLAP needs its checkpoint; a file whose metadata names another is refused."""
+    from amg_engine.index.build import build_from_embeddings
+    from amg_engine.index.cli import main
+
+    x = write_embeddings(tmp_path / "meta.parquet", 16)
+    _as_other_tools_write(tmp_path / "bare.parquet", x, pa.list_(pa.float32()), meta=False)
+    with pytest.raises(ValueError, match="--embedder mel"):
+        build_from_embeddings(tmp_path / "bare.parquet", tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="--embedder clap needs --checkpoint"):
+        build_from_embeddings(tmp_path / "bare.parquet", tmp_path / "b", progress=False, embedder="clap")
+    with pytest.raises(ValueError, match="records embedder 'mel-pattern-v2', not 'laion-clap-htsat-tiny'"):
+        build_from_embeddings(tmp_path / "meta.parquet", tmp_path / "c", progress=False, embedder="clap")
+    assert main(["build", str(tmp_path / "bare.parquet"), "--out", str(tmp_path / "d"), "--embedder", "mel",
+                 "--quiet"]) == 0  # fmt: skip
+    built = EmbeddingIndex.load(tmp_path / "d")
+    assert built.embedder == MelEmbedder().info and len(built) == 16
+    assert main(["build", str(tmp_path / "bare.parquet"), "--out", str(tmp_path / "e"), "--quiet"]) == 2
+    assert "--embedder mel|clap" in capsys.readouterr().err
+
+
 # -- chunked scans and faiss --------------------------------------------------------------------------
 
 
