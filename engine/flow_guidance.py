@@ -53,15 +53,13 @@ from functools import partial
 import torch
 from torch.profiler import record_function
 
-from amg_engine.engine.guidance import RowParams, StepTrace, lambda_t, search_fn
+from amg_engine.engine.guidance import RowParams, StepTrace, combine_fn, lambda_t, search_fn
 from amg_engine.engine.models import Conditioning
 from amg_engine.engine.models import denoise as model_denoise
 from amg_engine.engine.shards import index_rows, nearest
 from amg_engine.engine.transfer import host_read, to_device
 
-__all__ = [
-    "FlowAMGDenoiser", "flow_alpha_bar", "flow_combine", "flow_combine_fn", "flow_grad_scale", "flow_sigma",
-]  # fmt: skip
+__all__ = ["FlowAMGDenoiser", "flow_alpha_bar", "flow_grad_scale", "flow_sigma"]
 
 
 def flow_sigma(t: torch.Tensor) -> torch.Tensor:
@@ -83,35 +81,6 @@ def _col(v: torch.Tensor) -> torch.Tensor:
     return v[:, None, None]
 
 
-def flow_combine(
-    x0_u: torch.Tensor,
-    x0_c: torch.Tensor,
-    x0_n: torch.Tensor,
-    grad: torch.Tensor,
-    sim: torch.Tensor,
-    lam: torch.Tensor,
-    grad_coef: torch.Tensor,
-    cfg_scale: torch.Tensor,
-    c1: torch.Tensor,
-    c2: torch.Tensor,
-    min_scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The AMG combine with the caps at ``min_scale`` and the gradient's coefficient given per row
-    (``kernels.guidance.combine_terms``, whose published case is ``amg_combine``): the flow models'
-    gradient scale is c3·t(1 − t)/r, not c3·√(1 − ᾱ), and at cfg_scale 1 the caps go to 0. Runs
-    :func:`flow_combine_fn` of the latents' device. -> (D [B, C, T], s1 [B], s2 [B], gate [B])."""
-    fn = flow_combine_fn(x0_u.device)
-    return fn(x0_u, x0_c, x0_n, grad, sim, lam, grad_coef, cfg_scale, c1, c2, min_scale)
-
-
-def flow_combine_fn(device: torch.device) -> Callable:
-    """The fused Triton combine on CUDA (``kernels.guidance.combine_terms``), else its torch twin
-    ``combine_terms_ref``: the rule engine/guidance.py ``combine_fn`` applies to the v step."""
-    from amg_engine.kernels.guidance import combine_terms, combine_terms_ref  # lazily, as combine_fn
-
-    return combine_terms if device.type == "cuda" else combine_terms_ref
-
-
 @dataclass
 class FlowAMGDenoiser:
     """Callable ``(x [B,C,L], t [B]) -> (D [B,C,L], StepTrace)``: AMG for a rectified-flow model.
@@ -120,7 +89,9 @@ class FlowAMGDenoiser:
     detector on the probe (the CFG-guided prediction; the conditional one at cfg_scale 1), the nearest
     training row, the gate on λ(ᾱ(t)), one host read of the gates; then, for the open rows only, the
     unconditional forward (c1 or c2 on, cfg_scale 1), the neighbour caption's forward (c2 on) and the
-    similarity gradient (c3 on, forward with autograd and backward); :func:`flow_combine`. Rows are
+    similarity gradient (c3 on, forward with autograd and backward); the combine with the flow
+    coefficient c3·t(1 − t)/r and ``min_scale`` (``combine_fn(device, terms=True)``: the fused kernel
+    on CUDA, ``kernels.guidance.combine_terms_ref`` elsewhere). Rows are
     independent: a row's result does not depend on its batch-mates.
     """
 
@@ -185,7 +156,7 @@ class FlowAMGDenoiser:
                 grad[g] = self.similarity_grad(x[g], t[g], g, nn[g], bool(cfg_on[need_g].any()))
         coef = p.c3 * flow_grad_scale(tf)
         with record_function("amg/combine"):
-            d, s1, s2, gate = flow_combine(
+            d, s1, s2, gate = combine_fn(x.device, terms=True)(
                 x0_u, x0_c, x0_n, grad, sim, lam, coef, p.cfg_scale, p.c1, p.c2, self.min_scale
             )
         return d, StepTrace(sim, lam, gate, s1, s2, nn)

@@ -110,11 +110,16 @@ def lambda_t(alpha_bar: torch.Tensor, lambda_min: float, lambda_max: float) -> t
     return lambda_min + (lambda_max - lambda_min) * alpha_bar**2
 
 
-def combine_fn(device: torch.device) -> Callable:
-    """The Triton combine on CUDA, its torch twin elsewhere (the interpreter is not a fast path)."""
-    from amg_engine.kernels.guidance import amg_combine, amg_combine_ref
+def combine_fn(device: torch.device, terms: bool = False) -> Callable:
+    """The Triton combine on CUDA, its torch twin elsewhere (the interpreter is not a fast path).
 
-    return amg_combine if device.type == "cuda" else amg_combine_ref
+    terms: the form with the gradient's coefficient and the caps' min_scale given
+    (``kernels.guidance.combine_terms``, the flow models' step), not the published c3·√(1 − ᾱ) and 1."""
+    from amg_engine.kernels import guidance as k
+
+    if terms:
+        return k.combine_terms if device.type == "cuda" else k.combine_terms_ref
+    return k.amg_combine if device.type == "cuda" else k.amg_combine_ref
 
 
 SCAN_CHUNK = 1 << 16  # index rows per CPU product: [65536, 512] float32 is 128 MiB

@@ -11,7 +11,8 @@ import torch
 from model_checks import save_tiny_random_model
 
 from amg_engine.engine.config import PRESETS, EngineConfig, GuidanceConfig
-from amg_engine.engine.flow_guidance import flow_alpha_bar, flow_combine, flow_grad_scale, flow_sigma
+from amg_engine.engine.flow_guidance import flow_alpha_bar, flow_grad_scale, flow_sigma
+from amg_engine.kernels.guidance import combine_terms_ref  # the flow step's combine off CUDA
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.py)
 
@@ -81,7 +82,7 @@ def test_flow_combine_with_the_published_caps_is_amg_combine():
     b = sim.shape[0]
     ab, s0 = torch.rand(b), torch.full((b,), 4.0)
     c1, c2, c3 = torch.full((b,), 3.0), torch.full((b,), 2.0), torch.full((b,), 50.0)
-    ours = flow_combine(u, c, n, grad, sim, lam, c3 * (1 - ab).sqrt(), s0, c1, c2, 1.0)
+    ours = combine_terms_ref(u, c, n, grad, sim, lam, c3 * (1 - ab).sqrt(), s0, c1, c2, 1.0)
     theirs = amg_combine_ref(u, c, n, grad, sim, lam, ab, s0, c1, c2, c3)
     for a, t in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, t, rtol=1e-6, atol=1e-5)  # same fp32 maths, other operation order
@@ -95,15 +96,16 @@ def test_flow_combine_at_cfg_scale_one():
     (u, c, n, grad), sim, lam = _combine_inputs()
     b = sim.shape[0]
     one, zero = torch.ones(b), torch.zeros(b)
-    d, s1, s2, gate = flow_combine(u, c, n, grad, sim, lam, zero, one, one * 3, one * 3, 1.0)
+    d, s1, s2, gate = combine_terms_ref(u, c, n, grad, sim, lam, zero, one, one * 3, one * 3, 1.0)
     assert (s1 == 0).all() and (s2 == 0).all()
     torch.testing.assert_close(d, u + (c - u), rtol=0, atol=0)
-    d, s1, s2, gate = flow_combine(u, c, n, grad, sim, lam, zero, one, one * 0.8, one * 0.8, 0.0)
+    d, s1, s2, gate = combine_terms_ref(u, c, n, grad, sim, lam, zero, one, one * 0.8, one * 0.8, 0.0)
     assert (s1 + s2 <= 1 + 1e-6).all() and (s1 > 0).any() and (s2 > 0).any()
     nan = torch.full_like(n, float("nan"))
-    d, s1, s2, gate = flow_combine(u, c, nan, nan, sim, torch.full((b,), 2.0), zero, one, one * 9, one, 0.0)
+    closed = torch.full((b,), 2.0)
+    d, s1, s2, gate = combine_terms_ref(u, c, nan, nan, sim, closed, zero, one, one * 9, one, 0.0)
     assert not gate.any() and torch.equal(d, u + (c - u))  # same ops on the same inputs: exact
-    d, s1, s2, gate = flow_combine(
+    d, s1, s2, gate = combine_terms_ref(
         u, c, n, grad, sim, torch.full((b,), -1.0), zero, one, one * 1e3, zero, 0.0
     )
     assert gate.all() and (s1 == 1).all()

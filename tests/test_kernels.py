@@ -334,11 +334,10 @@ def test_amg_combine_is_combine_terms_with_the_published_coefficient():
 def test_flow_combine_runs_the_kernel_on_cuda_and_the_twin_elsewhere():
     """engine/flow_guidance picks combine_terms (the kernel's dispatch) for CUDA latents and the twin
     elsewhere, as engine/guidance.combine_fn does for the v step."""
-    from amg_engine.engine.flow_guidance import flow_combine_fn
     from amg_engine.engine.guidance import combine_fn
 
-    assert flow_combine_fn(torch.device("cuda")) is combine_terms
-    assert flow_combine_fn(torch.device("cpu")) is combine_terms_ref
+    assert combine_fn(torch.device("cuda"), terms=True) is combine_terms
+    assert combine_fn(torch.device("cpu"), terms=True) is combine_terms_ref
     assert combine_fn(torch.device("cuda")) is amg_combine  # the v step's rule, for comparison
 
 
