@@ -48,14 +48,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch.profiler import record_function
 
-from amg_engine.engine.guidance import RowParams, StepTrace, combine_fn, lambda_t, search_fn
-from amg_engine.engine.models import Conditioning
-from amg_engine.engine.models import denoise as model_denoise
+from amg_engine.engine.guidance import GuidedBatch, StepTrace, combine_fn, lambda_t, search_fn
 from amg_engine.engine.shards import index_rows, nearest
 from amg_engine.engine.transfer import host_read, to_device
 
@@ -82,7 +79,7 @@ def _col(v: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class FlowAMGDenoiser:
+class FlowAMGDenoiser(GuidedBatch):
     """Callable ``(x [B,C,L], t [B]) -> (D [B,C,L], StepTrace)``: AMG for a rectified-flow model.
 
     Per step: the conditional forward (and the unconditional one for rows with cfg_scale ≠ 1), the
@@ -95,13 +92,6 @@ class FlowAMGDenoiser:
     independent: a row's result does not depend on its batch-mates.
     """
 
-    model: torch.nn.Module
-    cond: Conditioning
-    uncond: Conditioning
-    params: RowParams
-    detector: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    index_vectors: torch.Tensor  # [N, D], or engine.shards.ShardedVectors over several devices
-    neighbour_cond: Callable[[torch.Tensor], Conditioning]
     lambda_min: float = 0.4
     lambda_max: float = 0.5
     min_scale: float = 0.0
@@ -111,9 +101,6 @@ class FlowAMGDenoiser:
         p = self.params
         # per row, on the host once per batch: c1, c2, c3 on; an unconditional pass needed at every step
         self._on = host_read(torch.stack([p.c1 > 0, p.c2 > 0, p.c3 > 0, p.cfg_scale != 1]))  # [4, B]
-
-    def _denoise(self, x, t, cond) -> torch.Tensor:
-        return (self.denoise or partial(model_denoise, self.model))(x, t, cond)
 
     def _fill_uncond(self, x, t, x0_u, rows: torch.Tensor) -> None:
         """x0_u of the host row indices ``rows`` (no autograd)."""

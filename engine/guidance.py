@@ -208,8 +208,10 @@ class GraphBudget:
 
 
 @dataclass
-class AMGDenoiser:
-    """Callable ``(x [B,C,L], sigma [B]) -> (D [B,C,L], StepTrace | None)`` for one batch of rows.
+class GuidedBatch:
+    """What an AMG denoiser holds for one batch of rows, whatever the model's objective (v:
+    :class:`AMGDenoiser`; rectified flow: engine/flow_guidance.py ``FlowAMGDenoiser``). Each subclass
+    adds its options, ``denoise`` (one branch, maybe compiled; None: the model's own) among them.
 
     detector(x0 [B,C,L], rows) -> unit-norm embeddings [B, D]; it decodes and embeds.
     """
@@ -222,6 +224,16 @@ class AMGDenoiser:
     index_vectors: torch.Tensor  # [N, D], or engine.shards.ShardedVectors over several devices
     # training indices [G] (a host tensor: the cache is keyed on the host) -> conditioning
     neighbour_cond: Callable[[torch.Tensor], Conditioning]
+
+    def _denoise(self, x, noise_level, cond) -> torch.Tensor:
+        """x0 of one branch at σ (v) or t (flow), through the subclass's ``denoise`` when it has one."""
+        return (self.denoise or partial(model_denoise, self.model))(x, noise_level, cond)
+
+
+@dataclass
+class AMGDenoiser(GuidedBatch):
+    """Callable ``(x [B,C,L], sigma [B]) -> (D [B,C,L], StepTrace | None)`` for one batch of rows."""
+
     amg: bool = True
     reference: bool = False
     lambda_min: float = 0.4
@@ -252,9 +264,6 @@ class AMGDenoiser:
 
     def _branches(self, x, sigma, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
         return cfg_branches(self.model, x, sigma, cond, uncond)
-
-    def _denoise(self, x, sigma, cond) -> torch.Tensor:
-        return (self.denoise or partial(model_denoise, self.model))(x, sigma, cond)
 
     def _probe(self, x0_c, x0_u, cfg_scale) -> torch.Tensor:
         if self.reference:
