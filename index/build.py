@@ -239,7 +239,8 @@ def _seal(work: Path, out_dir: Path, rows: _Rows, items: Iterator[dict], info) -
 def check_unique_ids(ids, batch_rows: int = 1 << 16) -> None:
     """Refuse a missing or repeated id, in 16 bytes a row: a 64-bit hash of every id (read a batch at a
     time from the Arrow column, a memory map), sorted; only ids whose hashes are equal are compared.
-    (Arrow's own distinct count holds a hash table of the strings: 0.86 GB at 10^7 ids.)"""
+    (Arrow's own distinct count holds a hash table of the strings: bench_scale's 10^7 build took
+    1.82 GB with it, 1.33 GB with this.)"""
     hashes, at = np.empty(len(ids), np.int64), 0
     for chunk in ids.chunks:
         for s in range(0, len(chunk), batch_rows):
